@@ -1,0 +1,1 @@
+"""Operations: the `lookalike` command line, Kubeflow components and pipelines, canary rollouts."""

@@ -1,0 +1,1 @@
+"""One module per `lookalike` verb; each defines `register(subparsers)` and optionally `ORDER`."""

@@ -1,0 +1,29 @@
+"""Shared fixtures: one real S3 server (rclone) per test session, a fresh bucket per test."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from storage.s3 import ObjectStore
+from storage.server import EmbeddedS3Server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = EmbeddedS3Server(tmp_path_factory.mktemp("s3") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(s3_server, monkeypatch, tmp_path) -> ObjectStore:
+    """An empty bucket on the session's S3 server; the LOOKALIKE_S3_* environment points at it."""
+    settings = s3_server.settings.with_bucket(f"t-{uuid.uuid4().hex[:12]}")
+    store = ObjectStore(settings)
+    store.check(create_bucket=True)
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    return store
