@@ -1,0 +1,156 @@
+"""The model, one definition for training and serving: a timm backbone, a shared embedding, one head per task.
+
+    image ─▶ backbone (stem + blocks, early ones frozen) ─▶ pooled features [N, F]
+          ─▶ projection Linear(F, D) ─▶ L2-normalise ─▶ embedding [N, D]   (what the index searches)
+          ─▶ per task: Linear(D, C_task) on logit_scale × embedding ─▶ logits [N, C_task]
+
+The heads read the normalised embedding itself, not the raw projection: what the classifiers learn to
+separate is then exactly what cosine search sees, so every task's labels shape the retrieval space.
+`logit_scale` (a constant, not learned) lets a unit-length vector still produce confident logits.
+
+Freezing: the stem and all but the last `trainable_blocks` stages of `backbone.blocks` are frozen, and
+their batch-norm layers stay in eval mode even under `model.train()`, so their running statistics are the
+ImageNet ones forever. The last stages and the head conv (`conv_head`/`bn2`) are fine-tuned.
+`trainable_blocks=0` trains only projection and heads; `-1` fine-tunes the whole backbone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformer.preprocessing import PreprocessSpec
+
+DEFAULT_ARCHITECTURE = "tf_efficientnet_lite0"
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = DEFAULT_ARCHITECTURE
+    embedding_dim: int = 128
+    heads: dict[str, list[str]] = field(default_factory=dict)  # task -> labels in class-index order
+    trainable_blocks: int = 2
+    pretrained: str | None = "package"  # "package", a weights file path or s3:// URI, or None
+    preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
+    logit_scale: float = 16.0
+
+    def __post_init__(self):
+        if self.embedding_dim <= 0:
+            raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if self.trainable_blocks < -1:
+            raise ValueError("trainable_blocks is the number of final stages to fine-tune (-1: all)")
+        for task, labels in self.heads.items():
+            if len(labels) < 2:
+                raise ValueError(f"head {task!r} has {len(labels)} class(es); a head needs at least two")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"head {task!r} has duplicate labels")
+        if isinstance(self.preprocessing, dict):
+            self.preprocessing = PreprocessSpec.from_dict(self.preprocessing)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "embedding_dim": self.embedding_dim,
+            "heads": {task: list(labels) for task, labels in self.heads.items()},
+            "trainable_blocks": self.trainable_blocks,
+            "pretrained": None if self.pretrained is None else str(self.pretrained),
+            "preprocessing": self.preprocessing.to_dict(),
+            "logit_scale": self.logit_scale,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {k: data[k] for k in ("architecture", "embedding_dim", "trainable_blocks", "pretrained",
+                                      "logit_scale") if k in data}
+        return cls(heads={t: list(v) for t, v in data.get("heads", {}).items()},
+                   preprocessing=PreprocessSpec.from_dict(data.get("preprocessing", {})), **known)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return replace(self, **changes)
+
+
+class LookalikeModel(nn.Module):
+    def __init__(self, config: ModelConfig, backbone: nn.Module):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.num_features = int(backbone.num_features)
+        self.projection = nn.Linear(self.num_features, config.embedding_dim)
+        self.heads = nn.ModuleDict({task: nn.Linear(config.embedding_dim, len(labels))
+                                    for task, labels in config.heads.items()})
+        self.logit_scale = float(config.logit_scale)
+        self.base_weights = "none"
+        self._frozen = self._freeze(config.trainable_blocks)
+
+    # ---- freezing ----------------------------------------------------------------------------
+    def _freeze(self, trainable_blocks: int) -> list[nn.Module]:
+        if trainable_blocks == -1:
+            return []
+        blocks = getattr(self.backbone, "blocks", None)
+        if blocks is None:
+            raise ValueError(f"{self.config.architecture} has no `blocks` stages to freeze by count; use "
+                             f"trainable_blocks=-1 to fine-tune it whole")
+        if trainable_blocks > len(blocks):
+            raise ValueError(f"trainable_blocks={trainable_blocks} but {self.config.architecture} has "
+                             f"{len(blocks)} stages")
+        cut = len(blocks) - trainable_blocks
+        frozen = [m for name, m in self.backbone.named_children() if name != "blocks"]
+        if trainable_blocks > 0:  # the head conv after the last stage is trained with it
+            frozen = [m for name, m in self.backbone.named_children()
+                      if name not in ("blocks", "conv_head", "bn2", "global_pool", "classifier")]
+        frozen += list(blocks[:cut])
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+        return frozen
+
+    def train(self, mode: bool = True) -> "LookalikeModel":
+        super().train(mode)
+        for module in self._frozen:  # frozen batch-norm keeps its ImageNet statistics
+            module.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ---- forward -----------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features [N, F] (the baseline embedding, once L2-normalised)."""
+        return self.backbone(x)
+
+    def embed_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(feats).float(), dim=-1)
+
+    def logits_from_embedding(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        scaled = embedding * self.logit_scale
+        return {task: head(scaled) for task, head in self.heads.items()}
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        embedding = self.embed_features(self.features(x))
+        return {"embedding": embedding, "logits": self.logits_from_embedding(embedding)}
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(self.features(x))
+
+
+def create_backbone(architecture: str) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(architecture, pretrained=False, num_classes=0)
+    except RuntimeError as exc:  # timm's "Unknown model"
+        raise ValueError(f"unknown timm architecture {architecture!r}: {exc}") from exc
+
+
+def create_model(config: ModelConfig) -> LookalikeModel:
+    """Build the model and load its backbone's ImageNet weights as `config.pretrained` says."""
+    from training.pretrained import load_pretrained
+
+    backbone = create_backbone(config.architecture)
+    description = load_pretrained(backbone, config.architecture, config.pretrained)
+    model = LookalikeModel(config, backbone)
+    model.base_weights = description
+    return model
