@@ -349,5 +349,9 @@ def _upload(store: ObjectStore, jobs: Iterable[Callable[[], tuple[str, bytes, st
 
     with ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
-        for _ in pool.map(run, jobs):
-            bar.update()
+        try:
+            for _ in pool.map(run, jobs):
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # one failure stops the rest: no catalog follows
+            raise
