@@ -64,6 +64,9 @@ def test_validator_reports_every_broken_row_with_its_line(store, capsys):
     assert main(["catalog", "validate", uri, "--no-images"]) == 1
     out = capsys.readouterr().out
     assert "line 4" in out and "line 2" not in out
+    assert main(["catalog", "show", uri]) == 1  # counts the good rows, and says the rest need a look
+    out = capsys.readouterr().out
+    assert "4 rows" in out and "3 problems" in out and "lookalike catalog validate" in out
 
 
 def test_validating_a_missing_catalog_is_one_line(store, capsys):

@@ -105,7 +105,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from training.catalog import Catalog
+    from training.catalog import Catalog, validate_catalog
     from training.importers import resolve_catalog_uri
 
     uri = resolve_catalog_uri(args.uri)
@@ -119,4 +119,8 @@ def _show(args: argparse.Namespace) -> int:
               f"{len(vocab)} classes")
         for label in vocab:
             print(f"  {label}: {counts[label]}")
+    bad = validate_catalog(uri, check_images=False).problems
+    if bad:
+        print(f"{len(bad)} problems (bad rows are not counted above): run `lookalike catalog validate {args.uri}`")
+        return 1
     return 0
