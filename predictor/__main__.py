@@ -1,0 +1,68 @@
+"""`python -m predictor`: the KServe predictor server (REST and gRPC, KServe v2).
+
+    python -m predictor --model_name lookalike --http_port 8081 --grpc_port 8082 \
+        --model_version production --index_version latest
+
+Takes kserve's model-server options (ports, workers, logging) plus where to find the model/index pair:
+from the store configured by LOOKALIKE_S3_* (by version or alias), or from a local folder (--model_dir,
+e.g. /mnt/models filled by KServe's storage initializer).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from kserve import model_server
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m predictor", parents=[model_server.parser],
+        description="Lookalike predictor: embeds preprocessed images and searches the FAISS index (KServe v2).")
+    parser.set_defaults(model_name="lookalike")
+    env = os.environ.get
+    parser.add_argument("--model_version", default=env("LOOKALIKE_MODEL_VERSION", "production"),
+                        help="model version or alias to serve ('production' falls back to the newest version "
+                             "while no alias exists) [env LOOKALIKE_MODEL_VERSION]")
+    parser.add_argument("--index_version", default=env("LOOKALIKE_INDEX_VERSION", "latest"),
+                        help="index version or alias of that model [env LOOKALIKE_INDEX_VERSION]")
+    parser.add_argument("--model_dir", default=env("LOOKALIKE_MODEL_DIR"),
+                        help="serve from this local folder (a model version folder, or one holding model/ and "
+                             "index/) instead of the store; checksums are verified [env LOOKALIKE_MODEL_DIR]")
+    parser.add_argument("--backend", default=env("LOOKALIKE_BACKEND", "auto"), choices=["auto", "onnxruntime", "torch"],
+                        help="auto: CUDA torch (half precision when it keeps results) on a GPU, ONNX Runtime on a CPU")
+    parser.add_argument("--max_batch", type=int, default=int(env("LOOKALIKE_MAX_BATCH", "8")),
+                        help="most images embedded together when requests arrive concurrently")
+    parser.add_argument("--no_batching", action="store_true", help="embed every request on its own")
+    parser.add_argument("--max_images", type=int, default=64, help="most images per request (more: 413)")
+    parser.add_argument("--refresh_seconds", type=float, default=float(env("LOOKALIKE_REFRESH_SECONDS", "0")),
+                        help="poll the model/index aliases this often and swap when they move (0: only on "
+                             "POST /v2/repository/models/NAME/load)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = build_parser().parse_known_args(argv)
+    from predictor.server import LookalikePredictor, PredictorSettings, ReloadingRepository
+    from transformer.protocol import ModelServer
+
+    logging.getLogger("lookalike.requests").setLevel(logging.INFO)
+    settings = PredictorSettings(model_ref=args.model_version, index_ref=args.index_version, model_dir=args.model_dir,
+                                 backend=args.backend, max_batch=args.max_batch, batching=not args.no_batching,
+                                 max_images=args.max_images, refresh_seconds=args.refresh_seconds)
+    model = LookalikePredictor(args.model_name, settings)
+    try:
+        model.load()
+    except Exception as exc:  # noqa: BLE001 - one clear line, then a non-zero exit (the pod restarts)
+        print(f"predictor: cannot load the model/index pair: {exc}", file=sys.stderr, flush=True)
+        return 1
+    repository = ReloadingRepository()
+    ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, registered_models=repository,
+                workers=args.workers, enable_grpc=args.enable_grpc).start([model])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The KServe predictor: preprocessed images in, top-k listings and predicted labels out (KServe v2).
+
+Input (one tensor):   images   FP32 [N, 3, S, S]   preprocessed with the model's own spec (S = its size)
+Outputs:              listing_ids  BYTES [N, k]    best first; "" pads a row with fewer than k matches
+                      scores       FP32  [N, k]    cosine similarity (0.0 where padded)
+                      label_<task> BYTES [N]       each head's predicted label
+                      prob_<task>  FP32  [N]       its probability
+Parameters:           top_k (default 10), nprobe (default: the index's tuned value), and a filter:
+                      filter="category=footwear" | "category=predicted" | "predicted:category",
+                      or filter_<task>=<label>
+Response parameters:  model_version, index_version, embed_us, search_us
+
+It serves one model version with the index built for it (from the store by version or alias, or from a
+local folder such as /mnt/models), is ready only once both are loaded and verified, and swaps to a new
+pair without failing a request: on `POST /v2/repository/models/<name>/load`, or when the aliases it was
+started with move (polled every `refresh_seconds`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import kserve
+from kserve.model_repository import ModelRepository
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from predictor.service import (DEFAULT_MODEL_REF, Matches, ServingPair, SearchService, parse_filters)
+from storage.artifacts import ArtifactError
+from storage.s3 import StoreError, connect
+from transformer.metrics import RequestTrace, observe_batch
+from transformer.protocol import (BadInput, TooLarge, Unavailable, V2Error, int_parameter, parameters_of,
+                                  request_id, single_input, tensor_as_numpy)
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+MAX_TOP_K = 1000
+
+
+@dataclass
+class PredictorSettings:
+    model_ref: str = DEFAULT_MODEL_REF  # a model version, an alias, or "latest"
+    index_ref: str = "latest"  # an index version of that model, an alias, or "latest"
+    model_dir: str | None = None  # a local folder (e.g. /mnt/models) instead of the store
+    backend: str = "auto"  # auto | onnxruntime | torch
+    max_batch: int = 8  # images per embedding batch (micro-batching)
+    batching: bool = True
+    max_images: int = 64  # per request
+    refresh_seconds: float = 0.0  # poll the aliases and swap when they move; 0 = only on request
+
+
+class LookalikePredictor(kserve.Model):
+    def __init__(self, name: str, settings: PredictorSettings | None = None):
+        super().__init__(name)
+        self.settings = settings or PredictorSettings()
+        self.service: SearchService | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # ---- loading and swapping ----------------------------------------------------------------
+    def _load_pair(self) -> ServingPair:
+        s = self.settings
+        if s.model_dir:
+            store = None
+            if s.index_ref and not (Path(s.model_dir) / "index").is_dir():
+                store = connect()
+            return ServingPair.from_dir(s.model_dir, store, s.index_ref, s.backend)
+        return ServingPair.from_store(connect(), s.model_ref, s.index_ref, s.backend)
+
+    def load(self) -> bool:
+        """Load the pair and become ready; when already serving, load the pair again and swap if it moved."""
+        if self.service is None:
+            pair = self._load_pair()
+            self.service = SearchService(pair, max_batch=self.settings.max_batch, batching=self.settings.batching,
+                                         on_batch=lambda n: observe_batch("predictor", n))
+            log.info("serving %r as %s", self.name, pair)
+            self.ready = True
+        else:
+            self.service.reload(self._load_pair)
+        return self.ready
+
+    def start(self) -> None:
+        # kserve's default start() would mark the model ready; readiness here means "pair loaded".
+        if self.settings.refresh_seconds > 0 and not self.settings.model_dir and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="pair-watcher", daemon=True)
+            self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.service is not None:
+            self.service.close()
+        self.ready = False
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.refresh_seconds):
+            try:
+                self.load()
+            except Exception as exc:  # noqa: BLE001 - keep serving the current pair
+                log.error("could not refresh the model/index pair (still serving %s): %s",
+                          self.service.pair if self.service else None, exc)
+
+    # ---- v2 metadata -------------------------------------------------------------------------
+    def get_input_types(self) -> list[dict[str, Any]]:
+        size = self.service.pair.embedder.size if self.service else -1
+        return [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, size, size]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        out = [{"name": "listing_ids", "datatype": "BYTES", "shape": [-1, -1]},
+               {"name": "scores", "datatype": "FP32", "shape": [-1, -1]}]
+        for task in (self.service.pair.embedder.tasks if self.service else []):
+            out += [{"name": f"label_{task}", "datatype": "BYTES", "shape": [-1]},
+                    {"name": f"prob_{task}", "datatype": "FP32", "shape": [-1]}]
+        return out
+
+    # ---- inference ---------------------------------------------------------------------------
+    async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> InferResponse:
+        rid = request_id(payload, headers)
+        trace = RequestTrace("predictor", rid, model=self.name)
+        images = None
+        try:
+            if self.service is None:
+                raise Unavailable(f"model {self.name!r} is still loading its model and index; retry shortly")
+            pair = self.service.pair
+            size = pair.embedder.size
+            tensor = single_input(payload, INPUT_NAME, "FP32", f"preprocessed images [N,3,{size},{size}]")
+            images = tensor_as_numpy(tensor)
+            if images.ndim != 4 or images.shape[1:] != (3, size, size):
+                raise BadInput(f"input {INPUT_NAME!r} must have shape [N, 3, {size}, {size}] (this model's input "
+                               f"size is {size}), got {list(images.shape)}")
+            if len(images) == 0:
+                raise BadInput(f"input {INPUT_NAME!r} holds no images")
+            if len(images) > self.settings.max_images:
+                raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
+            params = parameters_of(payload)
+            top_k = int_parameter(params, "top_k", 10, 1, MAX_TOP_K)
+            nprobe = int_parameter(params, "nprobe", None, 1, 1 << 20)
+            try:
+                filters = parse_filters(params, pair.embedder.tasks)
+            except ValueError as exc:
+                raise BadInput(str(exc)) from exc
+            future = self.service.submit(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair)
+            matches: Matches = await asyncio.wrap_future(future)
+            for stage, seconds in matches.timings.items():
+                trace.add(stage, seconds)
+            response = self._response(rid, payload, matches)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a v2 error with a status
+            error = _as_v2_error(exc)
+            trace.finish(error, images=0)
+            raise error from exc
+        trace.finish(images=len(images))
+        return response
+
+    def _response(self, rid: str, request: InferRequest, m: Matches) -> InferResponse:
+        outputs = [InferOutput("listing_ids", list(m.ids_array().shape), "BYTES", data=m.ids_array()),
+                   InferOutput("scores", list(m.scores.shape), "FP32", data=m.scores)]
+        for task, labels in m.labels.items():
+            arr = np.array([s.encode() for s in labels], dtype=object)
+            outputs.append(InferOutput(f"label_{task}", [len(labels)], "BYTES", data=arr))
+            outputs.append(InferOutput(f"prob_{task}", [len(labels)], "FP32", data=m.probs[task]))
+        params = {"model_version": m.model_version, "index_version": m.index_version,
+                  "embed_us": int(m.timings.get("embed", 0) * 1e6), "search_us": int(m.timings.get("search", 0) * 1e6)}
+        # kserve 0.21 fails a response without an id; a request without one gets a generated id.
+        return InferResponse(response_id=rid, model_name=self.name, infer_outputs=outputs,
+                             model_version=m.model_version, parameters=params,
+                             use_binary_outputs=request.use_binary_outputs,
+                             requested_outputs=request.request_outputs)
+
+
+def _as_v2_error(exc: BaseException) -> BaseException:
+    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+    if isinstance(exc, (V2Error, InvalidInput, ModelNotFound, ModelNotReady)):
+        return exc
+    if isinstance(exc, ValueError):
+        return BadInput(str(exc))
+    if isinstance(exc, (StoreError, ArtifactError)):
+        return Unavailable(str(exc))
+    log.exception("internal error while searching")
+    return V2Error(f"internal error while searching ({type(exc).__name__}); the request id is in the server log")
+
+
+class ReloadingRepository(ModelRepository):
+    """`POST /v2/repository/models/<name>/load` reloads the pair off the event loop and swaps it in."""
+
+    async def load(self, name: str) -> bool:
+        model = self.get_model(name)
+        if model is None:
+            from kserve.errors import ModelNotFound
+
+            raise ModelNotFound(name)
+        return await asyncio.get_running_loop().run_in_executor(None, model.load)

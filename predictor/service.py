@@ -1,0 +1,380 @@
+"""The search service: a model version and the index built with it, served together, in process.
+
+    images [N,3,S,S] ──embed (micro-batched)──▶ embeddings + head probabilities ──IVF search──▶ matches
+
+A `ServingPair` is immutable: the embedder, the index and their versions, checked to belong together
+(the index's `model_version` must be the model's). `SearchService` holds the current pair in one
+attribute; a request reads it once and uses that pair to the end, so `swap` (a single reference
+assignment) never disturbs a request in flight: old requests finish on the old pair, new ones start on
+the new pair, and nothing is locked on the request path.
+
+Micro-batching: concurrent requests queue for one worker thread that embeds whatever is waiting as one
+batch (up to `max_batch` images) and never waits for more - a lone request runs at once, and under load
+the per-call overhead is shared (benchmarks/serving.py measures the gain).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from predictor.embedder import Embedder
+from storage.artifacts import MANIFEST, ArtifactError, VersionNotFound, model_repo, verify_dir
+from storage.s3 import ObjectStore
+
+log = logging.getLogger(__name__)
+
+PREDICTED = "predicted"
+DEFAULT_MODEL_REF = "production"
+FALLBACK_MODEL_REF = "latest"
+
+
+class PairMismatch(ArtifactError):
+    """The index was built with another model version than the one it would be served with."""
+
+
+# ---- filters -------------------------------------------------------------------------------------
+
+def parse_filters(params: dict[str, Any], tasks: Sequence[str]) -> dict[str, str]:
+    """{task: label or "predicted"} from request parameters.
+
+    Accepted forms: `filter="category=footwear"`, `filter="category=predicted,shade=dark"`,
+    `filter="predicted:category"` and `filter_category="footwear"`. Raises ValueError naming the tasks.
+    """
+    wanted: dict[str, str] = {}
+    raw = params.get("filter")
+    if raw not in (None, ""):
+        if not isinstance(raw, str):
+            raise ValueError(f"parameter 'filter' must be a string like 'category=footwear', got {raw!r}")
+        for part in (p.strip() for p in raw.split(",")):
+            if not part:
+                continue
+            if part.startswith(PREDICTED + ":"):
+                task, label = part.split(":", 1)[1].strip(), PREDICTED
+            elif "=" in part:
+                task, label = (s.strip() for s in part.split("=", 1))
+            else:
+                raise ValueError(f"filter {part!r} is not understood: use TASK=LABEL, TASK=predicted or "
+                                 f"predicted:TASK")
+            wanted[task] = label
+    for key, value in params.items():
+        if key.startswith("filter_") and value not in (None, ""):
+            wanted[key[len("filter_"):]] = str(value)
+    unknown = [t for t in wanted if t not in tasks]
+    if unknown:
+        raise ValueError(f"cannot filter on {', '.join(map(repr, unknown))}: this model's tasks are "
+                         f"{', '.join(tasks) or 'none'}")
+    return wanted
+
+
+# ---- the pair ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServingPair:
+    embedder: Embedder
+    index: Any  # predictor.index.VectorIndex
+    model_version: str
+    index_version: str
+    source: str = ""
+
+    def __repr__(self) -> str:
+        return f"ServingPair(model {self.model_version}, index {self.index_version}, {self.embedder.backend})"
+
+    @property
+    def heads(self) -> dict[str, list[str]]:
+        return self.embedder.heads
+
+    @classmethod
+    def assemble(cls, embedder: Embedder, index: Any, source: str = "") -> "ServingPair":
+        info = dict(getattr(index, "info", {}) or {})
+        built_with = info.get("model_version")
+        if built_with != embedder.model_version:
+            raise PairMismatch(f"index {_index_version(index)} was built with model {built_with!r}, not with "
+                               f"{embedder.model_version!r}: its vectors are not comparable with this model's "
+                               f"embeddings. Serve the index built for this model (or rebuild it)")
+        dim = info.get("dim") or info.get("dimension")
+        if dim is not None and int(dim) != embedder.embedding_dim:
+            raise PairMismatch(f"index {_index_version(index)} holds {dim}-d vectors but the model embeds to "
+                               f"{embedder.embedding_dim}-d")
+        return cls(embedder, index, embedder.model_version, _index_version(index), source)
+
+    @classmethod
+    def from_store(cls, store: ObjectStore, model_ref: str = DEFAULT_MODEL_REF, index_ref: str = "latest",
+                   backend: str = "auto") -> "ServingPair":
+        """Resolve model and index refs (versions, aliases or 'latest'), fetch, verify and load them.
+
+        A model ref of 'production' that no alias names yet falls back to the newest model version.
+        """
+        from predictor.index import VectorIndex
+
+        models = model_repo(store)
+        model_version = resolve_model(store, model_ref)
+        model_dir = models.fetch(model_version)
+        embedder = Embedder.load(model_dir, backend)
+        index = VectorIndex.fetch(store, model_version, ref=index_ref, dim=embedder.embedding_dim)
+        return cls.assemble(embedder, index, source=store.uri(f"models/{model_version}"))
+
+    @classmethod
+    def from_dir(cls, path: str | Path, store: ObjectStore | None = None, index_ref: str = "latest",
+                 backend: str = "auto") -> "ServingPair":
+        """Load from a local folder, e.g. what KServe's storage initializer copied into /mnt/models.
+
+        Layouts: `path/model/` + `path/index/` (both published version folders), or `path` itself a model
+        version folder, whose index then comes from the store (`index_ref`).
+        """
+        from predictor.index import VectorIndex
+
+        path = Path(path)
+        model_dir = path / "model" if (path / "model" / "model.json").exists() else path
+        if not (model_dir / "model.json").exists():
+            raise ArtifactError(f"{path} holds no model.json (nor model/model.json): point --model_dir at a model "
+                                f"version folder, or at a folder with model/ and index/ inside")
+        if not (model_dir / MANIFEST).exists():
+            raise ArtifactError(f"{model_dir} has no {MANIFEST}: only published versions are served (their "
+                                f"checksums are verified)")
+        embedder = Embedder.load(model_dir, backend)  # verifies the manifest
+        index_dir = path / "index"
+        if index_dir.is_dir():
+            if (index_dir / MANIFEST).exists():
+                verify_dir(index_dir)
+            index = VectorIndex.load(index_dir, model_version=embedder.model_version, dim=embedder.embedding_dim)
+        elif store is not None:
+            index = VectorIndex.fetch(store, embedder.model_version, ref=index_ref, dim=embedder.embedding_dim)
+        else:
+            raise ArtifactError(f"{path} has no index/ folder and no store is configured to fetch the index of "
+                                f"model {embedder.model_version}")
+        return cls.assemble(embedder, index, source=str(path))
+
+
+def resolve_model(store: ObjectStore, model_ref: str) -> str:
+    repo = model_repo(store)
+    try:
+        return repo.resolve(model_ref)
+    except VersionNotFound:
+        if model_ref != DEFAULT_MODEL_REF:
+            raise
+        log.warning("no %r alias for models yet: serving the newest model version", model_ref)
+        return repo.resolve(FALLBACK_MODEL_REF)
+
+
+def _index_version(index: Any) -> str:
+    info = dict(getattr(index, "info", {}) or {})
+    return str(getattr(index, "version", None) or info.get("index_version") or info.get("version") or "unversioned")
+
+
+# ---- answers -------------------------------------------------------------------------------------
+
+@dataclass
+class Matches:
+    """Per image: top-k listing ids and scores, and each head's predicted label and probability."""
+
+    listing_ids: list[list[str]]
+    scores: np.ndarray  # [N, k] float32; padded with 0.0 where fewer than k listings matched
+    labels: dict[str, list[str]]
+    probs: dict[str, np.ndarray]  # [N] float32: the probability of the predicted label
+    model_version: str
+    index_version: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def top_k(self) -> int:
+        return int(self.scores.shape[1]) if self.scores.ndim == 2 else 0
+
+    def ids_array(self) -> np.ndarray:
+        k = self.top_k
+        out = np.empty((len(self.listing_ids), k), dtype=object)
+        for i, row in enumerate(self.listing_ids):
+            padded = list(row) + [""] * (k - len(row))
+            out[i, :] = [s.encode() for s in padded[:k]]
+        return out
+
+
+def _predicted(heads: dict[str, list[str]], probs: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    labels, best = {}, {}
+    for task, p in probs.items():
+        idx = p.argmax(axis=1) if len(p) else np.zeros((0,), np.int64)
+        labels[task] = [heads[task][int(i)] for i in idx]
+        best[task] = (p[np.arange(len(p)), idx] if len(p) else np.zeros((0,), np.float32)).astype(np.float32)
+    return labels, best
+
+
+def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.ndarray], *, top_k: int,
+                nprobe: int | None, filters: dict[str, str], timings: dict[str, float]) -> Matches:
+    labels, best = _predicted(pair.heads, probs)
+    start = time.perf_counter()
+    per_image = any(v == PREDICTED for v in filters.values())
+    if not per_image:
+        result = pair.index.search(embeddings, top_k=top_k, nprobe=nprobe, label_filter=filters or None)
+        ids = [list(r) for r in result.listing_ids]
+        scores = [np.asarray(s, np.float32) for s in result.scores]
+    else:  # each image is restricted to its own predicted label
+        ids, scores = [], []
+        for i in range(len(embeddings)):
+            wanted = {t: (labels[t][i] if v == PREDICTED else v) for t, v in filters.items()}
+            result = pair.index.search(embeddings[i:i + 1], top_k=top_k, nprobe=nprobe, label_filter=wanted)
+            ids.append(list(result.listing_ids[0]))
+            scores.append(np.asarray(result.scores[0], np.float32))
+    timings["search"] = time.perf_counter() - start
+    k = max([len(r) for r in ids] + [0])
+    score_arr = np.zeros((len(ids), k), np.float32)
+    clean_ids = []
+    for i, (row, srow) in enumerate(zip(ids, scores)):
+        keep = [j for j, lid in enumerate(row) if lid not in (None, "")]  # faiss pads misses with -1 / ""
+        clean_ids.append([str(row[j]) for j in keep])
+        score_arr[i, :len(keep)] = np.asarray(srow, np.float32)[keep]
+    return Matches(clean_ids, score_arr, labels, best, pair.model_version, pair.index_version, timings)
+
+
+# ---- micro-batching ------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    pair: ServingPair
+    images: np.ndarray
+    finish: Callable[[np.ndarray, dict[str, np.ndarray], float], Any]
+    future: Future
+
+
+class MicroBatcher:
+    """One worker thread that embeds queued requests together, without ever waiting for more."""
+
+    def __init__(self, max_batch: int = 8, on_batch: Callable[[int], None] | None = None):
+        self.max_batch = max(1, int(max_batch))
+        self.on_batch = on_batch
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._carry: _Job | None = None
+        self._thread = threading.Thread(target=self._loop, name="embed-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, pair: ServingPair, images: np.ndarray,
+               finish: Callable[[np.ndarray, dict[str, np.ndarray], float], Any]) -> Future:
+        job = _Job(pair, images, finish, Future())
+        self._queue.put(job)
+        return job.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _next_batch(self) -> list[_Job] | None:
+        first = self._carry or self._queue.get()
+        self._carry = None
+        if first is None:
+            return None
+        jobs, count = [first], len(first.images)
+        while count < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)
+                break
+            if job.pair is not first.pair or count + len(job.images) > self.max_batch:
+                self._carry = job  # another pair (a swap happened) or too big: next batch
+                break
+            jobs.append(job)
+            count += len(job.images)
+        return jobs
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._next_batch()
+            if jobs is None:
+                return
+            pair = jobs[0].pair
+            try:
+                start = time.perf_counter()
+                batch = jobs[0].images if len(jobs) == 1 else np.concatenate([j.images for j in jobs])
+                emb, probs = pair.embedder.embed(batch)
+                seconds = time.perf_counter() - start
+                if self.on_batch:
+                    self.on_batch(len(batch))
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+                for job in jobs:
+                    job.future.set_exception(exc)
+                continue
+            offset = 0
+            for job in jobs:
+                n = len(job.images)
+                try:
+                    job.future.set_result(job.finish(emb[offset:offset + n],
+                                                     {t: p[offset:offset + n] for t, p in probs.items()}, seconds))
+                except BaseException as exc:  # noqa: BLE001
+                    job.future.set_exception(exc)
+                offset += n
+
+
+# ---- the service ---------------------------------------------------------------------------------
+
+class SearchService:
+    """The current pair, search over it (direct or micro-batched), and swapping to a new pair."""
+
+    def __init__(self, pair: ServingPair, *, max_batch: int = 8, batching: bool = True,
+                 on_batch: Callable[[int], None] | None = None):
+        self._pair = pair
+        self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
+        self.batcher = MicroBatcher(max_batch, on_batch) if batching else None
+        self.swaps = 0
+
+    @property
+    def pair(self) -> ServingPair:
+        return self._pair
+
+    def swap(self, pair: ServingPair) -> ServingPair:
+        """Serve `pair` from now on; return the old one. Requests in flight finish on the old pair."""
+        old, self._pair = self._pair, pair  # one reference assignment: atomic for every reader
+        self.swaps += 1
+        log.info("swapped model %s index %s -> model %s index %s", old.model_version, old.index_version,
+                 pair.model_version, pair.index_version)
+        return old
+
+    def reload(self, load: Callable[[], ServingPair]) -> bool:
+        """Load a pair with `load` (off the request path) and swap to it if it differs; True if swapped."""
+        with self._reload_lock:
+            current = self._pair
+            new = load()
+            if (new.model_version, new.index_version) == (current.model_version, current.index_version):
+                return False
+            self.swap(new)
+            return True
+
+    def search(self, images: np.ndarray, *, top_k: int = 10, nprobe: int | None = None,
+               filters: dict[str, str] | None = None, pair: ServingPair | None = None) -> Matches:
+        """Embed and search in the calling thread (no batching): the in-process path."""
+        pair = pair or self._pair
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        emb, probs = pair.embedder.embed(images)
+        timings["embed"] = time.perf_counter() - start
+        return search_pair(pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters or {}, timings=timings)
+
+    def submit(self, images: np.ndarray, *, top_k: int = 10, nprobe: int | None = None,
+               filters: dict[str, str] | None = None, pair: ServingPair | None = None) -> Future:
+        """Queue a search for the micro-batcher; the future holds `Matches`. Without batching it runs now."""
+        pair = pair or self._pair
+        filters = filters or {}
+        if self.batcher is None:
+            future: Future = Future()
+            try:
+                future.set_result(self.search(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair))
+            except BaseException as exc:  # noqa: BLE001
+                future.set_exception(exc)
+            return future
+
+        def finish(emb, probs, embed_seconds):
+            return search_pair(pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters,
+                               timings={"embed": embed_seconds})
+
+        pair.embedder.check_input(images)  # a malformed batch fails alone, not the batch it would join
+        return self.batcher.submit(pair, images, finish)
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()

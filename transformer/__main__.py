@@ -1,0 +1,71 @@
+"""`python -m transformer --predictor_host HOST:GRPC_PORT`: the KServe transformer server (REST and gRPC).
+
+It reads the model's preprocessing from the model's own model.json (from the store configured by
+LOOKALIKE_S3_*, or --model_dir), and calls the predictor over gRPC v2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from kserve import model_server
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m transformer", parents=[model_server.parser],
+        description="Lookalike transformer: decodes and preprocesses shoppers' photos, calls the predictor, joins "
+                    "listing metadata (KServe v2).")
+    parser.set_defaults(model_name="lookalike", predictor_protocol="grpc-v2")
+    env = os.environ.get
+    parser.add_argument("--model_version", default=env("LOOKALIKE_MODEL_VERSION", "production"),
+                        help="model version or alias whose preprocessing to start with; the transformer follows "
+                             "the version the predictor reports [env LOOKALIKE_MODEL_VERSION]")
+    parser.add_argument("--model_dir", default=env("LOOKALIKE_MODEL_DIR"),
+                        help="read model.json from this local model version folder instead of the store")
+    parser.add_argument("--catalog", action="append", default=[],
+                        help="catalog JSONL (s3:// or path) for listing metadata; repeatable (default: the catalogs "
+                             "the served index names) [env LOOKALIKE_CATALOG, comma-separated]")
+    parser.add_argument("--predictor_timeout", type=float, default=float(env("LOOKALIKE_PREDICTOR_TIMEOUT", "10")),
+                        help="seconds to wait for the predictor before answering 504")
+    parser.add_argument("--max_images", type=int, default=16, help="most photos per request (more: 413)")
+    parser.add_argument("--max_image_bytes", type=int, default=10 * 1024 * 1024,
+                        help="largest encoded photo in bytes (more: 413)")
+    parser.add_argument("--max_pixels", type=int, default=40_000_000,
+                        help="largest photo in pixels, read from its header before decoding (more: 413)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = build_parser().parse_known_args(argv)
+    if not args.predictor_host:
+        print("transformer: --predictor_host HOST:PORT (the predictor's gRPC port) is required", file=sys.stderr)
+        return 2
+    if args.predictor_protocol != "grpc-v2":
+        print("transformer: only --predictor_protocol grpc-v2 is supported (tensors travel binary over gRPC)",
+              file=sys.stderr)
+        return 2
+    from transformer.decoding import ImageLimits
+    from transformer.protocol import ModelServer
+    from transformer.server import LookalikeTransformer, TransformerSettings
+
+    logging.getLogger("lookalike.requests").setLevel(logging.INFO)
+    catalogs = list(args.catalog) + [c for c in os.environ.get("LOOKALIKE_CATALOG", "").split(",") if c]
+    limits = ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_images=args.max_images)
+    settings = TransformerSettings(model_ref=args.model_version, model_dir=args.model_dir, limits=limits,
+                                   predictor_timeout_s=args.predictor_timeout, catalogs=catalogs)
+    model = LookalikeTransformer(args.model_name, args.predictor_host, settings)
+    try:
+        model.load()
+    except Exception as exc:  # noqa: BLE001 - one clear line, then a non-zero exit
+        print(f"transformer: cannot read the model's preprocessing spec: {exc}", file=sys.stderr, flush=True)
+        return 1
+    ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
+                enable_grpc=args.enable_grpc).start([model])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

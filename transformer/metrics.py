@@ -1,0 +1,79 @@
+"""Observability of the serving units: Prometheus metrics and one structured log line per request.
+
+Both servers expose these on kserve's `/metrics` (the default Prometheus registry), labelled by `unit`
+(transformer or predictor), next to kserve's own request histograms:
+
+    lookalike_requests_total{unit}                 inference requests answered (any status)
+    lookalike_errors_total{unit,kind}              failed requests by kind: bad_input, too_large,
+                                                   not_found, unavailable, timeout, internal
+    lookalike_images_total{unit}                   images processed
+    lookalike_stage_seconds{unit,stage}            latency per stage: decode, preprocess, predict (the
+                                                   transformer's round trip), postprocess, embed, search
+    lookalike_batch_images{unit}                   images per embedding batch (micro-batching)
+
+Each request also leaves one JSON log line (logger `lookalike.requests`) with its request id, status,
+image count and stage timings, so one id follows a photo through both servers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from prometheus_client import Counter, Histogram
+
+from transformer.protocol import error_kind, json_line, status_of
+
+request_log = logging.getLogger("lookalike.requests")
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+REQUESTS = Counter("lookalike_requests", "Inference requests answered", ["unit"])
+ERRORS = Counter("lookalike_errors", "Failed inference requests by kind", ["unit", "kind"])
+IMAGES = Counter("lookalike_images", "Images processed", ["unit"])
+STAGE_SECONDS = Histogram("lookalike_stage_seconds", "Latency per serving stage", ["unit", "stage"], buckets=_BUCKETS)
+BATCH_IMAGES = Histogram("lookalike_batch_images", "Images per embedding batch", ["unit"],
+                         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+
+
+class RequestTrace:
+    """Timings of one request's stages; `finish` records metrics and writes the log line."""
+
+    def __init__(self, unit: str, request_id: str, **fields: Any):
+        self.unit = unit
+        self.request_id = request_id
+        self.fields = dict(fields)
+        self.stages_ms: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        STAGE_SECONDS.labels(self.unit, name).observe(seconds)
+        self.stages_ms[name] = round(self.stages_ms.get(name, 0.0) + seconds * 1000, 3)
+
+    def finish(self, error: BaseException | None = None, images: int = 0) -> None:
+        REQUESTS.labels(self.unit).inc()
+        if images:
+            IMAGES.labels(self.unit).inc(images)
+        record: dict[str, Any] = {"event": "infer", "unit": self.unit, "request_id": self.request_id,
+                                  "status": 200, "images": images, **self.fields, "stages_ms": self.stages_ms,
+                                  "total_ms": round((time.perf_counter() - self.started) * 1000, 3)}
+        if error is not None:
+            kind = error_kind(error)
+            ERRORS.labels(self.unit, kind).inc()
+            record.update(status=status_of(error), error_kind=kind, error=str(error))
+            request_log.warning(json_line(**record))
+        else:
+            request_log.info(json_line(**record))
+
+
+def observe_batch(unit: str, size: int) -> None:
+    BATCH_IMAGES.labels(unit).observe(size)

@@ -1,0 +1,416 @@
+"""The KServe transformer: shoppers' photos in, listings out (KServe v2, REST and gRPC).
+
+Input (one tensor):  image  BYTES [N] (or [N,1])  encoded JPEG, PNG or WebP photos; over REST JSON, as
+                                                  base64 strings; over gRPC or REST's binary extension,
+                                                  raw bytes
+Parameters:          top_k, nprobe, filter / filter_<task> (passed on to the predictor, see predictor/server.py)
+Outputs:             listing_ids, scores, label_<task>, prob_<task> (from the predictor), and joined from the
+                     catalog: titles, categories, image_uris  BYTES [N, k]; matches BYTES [N]: one JSON
+                     document per photo with all of the above
+
+preprocess: check limits (images per request, bytes, pixels), decode with EXIF orientation, apply the
+            model's own preprocessing spec (read from its model.json, never copied) -> FP32 [N,3,S,S]
+predict:    send the tensor to the predictor over gRPC v2 (binary, no JSON lists) with a deadline
+postprocess: join listing metadata
+
+Failures are v2 errors with the status a client can act on: 400 bad input, 413 too large, 404 unknown
+model (kserve), 503 predictor down, 504 predictor too slow; the message says what was wrong.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+import kserve
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
+from storage.artifacts import index_repo, model_repo
+from storage.s3 import ObjectStore, StoreError, connect
+from transformer.decoding import ImageError, ImageLimits, decode_image
+from transformer.metadata import ListingMetadata
+from transformer.metrics import RequestTrace
+from transformer.preprocessing import PreprocessSpec, preprocess_batch
+from transformer.protocol import (REQUEST_ID_HEADER, BadInput, NotFound, Timeout, TooLarge, Unavailable, V2Error,
+                                  int_parameter, parameters_of, request_id, single_input, tensor_as_numpy)
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+PREDICTOR_INPUT = "images"
+FORWARDED_PARAMETERS = ("top_k", "nprobe", "filter")
+MAX_TOP_K = 1000
+DEFAULT_MODEL_REF = "production"
+
+
+@dataclass
+class TransformerSettings:
+    model_ref: str = DEFAULT_MODEL_REF  # which model's preprocessing to start with (version or alias)
+    model_dir: str | None = None  # a local model version folder instead of the store
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    predictor_timeout_s: float = 10.0
+    catalogs: list[str] = field(default_factory=list)  # explicit listing catalogs (default: the index's)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the transformer needs of a model version: its preprocessing and heads."""
+
+    model_version: str
+    preprocessing: PreprocessSpec
+    heads: dict[str, list[str]]
+    meta: dict[str, Any]
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "ModelSpec":
+        if "preprocessing" not in meta:
+            raise ValueError("model.json has no 'preprocessing' spec; republish the model with the current exporter")
+        return cls(str(meta.get("model_version") or "unversioned"), PreprocessSpec.from_dict(meta["preprocessing"]),
+                   {t: list(v) for t, v in (meta.get("heads") or {}).items()}, meta)
+
+
+class _State:
+    """What one request carries from preprocess to postprocess."""
+
+    def __init__(self, trace: RequestTrace, params: dict[str, Any]):
+        self.trace = trace
+        self.params = params
+        self.images: list = []
+        self.spec: ModelSpec | None = None
+        self.client_request: InferRequest | None = None
+
+
+class LookalikeTransformer(kserve.Model):
+    def __init__(self, name: str, predictor_host: str, settings: TransformerSettings | None = None,
+                 store: ObjectStore | None = None):
+        super().__init__(name)
+        self.predictor_host = predictor_host
+        self.settings = settings or TransformerSettings()
+        self._store = store
+        self.spec: ModelSpec | None = None
+        self._specs: dict[str, ModelSpec] = {}
+        self.metadata = ListingMetadata(store, ())
+        self._seen_pairs: set[tuple[str, str]] = set()
+        self._channel: grpc.aio.Channel | None = None
+        self._stub = None
+
+    # ---- loading -----------------------------------------------------------------------------
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = connect()
+            self.metadata.store = self._store
+        return self._store
+
+    def _read_model_json(self, ref: str | None) -> dict[str, Any]:
+        if self.settings.model_dir and ref is None:
+            path = Path(self.settings.model_dir)
+            path = path / "model" if (path / "model" / "model.json").exists() else path
+            return json.loads((path / "model.json").read_text())
+        return model_repo(self.store).read_json(ref or self._resolve(self.settings.model_ref), "model.json")
+
+    def _resolve(self, ref: str) -> str:
+        from storage.artifacts import VersionNotFound
+
+        repo = model_repo(self.store)
+        try:
+            return repo.resolve(ref)
+        except VersionNotFound:
+            if ref != DEFAULT_MODEL_REF:
+                raise
+            return repo.resolve("latest")
+
+    def spec_for(self, model_version: str) -> ModelSpec:
+        """The preprocessing of a model version, read from its own published model.json (cached)."""
+        if model_version not in self._specs:
+            self._specs[model_version] = ModelSpec.from_meta(self._read_model_json(model_version))
+        return self._specs[model_version]
+
+    def load(self) -> bool:
+        spec = ModelSpec.from_meta(self._read_model_json(None))
+        self._specs[spec.model_version] = spec
+        self.spec = spec
+        for uri in self.settings.catalogs:
+            self.metadata.add_catalog(uri)
+        if not self.settings.catalogs:
+            self.metadata.ensure_for(spec.meta)
+        log.info("transformer %r: preprocessing of model %s: %s; %d listings", self.name, spec.model_version,
+                 spec.preprocessing.to_dict(), len(self.metadata))
+        self.ready = True
+        return True
+
+    def start(self) -> None:  # readiness is "model.json loaded", set by load()
+        pass
+
+    # ---- v2 metadata -------------------------------------------------------------------------
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        out = [{"name": n, "datatype": d, "shape": [-1, -1]} for n, d in
+               (("listing_ids", "BYTES"), ("scores", "FP32"), ("titles", "BYTES"), ("categories", "BYTES"),
+                ("image_uris", "BYTES"))]
+        for task in (self.spec.heads if self.spec else {}):
+            out += [{"name": f"label_{task}", "datatype": "BYTES", "shape": [-1]},
+                    {"name": f"prob_{task}", "datatype": "FP32", "shape": [-1]}]
+        out.append({"name": "matches", "datatype": "BYTES", "shape": [-1]})
+        return out
+
+    # ---- preprocess --------------------------------------------------------------------------
+    async def preprocess(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferRequest:
+        if not isinstance(payload, InferRequest):
+            raise BadInput("this model speaks the KServe v2 protocol: POST /v2/models/<name>/infer")
+        rid = request_id(payload, headers)
+        trace = RequestTrace("transformer", rid, model=self.name)
+        try:
+            params = self._parameters(payload)
+            state = _State(trace, params)
+            state.client_request = payload
+            tensor = single_input(payload, INPUT_NAME, "BYTES", "encoded JPEG, PNG or WebP photos, one per element")
+            items = self._items(tensor)
+            loop = asyncio.get_running_loop()
+            with trace.stage("decode"):
+                state.images = await loop.run_in_executor(None, self._decode_all, items)
+            state.spec = self.spec
+            batch = await self._preprocess(state)
+        except Exception as exc:
+            trace.finish(_as_v2_error(exc))
+            raise _as_v2_error(exc) from exc
+        tensor_out = InferInput(PREDICTOR_INPUT, list(batch.shape), "FP32")
+        tensor_out.set_data_from_numpy(batch, binary_data=True)
+        request = InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid,
+                               parameters={k: v for k, v in params.items() if v is not None})
+        request.lookalike_state = state  # carried to predict/postprocess with the request itself
+        return request
+
+    def _parameters(self, payload: InferRequest) -> dict[str, Any]:
+        params = parameters_of(payload)
+        out: dict[str, Any] = {"top_k": int_parameter(params, "top_k", 10, 1, MAX_TOP_K),
+                               "nprobe": int_parameter(params, "nprobe", None, 1, 1 << 20)}
+        for key, value in params.items():
+            if key == "filter" or key.startswith("filter_"):
+                if not isinstance(value, str):
+                    raise BadInput(f"parameter {key!r} must be a string, got {value!r}")
+                out[key] = value
+        return out
+
+    def _items(self, tensor: InferInput) -> list[bytes]:
+        limits = self.settings.limits
+        shape = list(tensor.shape)
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+            raise BadInput(f"input {INPUT_NAME!r} must have shape [N] or [N, 1] (one encoded photo per element), "
+                           f"got {shape}")
+        if shape[0] == 0:
+            raise BadInput(f"input {INPUT_NAME!r} holds no images: send at least one encoded photo")
+        if shape[0] > limits.max_images:
+            raise TooLarge(f"{shape[0]} images in one request; the limit is {limits.max_images} - split the request")
+        values = tensor_as_numpy(tensor).reshape(-1)
+        items = []
+        for i, value in enumerate(values):
+            name = f"image {i}" if len(values) > 1 else "the image"
+            if isinstance(value, str):
+                value = value.encode()
+            if not isinstance(value, (bytes, bytearray, np.bytes_)):
+                raise BadInput(f"{name} is a {type(value).__name__}; send the encoded photo's bytes")
+            value = bytes(value)
+            if len(value) > limits.max_bytes * 4 // 3 + 4:
+                raise TooLarge(f"{name} is {len(value):,} bytes; the limit is {limits.max_bytes:,}")
+            items.append(_maybe_base64(value))
+        return items
+
+    def _decode_all(self, items: list[bytes]):
+        limits = self.settings.limits
+        images = []
+        for i, data in enumerate(items):
+            try:
+                images.append(decode_image(data, limits, name=f"image {i}" if len(items) > 1 else "the image"))
+            except ImageError as exc:
+                raise (TooLarge if exc.status == 413 else BadInput)(str(exc)) from exc
+        return images
+
+    async def _preprocess(self, state: _State) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        with state.trace.stage("preprocess"):
+            return await loop.run_in_executor(None, preprocess_batch, state.images, state.spec.preprocessing)
+
+    # ---- predict -----------------------------------------------------------------------------
+    def _predictor_stub(self):
+        if self._stub is None:
+            options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                       ("grpc.enable_retries", 0)]
+            self._channel = grpc.aio.insecure_channel(self.predictor_host, options=options)
+            self._stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    async def _call_predictor(self, request: InferRequest) -> InferResponse:
+        timeout = self.settings.predictor_timeout_s
+        try:
+            reply = await self._predictor_stub().ModelInfer(
+                request.to_grpc(), timeout=timeout, metadata=((REQUEST_ID_HEADER, str(request.id)),))
+        except grpc.aio.AioRpcError as exc:
+            raise _predictor_error(exc, self.predictor_host, timeout) from None
+        return InferResponse.from_grpc(reply)
+
+    async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> InferResponse:
+        state: _State = payload.lookalike_state
+        try:
+            with state.trace.stage("predict"):
+                response = await self._call_predictor(payload)
+            served = str(to_plain(response.parameters).get("model_version") or response.model_version or "")
+            if served and state.spec is not None and served != state.spec.model_version:
+                # The predictor moved to another model: follow it, and redo this request if the input changed.
+                spec = await asyncio.get_running_loop().run_in_executor(None, self.spec_for, served)
+                self.spec = spec
+                if spec.preprocessing != state.spec.preprocessing:
+                    state.spec = spec
+                    batch = await self._preprocess(state)
+                    payload.inputs[0] = InferInput(PREDICTOR_INPUT, list(batch.shape), "FP32")
+                    payload.inputs[0].set_data_from_numpy(batch, binary_data=True)
+                    with state.trace.stage("predict"):
+                        response = await self._call_predictor(payload)
+                state.spec = spec
+        except Exception as exc:
+            state.trace.finish(_as_v2_error(exc))
+            raise _as_v2_error(exc) from exc
+        response.lookalike_state = state
+        response.lookalike_request = payload
+        return response
+
+    # ---- postprocess -------------------------------------------------------------------------
+    async def postprocess(self, result: InferResponse, headers: dict[str, str] | None = None,
+                          response_headers: dict[str, str] | None = None) -> InferResponse:
+        state: _State = result.lookalike_state
+        try:
+            with state.trace.stage("postprocess"):
+                response = await self._join(result, state)
+        except Exception as exc:
+            state.trace.finish(_as_v2_error(exc))
+            raise _as_v2_error(exc) from exc
+        params = to_plain(result.parameters)
+        state.trace.fields.update(model_version=params.get("model_version"), index_version=params.get("index_version"),
+                                  predictor_embed_ms=params.get("embed_us", 0) / 1000,
+                                  predictor_search_ms=params.get("search_us", 0) / 1000)
+        state.trace.finish(images=len(state.images))
+        return response
+
+    async def _join(self, result: InferResponse, state: _State) -> InferResponse:
+        outputs = {o.name: o for o in result.outputs}
+        params = to_plain(result.parameters)
+        model_version, index_version = str(params.get("model_version", "")), str(params.get("index_version", ""))
+        if not self.settings.catalogs and (model_version, index_version) not in self._seen_pairs:
+            await asyncio.get_running_loop().run_in_executor(None, self._load_catalogs_of, model_version, index_version)
+        ids = outputs["listing_ids"].as_numpy()
+        scores = outputs["scores"].as_numpy().astype(np.float32)
+        n, k = scores.shape if scores.ndim == 2 else (len(state.images), 0)
+        ids = ids.reshape(n, k)
+        titles = np.empty((n, k), dtype=object)
+        cats = np.empty((n, k), dtype=object)
+        uris = np.empty((n, k), dtype=object)
+        tasks = [name[len("label_"):] for name in outputs if name.startswith("label_")]
+        labels = {t: [_text(v) for v in outputs[f"label_{t}"].as_numpy().reshape(-1)] for t in tasks}
+        probs = {t: outputs[f"prob_{t}"].as_numpy().reshape(-1).astype(np.float32) for t in tasks}
+        documents = []
+        for i in range(n):
+            matches = []
+            for j in range(k):
+                lid = _text(ids[i, j])
+                listing = self.metadata.get(lid) if lid else None
+                titles[i, j] = (listing.title if listing else "").encode()
+                cats[i, j] = (listing.category if listing else "").encode()
+                uris[i, j] = (listing.image if listing else "").encode()
+                if lid:
+                    matches.append({**listing.to_json(), "score": round(float(scores[i, j]), 6)})
+            documents.append(json.dumps({
+                "labels": {t: {"label": labels[t][i], "probability": round(float(probs[t][i]), 6)} for t in tasks},
+                "matches": matches}).encode())
+        out = [InferOutput("listing_ids", [n, k], "BYTES", data=ids.astype(object)),
+               InferOutput("scores", [n, k], "FP32", data=scores),
+               InferOutput("titles", [n, k], "BYTES", data=titles),
+               InferOutput("categories", [n, k], "BYTES", data=cats),
+               InferOutput("image_uris", [n, k], "BYTES", data=uris)]
+        for t in tasks:
+            out.append(InferOutput(f"label_{t}", [n], "BYTES", data=np.array([s.encode() for s in labels[t]], dtype=object)))
+            out.append(InferOutput(f"prob_{t}", [n], "FP32", data=probs[t]))
+        out.append(InferOutput("matches", [n], "BYTES", data=np.array(documents, dtype=object)))
+        request = result.lookalike_request
+        client_request = state.client_request
+        return InferResponse(response_id=str(request.id), model_name=self.name, infer_outputs=out,
+                             model_version=model_version or None,
+                             parameters={"model_version": model_version, "index_version": index_version},
+                             use_binary_outputs=getattr(client_request, "use_binary_outputs", False),
+                             requested_outputs=getattr(client_request, "request_outputs", None))
+
+    def _load_catalogs_of(self, model_version: str, index_version: str) -> None:
+        self._seen_pairs.add((model_version, index_version))
+        try:
+            if model_version and index_version:
+                self.metadata.ensure_for(index_repo(self.store, model_version).read_json(index_version, "index.json"))
+            if model_version:
+                self.metadata.ensure_for(self.spec_for(model_version).meta)
+        except Exception as exc:  # noqa: BLE001 - metadata is decoration; the ids still answer
+            log.warning("no listing metadata for model %s index %s: %s", model_version, index_version, exc)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _maybe_base64(value: bytes) -> bytes:
+    """REST JSON carries bytes as base64 text; raw JPEG/PNG/WebP bytes are never valid base64."""
+    if value[:4] in (b"\xff\xd8\xff\xe0", b"\x89PNG", b"RIFF") or value[:3] == b"\xff\xd8\xff":
+        return value
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return value
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, np.bytes_)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def to_plain(params: Any) -> dict[str, Any]:
+    if not params:
+        return {}
+    from kserve.protocol.infer_type import to_http_parameters
+
+    return to_http_parameters(params)
+
+
+def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float) -> V2Error:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Timeout(f"the predictor at {host} did not answer within {timeout:g} s; retry later")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"the predictor at {host} is not reachable or not ready ({details.splitlines()[0] if details else 'unavailable'}); "
+                           f"retry shortly")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return BadInput(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return TooLarge(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return Unavailable(f"the predictor at {host} does not serve this model ({details})")
+    return V2Error(f"the predictor failed: {details or code.name}")
+
+
+def _as_v2_error(exc: BaseException) -> BaseException:
+    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+    if isinstance(exc, (V2Error, InvalidInput, ModelNotFound, ModelNotReady)):
+        return exc
+    if isinstance(exc, StoreError):
+        return Unavailable(f"the store is unreachable: {exc}")
+    log.exception("internal error in the transformer")
+    return V2Error(f"internal error in the transformer ({type(exc).__name__}); the request id is in the server log")
+
+
+__all__ = ["LookalikeTransformer", "TransformerSettings", "ModelSpec", "NotFound"]
