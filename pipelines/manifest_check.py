@@ -109,14 +109,13 @@ def manifests_dir() -> Path:
 def kserve_schema_dir() -> Path:
     """The KServe CRD folder: $LOOKALIKE_KSERVE_SCHEMAS first, then the copy in manifests/schemas/kserve."""
     env = os.environ.get("LOOKALIKE_KSERVE_SCHEMAS")
-    candidates = [Path(env)] if env else []
-    candidates.append(repo_root() / "manifests" / "schemas" / "kserve")
-    for path in candidates:
-        if (path / KSERVE_CRDS["InferenceService"]).is_file():
-            return path
-    raise ManifestError(
-        f"no KServe CRD schemas found in {', '.join(map(str, candidates))}: set LOOKALIKE_KSERVE_SCHEMAS "
-        f"to a folder holding {KSERVE_CRDS['InferenceService']} (KServe's config/crd/full/)")
+    path = Path(env) if env else repo_root() / "manifests" / "schemas" / "kserve"
+    if not (path / KSERVE_CRDS["InferenceService"]).is_file():
+        source = "LOOKALIKE_KSERVE_SCHEMAS" if env else "the vendored copy"
+        raise ManifestError(
+            f"no KServe CRD schemas in {path} ({source}): point LOOKALIKE_KSERVE_SCHEMAS at a folder holding "
+            f"{KSERVE_CRDS['InferenceService']} (KServe's config/crd/full/)")
+    return path
 
 
 def overlay_path(overlay: str | Path, root: Path | None = None) -> Path:
@@ -223,7 +222,7 @@ def _validate_kserve(obj: dict[str, Any]) -> list[Problem]:
     if kind not in KSERVE_CRDS:
         return [Problem("error", describe(obj), "kind", f"unknown KServe kind {kind!r}")]
     version = obj["apiVersion"].split("/", 1)[1]
-    schema = _kserve_schema(kind, version)
+    schema = _kserve_schema(str(kserve_schema_dir()), kind, version)
     if schema is None:
         return [Problem("error", describe(obj), "apiVersion",
                         f"the {kind} CRD in {kserve_schema_dir()} serves no version {version!r}")]
@@ -238,11 +237,11 @@ def _validate_kserve(obj: dict[str, Any]) -> list[Problem]:
 
 
 @functools.lru_cache(maxsize=8)
-def _kserve_schema(kind: str, version: str) -> dict[str, Any] | None:
-    crd_file = kserve_schema_dir() / KSERVE_CRDS[kind]
+def _kserve_schema(schema_dir: str, kind: str, version: str) -> dict[str, Any] | None:
+    crd_file = Path(schema_dir) / KSERVE_CRDS[kind]
     if not crd_file.is_file():
         raise ManifestError(f"no CRD file for {kind}: {crd_file} is missing")
-    crd = yaml.safe_load(crd_file.read_text())
+    crd = yaml.load(crd_file.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     for served in crd["spec"]["versions"]:
         if served["name"] == version:
             return _strict(copy.deepcopy(served["schema"]["openAPIV3Schema"]))
