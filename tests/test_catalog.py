@@ -150,6 +150,12 @@ def test_interrupted_import_publishes_no_catalog(store):
     with pytest.raises(StoreError):
         import_fashion_mnist(dying, split_names=("test",), limit=40, workers=2, progress=False)
     assert not store.exists("catalogs/fashion-mnist-test/catalog.jsonl")
+    uploaded = len(store.list("catalogs/fashion-mnist-test/images/"))
+    assert 0 < uploaded < 40
+    # Running it again finishes the job, uploading only what is missing.
+    uri = import_fashion_mnist(store, split_names=("test",), limit=40, workers=2, progress=False)["test"]
+    assert len(store.list("catalogs/fashion-mnist-test/images/")) == 40
+    assert validate_catalog(uri, store).ok
 
 
 # ---- a user's folder -------------------------------------------------------------------------------

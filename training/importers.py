@@ -138,7 +138,7 @@ def stratified_slice(labels: np.ndarray, limit: int, rng: np.random.Generator) -
 
 def import_fashion_mnist(store: ObjectStore, *, split_names: Sequence[str] = ("train", "test"),
                          limit: int | None = None, seed: int = 0, workers: int = 16, progress: bool = True,
-                         directory: Path = FASHION_MNIST_DIR) -> dict[str, str]:
+                         directory: Path = FASHION_MNIST_DIR, skip_existing: bool = True) -> dict[str, str]:
     """Import Fashion-MNIST into `catalogs/fashion-mnist-<split>/` and return each split's catalog URI.
 
     Rows: listing id `fmnist-<split>-<index in the original file, 5 digits>`, title "Sneaker #42", image a
@@ -152,6 +152,8 @@ def import_fashion_mnist(store: ObjectStore, *, split_names: Sequence[str] = ("t
 
     `limit` keeps at most that many rows per split, a seeded class-stratified slice (tests, quick demos).
     Listing ids and `shade` presence do not depend on `limit`, so a slice is a subset of the full import.
+    With `skip_existing`, images already in the store are not uploaded again (a re-import is quick). A full
+    import of both splits took about 290 s on 2 busy cores against the embedded store.
     """
     store.check()  # fail before uploading anything if the store is down, the keys wrong, the bucket gone
     uris = {}
@@ -186,7 +188,10 @@ def import_fashion_mnist(store: ObjectStore, *, split_names: Sequence[str] = ("t
             return (f"catalogs/{name}/images/{rows[k].listing_id}.png",
                     image_to_png_bytes(Image.fromarray(images[int(idx[k])])), "image/png")
 
-        _upload(store, (lambda k=k: encode(k) for k in range(len(rows))), len(rows), workers, progress,
+        # An image's bytes depend only on its listing id, so images left by an earlier import are kept.
+        present = set(store.iter(f"catalogs/{name}/images/")) if skip_existing else set()
+        todo = [k for k in range(len(rows)) if f"catalogs/{name}/images/{rows[k].listing_id}.png" not in present]
+        _upload(store, (lambda k=k: encode(k) for k in todo), len(todo), workers, progress,
                 desc=f"upload {name}")
         write_catalog(rows, store.uri(catalog_key(name)), store)
         uris[split] = store.uri(catalog_key(name))

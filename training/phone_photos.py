@@ -5,7 +5,8 @@ images: the product is cut out of its plain studio background, pasted onto a cro
 (scikit-image's bundled pictures: a table with coffee, a cat, a person, a rocket launch, a street scene,
 brick, grass and gravel), then seen through a phone: scale and position jitter, rotation and
 perspective, a lighting gradient and colour cast, defocus and motion blur, sensor noise and a JPEG round
-trip at quality 35-70. The same seed gives the same photo.
+trip at quality 35-70. The same seed gives the same photo. The product keeps its catalog appearance
+(Fashion-MNIST's negated intensities included): a query must match its own listing's catalog image.
 
 Any metric computed on these photos must be printed with SIMULATED_NOTE beside it.
 
