@@ -235,7 +235,8 @@ def import_folder(store: ObjectStore, directory: str | Path, name: str, *, label
         raise CatalogError(f"{directory} is not a folder of images")
     files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    ignored = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES and p != labels_csv]
+    csv_resolved = Path(labels_csv).resolve() if labels_csv is not None else None
+    ignored = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES and p.resolve() != csv_resolved]
     skipped: list[tuple[str, str]] = [(p.relative_to(directory).as_posix(),
                                        "not a .jpg, .jpeg, .png or .webp file") for p in ignored]
 
