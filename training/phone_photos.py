@@ -128,7 +128,7 @@ def simulate_phone_photo(img: Image.Image, rng: np.random.Generator | int, *, st
 
     # -- the product: scale, position, rotation and perspective, as one projective warp
     w, h = src.size
-    extent = size * rng.uniform(0.9 - 0.4 * m, 0.95)  # the product's longest side on the photo
+    extent = size * rng.uniform(0.85 - 0.35 * m, 0.85)  # the product's longest side on the photo
     half = np.array([w, h], dtype=np.float64) * (extent / max(w, h)) / 2
     centre = size / 2 + rng.uniform(-1, 1, 2) * (size / 2 - half.max()) * 0.8 * m
     angle = np.deg2rad(rng.uniform(-25, 25) * s)
@@ -136,6 +136,10 @@ def simulate_phone_photo(img: Image.Image, rng: np.random.Generator | int, *, st
     corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64) * half
     corners = corners @ rot.T + centre
     corners += rng.uniform(-1, 1, (4, 2)) * 0.12 * s * extent  # a phone held at an angle
+    # A shopper frames the product: move it back into the picture, letting at most a sliver be cut off.
+    lo, hi, margin = corners.min(0), corners.max(0), 0.03 * size
+    shift = np.maximum(0.0, -margin - lo) - np.maximum(0.0, hi - (size + margin))
+    corners += np.where(hi - lo > size + 2 * margin, size / 2 - (lo + hi) / 2, shift)
     src_corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
     # Warp only the product's bounding box on the photo: the rest of the output would be transparent.
     left, top = np.floor(np.clip(corners.min(0), 0, size)).astype(int)
@@ -146,6 +150,12 @@ def simulate_phone_photo(img: Image.Image, rng: np.random.Generator | int, *, st
         product.putalpha(foreground_mask(src))
         warped = product.transform((int(right - left), int(bottom - top)), Image.Transform.PERSPECTIVE, coeffs,
                                    Image.Resampling.BILINEAR, fillcolor=(0, 0, 0, 0))
+        if rng.random() < 0.7 * m:  # a soft shadow, as of a product lying on a surface under a lamp
+            shadow = warped.getchannel("A").filter(ImageFilter.GaussianBlur(2.5 * size / 160))
+            opacity = rng.uniform(0.25, 0.5)
+            shadow = shadow.point(lambda v: int(v * opacity))
+            dx, dy = (rng.uniform(-1, 1, 2) * 0.03 * size).round().astype(int)
+            canvas.paste((0, 0, 0), (int(left + dx), int(top + dy)), shadow)
         canvas.paste(warped, (int(left), int(top)), warped)
 
     # -- optics: defocus, then (sometimes) motion blur
