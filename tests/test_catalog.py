@@ -15,7 +15,7 @@ from PIL import Image
 from pipelines.cli import main
 from storage.s3 import ObjectStore, StoreError
 from storage.server import free_port
-from training.catalog import Catalog, validate_catalog
+from training.catalog import Catalog, CatalogError, validate_catalog
 from training.importers import (BROAD_CATEGORY, FASHION_MNIST_CLASSES, import_fashion_mnist, import_folder,
                                 read_idx, resolve_catalog_uri, shade_of)
 
@@ -128,6 +128,14 @@ def test_import_fashion_mnist_slice_and_validate(store, capsys):
     assert "100 rows" in out and "task fine_category: 100 labelled rows" in out and "  Sneaker: 10" in out
     assert main(["catalog", "validate", "fashion-mnist-test"]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_missing_dataset_and_bad_limit_are_clear(store, tmp_path):
+    with pytest.raises(CatalogError, match="apt-get install dataset-fashion-mnist"):
+        import_fashion_mnist(store, directory=tmp_path, progress=False)
+    with pytest.raises(CatalogError, match="must be positive"):
+        import_fashion_mnist(store, limit=0, progress=False)
+    assert store.list("catalogs/") == []
 
 
 class _StoreThatDies(ObjectStore):

@@ -63,10 +63,10 @@ def catalog_key(name: str) -> str:
 def resolve_catalog_uri(ref: str, store: ObjectStore | None = None) -> str:
     """A catalog reference as given on the command line → an s3:// URI or a path.
 
-    `s3://…` and existing paths are returned as they are; a bare name such as `fashion-mnist-train`
+    `s3://…` and existing files are returned as they are; a bare name such as `fashion-mnist-train`
     means `catalogs/<name>/catalog.jsonl` in the configured bucket.
     """
-    if "://" in ref or Path(ref).exists() or not _NAME_RE.match(ref):
+    if "://" in ref or Path(ref).is_file() or not _NAME_RE.match(ref):
         return ref
     from storage.s3 import S3Settings
 
