@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lookalike … | head` closed the pipe: not an error worth a traceback
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # noqa: BLE001 - known failures become one clear line
         if args.verbose or not _is_user_error(exc):
             raise
