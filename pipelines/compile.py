@@ -5,8 +5,11 @@ the checked-in files are stale.
 """
 from __future__ import annotations
 
+import ast
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
 
@@ -26,7 +29,36 @@ def compile_pipeline(name: str, out_dir: str | Path = COMPILED_DIR) -> Path:
     path = compiled_path(name, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(PIPELINES[name], str(path))
+    path.write_text(_stable_header(path.read_text()))
     return path
+
+
+_DEFAULT_LINE = re.compile(r"^(#\s+\w+: \w+ \[Default: )(.*)(\])$")
+
+
+def _stable_header(text: str) -> str:
+    """The compiler's header comment prints dict defaults in protobuf map order, which changes between
+    runs; print them with sorted keys so the same code always compiles to the same bytes."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        match = _DEFAULT_LINE.match(line)
+        if match:
+            try:
+                value = ast.literal_eval(match.group(2))
+            except (ValueError, SyntaxError):
+                continue
+            lines[i] = match.group(1) + repr(_sorted(value)) + match.group(3)
+    return "\n".join(lines)
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
 
 
 def compile_all(out_dir: str | Path = COMPILED_DIR) -> list[Path]:

@@ -85,11 +85,13 @@ def check_model_gates(model: Input[Model], metrics: Input[Metrics], eval_set: In
 
 
 @component
-def publish_model(model: Input[Model], alias: str) -> str:
-    """Publish the model folder as a new version (whole or not at all); point `alias` at it."""
+def publish_model(model: Input[Model], evaluation: Input[Metrics], report: Input[HTML], alias: str) -> str:
+    """Publish the model folder, with its evaluation and report, as a new version (whole or not at all);
+    point `alias` at it."""
     from pipelines import steps
 
-    return steps.run_step("publish model", steps.publish_model, model=model, alias=alias)
+    return steps.run_step("publish model", steps.publish_model, model=model, evaluation=evaluation, report=report,
+                          alias=alias)
 
 
 @component

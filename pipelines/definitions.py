@@ -71,7 +71,7 @@ def _train_and_gate(pool: _Pool, prepared, *, architecture, image_size, embeddin
                                 phone_queries=phone_queries, seed=seed)
     # Not cached: it reads what `compare_to` points at now.
     gates = impure(pool.cpu(gates, "model gates"))
-    return train, gates
+    return train, evaluate, gates
 
 
 def _index_and_gate(pool: _Pool, model, catalog, queries, *, batch_size, nlist, nprobe, device, phone_queries,
@@ -92,8 +92,9 @@ def _index_and_gate(pool: _Pool, model, catalog, queries, *, batch_size, nlist, 
     return build, gates
 
 
-def _publish_model(pool: _Pool, model, alias, after):
-    task = c.publish_model(model=model, alias=alias).after(*after)
+def _publish_model(pool: _Pool, model, evaluation, alias, after):
+    task = c.publish_model(model=model, evaluation=evaluation.outputs["metrics"], report=evaluation.outputs["report"],
+                           alias=alias).after(*after)
     return transient(impure(pool.cpu(task, "publish model")))
 
 
@@ -158,13 +159,13 @@ def train_pipeline(
     """
     pool = _Pool(gpu_node_selector, gpu_toleration, s3_secret)
     prepared = _prepare(pool, catalog_uri, holdout_fraction, seed, check_images)
-    train, gates = _train_and_gate(
+    train, evaluate, gates = _train_and_gate(
         pool, prepared, architecture=architecture, image_size=image_size, embedding_dim=embedding_dim,
         trainable_blocks=trainable_blocks, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         train_options=train_options, seed=seed, device=device, phone_queries=phone_queries,
         min_recall_at_10=min_recall_at_10, min_head_accuracy=min_head_accuracy,
         max_regression=max_regression, compare_to=compare_to)
-    publish = _publish_model(pool, train.outputs["model"], publish_alias, [gates])
+    publish = _publish_model(pool, train.outputs["model"], evaluate, publish_alias, [gates])
     return publish.output
 
 
@@ -342,7 +343,7 @@ def train_and_index_pipeline(
     """
     pool = _Pool(gpu_node_selector, gpu_toleration, s3_secret)
     prepared = _prepare(pool, catalog_uri, holdout_fraction, seed, check_images)
-    train, model_gates = _train_and_gate(
+    train, evaluate, model_gates = _train_and_gate(
         pool, prepared, architecture=architecture, image_size=image_size, embedding_dim=embedding_dim,
         trainable_blocks=trainable_blocks, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         train_options=train_options, seed=seed, device=device, phone_queries=phone_queries,
@@ -354,7 +355,7 @@ def train_and_index_pipeline(
         pool, model, prepared.outputs["catalog"], prepared.outputs["eval_set"], batch_size=batch_size,
         nlist=nlist, nprobe=nprobe, device=device, phone_queries=phone_queries, seed=seed,
         min_index_recall=min_index_recall, min_recall_at_10=min_recall_at_10, after=[model_gates])
-    publish_model = _publish_model(pool, model, publish_alias, [model_gates, index_gates])
+    publish_model = _publish_model(pool, model, evaluate, publish_alias, [model_gates, index_gates])
     publish_index = _publish_index(pool, build.outputs["index"], publish_alias, [publish_model])
     return TrainAndIndexOutputs(model_version=publish_model.output, index_version=publish_index.output)
 

@@ -342,6 +342,24 @@ def _kserve_admission_rules(isvc: dict[str, Any]) -> list[Problem]:
                 err(f"{where}.containers[{i}].env[STORAGE_URI]",
                     f"{uri!r} is not a storage URI KServe can download ({', '.join(STORAGE_SCHEMES)})")
     problems += _rollout_rules(isvc)
+    problems += _wiring_rules(isvc)
+    return problems
+
+
+def _wiring_rules(isvc: dict[str, Any]) -> list[Problem]:
+    """The transformer's --predictor_host names the predictor's route in the object's own namespace."""
+    ns = (isvc.get("metadata") or {}).get("namespace")
+    transformer = (isvc.get("spec") or {}).get("transformer") or {}
+    problems = []
+    for i, container in enumerate(_containers(transformer)):
+        for j, arg in enumerate(container.get("args") or []):
+            if not str(arg).startswith("--predictor_host="):
+                continue
+            host = str(arg).split("=", 1)[1]
+            if "NAMESPACE" in host or (ns and f".{ns}." not in f"{host}."):
+                problems.append(Problem("error", describe(isvc), f"spec.transformer.containers[{i}].args[{j}]",
+                                        f"--predictor_host {host!r} is not in namespace {ns!r}: the overlay's "
+                                        f"namespace replacement is missing or broken"))
     return problems
 
 

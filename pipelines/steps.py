@@ -62,10 +62,11 @@ def _progress() -> bool:
 
 # ---- catalog ---------------------------------------------------------------------------------------
 
-def _holdout_score(listing_id: str, seed: int) -> float:
-    """A stable number in [0, 1) per listing: the split does not depend on row order or catalog size."""
+def held_out(listing_id: str, seed: int, fraction: float) -> bool:
+    """Whether a listing is held out of training: a stable hash of (seed, listing id), so the split does
+    not depend on row order or catalog size, and anyone can recompute it."""
     digest = hashlib.sha256(f"{seed}:{listing_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < fraction
 
 
 def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_images: bool,
@@ -93,7 +94,7 @@ def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_
     source = Catalog.open(catalog_uri)
     rows = [CatalogRow(r.listing_id, source.resolve_image(r), r.labels, r.source, r.title, r.line)
             for r in source.rows]
-    held = [r for r in rows if _holdout_score(r.listing_id, seed) < holdout_fraction]
+    held = [r for r in rows if held_out(r.listing_id, seed, holdout_fraction)]
     held_ids = {r.listing_id for r in held}
     trained = [r for r in rows if r.listing_id not in held_ids]
     if holdout_fraction > 0 and not held:
@@ -145,8 +146,29 @@ def _model_meta(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def publish_model(model, alias: str) -> str:
-    """Publish the model folder under the version it was given at training; point `alias` at it.
+def read_metrics(artifact) -> dict[str, Any]:
+    """The metrics a step logged: the JSON it wrote at the artifact's path, else the artifact's metadata."""
+    path = Path(artifact.path)
+    if path.is_file() and path.stat().st_size:
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass
+    return {k: v for k, v in dict(artifact.metadata).items() if k != "display_name"}
+
+
+def write_metrics(artifact, values: dict[str, Any]) -> None:
+    """Log scalar metrics (shown by the KFP UI) and keep them all as JSON at the artifact's path."""
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            artifact.log_metric(key, float(value))
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps(values, indent=2, sort_keys=True))
+
+
+def publish_model(model, alias: str, evaluation=None, report=None) -> str:
+    """Publish the model folder under the version it was given at training, with its held-out
+    evaluation in model.json and the HTML report beside it; point `alias` at it.
 
     The folder is copied first: an input artifact is never edited in place. Publishing a version that
     is already complete (a cached re-run) only moves the alias.
@@ -169,6 +191,12 @@ def publish_model(model, alias: str) -> str:
     with tempfile.TemporaryDirectory(prefix="publish-model-") as tmp:
         staged = Path(tmp) / "model"
         shutil.copytree(model.path, staged, ignore=shutil.ignore_patterns("MANIFEST.json"))
+        if evaluation is not None:
+            meta = _model_meta(staged)
+            meta.setdefault("metrics", {})["evaluation"] = read_metrics(evaluation)
+            (staged / "model.json").write_text(json.dumps(meta, indent=2))
+        if report is not None and Path(report.path).is_file():
+            shutil.copyfile(report.path, staged / "report.html")
         publish(store, staged, alias=alias or None, version=version)
     print(f"published model {version} to {store.uri('models/' + version)}"
           f"{f'; {alias} → {version}' if alias else ''}", flush=True)
