@@ -45,6 +45,12 @@ def test_every_overlay_renders_and_validates(overlay):
     pc, tc = predictor["containers"][0], transformer["containers"][0]
     assert pc["command"] == ["python", "-m", "predictor"] and "--model_name=lookalike" in pc["args"]
     assert tc["command"] == ["python", "-m", "transformer"] and "--model_name=lookalike" in tc["args"]
+    # Transformer -> predictor: binary gRPC v2 to the predictor's route (h2c) in this namespace.
+    ns = isvc["metadata"]["namespace"]
+    assert "--predictor_protocol=grpc-v2" in tc["args"]
+    assert f"--predictor_host=lookalike-predictor.{ns}.svc.cluster.local:80" in tc["args"]
+    assert pc["ports"] == [{"name": "h2c", "containerPort": 8081, "protocol": "TCP"}]
+    assert "--grpc_port=8081" in pc["args"] and "--http_port=8080" in pc["args"]
     for container in (pc, tc):
         assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
         assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
