@@ -70,8 +70,12 @@ def code_version() -> str:
 
 def export_model(model: LookalikeModel, config: ModelConfig, out_dir: str | Path, *,
                  metrics: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None,
-                 check_batch: torch.Tensor | None = None) -> Path:
-    """Write model.safetensors, model.onnx (checked against PyTorch) and model.json into `out_dir`."""
+                 check_batch: torch.Tensor | None = None, model_version: str | None = None) -> Path:
+    """Write model.safetensors, model.onnx (checked against PyTorch) and model.json into `out_dir`.
+
+    The folder gets its version name now (`model_version`, default a fresh time-sorted one), so a
+    pipeline can publish it later under the name its metrics were recorded with.
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -91,7 +95,7 @@ def export_model(model: LookalikeModel, config: ModelConfig, out_dir: str | Path
     lineage.setdefault("code_version", code_version())
     meta = {
         "format": FORMAT,
-        "model_version": None,  # filled in by publish_model
+        "model_version": model_version or new_version(),
         "architecture": config.architecture,
         "embedding_dim": config.embedding_dim,
         "preprocessing": config.preprocessing.to_dict(),
@@ -171,14 +175,15 @@ def load_model(model_dir: str | Path) -> tuple[LookalikeModel, dict[str, Any]]:
 def publish_model(store, out_dir: str | Path, *, alias: str | None = None, version: str | None = None) -> str:
     """Publish a model folder as a new version of `models/` (whole or not at all); return the version.
 
-    model.json gets its `model_version` before upload, so a downloaded folder knows what it is.
+    The version is `version`, else the one model.json was exported with; model.json is rewritten to
+    say it before upload, so a downloaded folder knows what it is.
     """
     out_dir = Path(out_dir)
     for name in (WEIGHTS_FILE, ONNX_FILE, META_FILE):
         if not (out_dir / name).is_file():
             raise FileNotFoundError(f"{out_dir} has no {name}: export the model before publishing")
-    version = version or new_version()
     meta = json.loads((out_dir / META_FILE).read_text())
+    version = version or meta.get("model_version") or new_version()
     meta["model_version"] = version
     write_json(out_dir / META_FILE, meta)
     repo = model_repo(store)
