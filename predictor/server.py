@@ -28,13 +28,13 @@ import numpy as np
 
 import kserve
 from kserve.model_repository import ModelRepository
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.infer_type import InferRequest, InferResponse
 from predictor.service import (DEFAULT_MODEL_REF, Matches, ServingPair, SearchService, parse_filters)
 from storage.artifacts import ArtifactError
 from storage.s3 import StoreError, connect
 from transformer.metrics import RequestTrace, observe_batch
 from transformer.protocol import (BadInput, TooLarge, Unavailable, V2Error, int_parameter, parameters_of,
-                                  request_id, single_input, tensor_as_numpy)
+                                  output, request_id, single_input, tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ class LookalikePredictor(kserve.Model):
             if len(images) > self.settings.max_images:
                 raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
             params = parameters_of(payload)
-            top_k = int_parameter(params, "top_k", 10, 1, MAX_TOP_K)
+            # A top_k above the catalog's size is answered with every listing, not refused.
+            top_k = min(int_parameter(params, "top_k", 10, 1, MAX_TOP_K), max(1, len(pair.index)))
             nprobe = int_parameter(params, "nprobe", None, 1, 1 << 20)
             try:
                 filters = parse_filters(params, pair.embedder.tasks)
@@ -157,12 +158,11 @@ class LookalikePredictor(kserve.Model):
         return response
 
     def _response(self, rid: str, request: InferRequest, m: Matches) -> InferResponse:
-        outputs = [InferOutput("listing_ids", list(m.ids_array().shape), "BYTES", data=m.ids_array()),
-                   InferOutput("scores", list(m.scores.shape), "FP32", data=m.scores)]
+        binary = wants_binary(request)
+        outputs = [output("listing_ids", m.ids_array(), "BYTES", binary), output("scores", m.scores, "FP32", binary)]
         for task, labels in m.labels.items():
-            arr = np.array([s.encode() for s in labels], dtype=object)
-            outputs.append(InferOutput(f"label_{task}", [len(labels)], "BYTES", data=arr))
-            outputs.append(InferOutput(f"prob_{task}", [len(labels)], "FP32", data=m.probs[task]))
+            outputs.append(output(f"label_{task}", np.array([s.encode() for s in labels], dtype=object), "BYTES", binary))
+            outputs.append(output(f"prob_{task}", m.probs[task], "FP32", binary))
         params = {"model_version": m.model_version, "index_version": m.index_version,
                   "embed_us": int(m.timings.get("embed", 0) * 1e6), "search_us": int(m.timings.get("search", 0) * 1e6)}
         # kserve 0.21 fails a response without an id; a request without one gets a generated id.

@@ -27,7 +27,7 @@ from grpc_interceptor.exceptions import GrpcException
 import kserve
 from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput, to_http_parameters
+from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, RequestedOutput, to_http_parameters
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,18 @@ def tensor_as_numpy(tensor: InferInput) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - shape/data disagreements of a malformed request
         raise BadInput(f"input {tensor.name!r} has data that does not match its shape {tensor.shape} and "
                        f"datatype {tensor.datatype}: {exc}") from exc
+
+
+def wants_binary(request: InferRequest) -> bool:
+    """Whether outputs go back as raw bytes: always over gRPC, over REST when the client asked."""
+    return bool(request.from_grpc or request.use_binary_outputs)
+
+
+def output(name: str, array: np.ndarray, datatype: str, binary: bool) -> InferOutput:
+    """An output tensor with its data set the way kserve 0.21 serialises without tripping over numpy."""
+    tensor = InferOutput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    return tensor
 
 
 def json_line(**fields: Any) -> str:

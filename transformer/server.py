@@ -32,7 +32,7 @@ import numpy as np
 
 import kserve
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
+from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from storage.artifacts import index_repo, model_repo
 from storage.s3 import ObjectStore, StoreError, connect
 from transformer.decoding import ImageError, ImageLimits, decode_image
@@ -40,7 +40,8 @@ from transformer.metadata import ListingMetadata
 from transformer.metrics import RequestTrace
 from transformer.preprocessing import PreprocessSpec, preprocess_batch
 from transformer.protocol import (REQUEST_ID_HEADER, BadInput, NotFound, Timeout, TooLarge, Unavailable, V2Error,
-                                  int_parameter, parameters_of, request_id, single_input, tensor_as_numpy)
+                                  int_parameter, output, parameters_of, request_id, single_input, tensor_as_numpy,
+                                  wants_binary)
 
 log = logging.getLogger(__name__)
 
@@ -332,15 +333,14 @@ class LookalikeTransformer(kserve.Model):
             documents.append(json.dumps({
                 "labels": {t: {"label": labels[t][i], "probability": round(float(probs[t][i]), 6)} for t in tasks},
                 "matches": matches}).encode())
-        out = [InferOutput("listing_ids", [n, k], "BYTES", data=ids.astype(object)),
-               InferOutput("scores", [n, k], "FP32", data=scores),
-               InferOutput("titles", [n, k], "BYTES", data=titles),
-               InferOutput("categories", [n, k], "BYTES", data=cats),
-               InferOutput("image_uris", [n, k], "BYTES", data=uris)]
+        binary = wants_binary(state.client_request)
+        out = [output("listing_ids", ids.astype(object), "BYTES", binary), output("scores", scores, "FP32", binary),
+               output("titles", titles, "BYTES", binary), output("categories", cats, "BYTES", binary),
+               output("image_uris", uris, "BYTES", binary)]
         for t in tasks:
-            out.append(InferOutput(f"label_{t}", [n], "BYTES", data=np.array([s.encode() for s in labels[t]], dtype=object)))
-            out.append(InferOutput(f"prob_{t}", [n], "FP32", data=probs[t]))
-        out.append(InferOutput("matches", [n], "BYTES", data=np.array(documents, dtype=object)))
+            out.append(output(f"label_{t}", np.array([s.encode() for s in labels[t]], dtype=object), "BYTES", binary))
+            out.append(output(f"prob_{t}", probs[t], "FP32", binary))
+        out.append(output("matches", np.array(documents, dtype=object), "BYTES", binary))
         request = result.lookalike_request
         client_request = state.client_request
         return InferResponse(response_id=str(request.id), model_name=self.name, infer_outputs=out,
