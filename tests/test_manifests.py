@@ -82,6 +82,16 @@ def test_every_overlay_renders_and_validates(overlay):
         assert any("Secret 'lookalike-s3'" in p.message for p in report.warnings)
 
 
+def test_pipeline_settings_point_at_the_dev_store():
+    report = mc.validate_overlay("dev-pipelines")
+    assert report.ok and not report.warnings, "\n".join(report.lines())
+    settings = mc.find_object(report.objects, "ConfigMap", "lookalike-settings")
+    assert settings["metadata"]["namespace"] == "kubeflow"
+    assert settings["data"]["LOOKALIKE_S3_ENDPOINT"].startswith("minio.lookalike-dev.svc")
+    assert set(mc.find_object(report.objects, "Secret", "lookalike-s3")["data"]) == {
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
 def test_no_real_credentials_in_the_tree():
     for path in MANIFESTS.rglob("*.yaml"):
         text = path.read_text()
@@ -138,7 +148,7 @@ def test_broken_copies_are_caught(tree, case):
 def test_cli_validate_exit_status_and_messages(tree, capsys):
     assert main(["manifests", "validate", "--manifests", str(tree)]) == 0
     out = capsys.readouterr().out
-    assert "2 of 2 overlays valid" in out
+    assert f"{len(mc.list_overlays(tree))} of {len(mc.list_overlays(tree))} overlays valid" in out
     edit(tree / "base/inferenceservice.yaml", "    minReplicas: 1\n", "    minReplicas: 3\n")  # the transformer's, above its max 2
     assert main(["manifests", "validate", "--manifests", str(tree), "--overlay", "dev"]) == 1
     out = capsys.readouterr().out
@@ -152,7 +162,7 @@ def test_cli_render_and_unknown_overlay(tree, capsys):
     assert "kind: InferenceService" in out and "namespace: lookalike" in out
     assert main(["manifests", "render", "--manifests", str(tree), "--overlay", "staging"]) == 1
     err = capsys.readouterr().err
-    assert "overlay 'staging' not found" in err and "dev, production" in err
+    assert "overlay 'staging' not found" in err and "dev, dev-pipelines, production" in err
 
 
 def test_schema_folder_from_environment(tree, tmp_path, monkeypatch):
