@@ -84,6 +84,8 @@ class RolloutState:
         }
 
     def describe(self) -> str:
+        if self.model_version == "unset":
+            return "no model chosen yet: deploy one with `lookalike rollout set --model-version V`"
         serving = f"model {self.model_version} index {self.index_version}"
         if self.phase == "canary":
             return (f"canary: {serving} takes {self.canary_percent}% of traffic; the last fully rolled-out "
@@ -196,7 +198,8 @@ def patch_document(state: RolloutState) -> dict[str, Any]:
 def read_state(overlay: str | Path, root: Path | None = None) -> RolloutState:
     path = rollout_file(overlay, root)
     if not path.is_file():
-        raise ManifestError(f"{path} is missing: every overlay needs one (copy manifests/overlays/dev/{ROLLOUT_FILE})")
+        raise ManifestError(f"{path} is missing: rollouts need an overlay that deploys the InferenceService and "
+                            f"patches it with a {ROLLOUT_FILE} (as manifests/overlays/dev does)")
     return RolloutState.from_isvc(yaml.safe_load(path.read_text()) or {})
 
 
