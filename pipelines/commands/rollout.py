@@ -57,8 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _version_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-version", required=True, help="a published model version (`lookalike store ls`)")
     parser.add_argument("--index-version", default="latest",
-                        help="an index version built for that model; `latest` (default) follows the newest "
-                             "one the update pipeline publishes, a pinned version never changes")
+                        help="an index version built for that model; `latest` (default): the newest one when "
+                             "each predictor pod starts; a pinned version never changes (a new index can be "
+                             "canaried with the same --model-version)")
 
 
 def _common(parser: argparse.ArgumentParser, apply_help: str | None = None) -> None:
