@@ -252,8 +252,12 @@ def merge_patch(isvc: dict[str, Any]) -> dict[str, Any]:
 
 def custom_objects_api(kubeconfig: str | None = None, context: str | None = None):
     """A CustomObjectsApi from a kubeconfig (or the in-cluster service account when there is none)."""
+    import logging
+
     from kubernetes import client, config
 
+    # Its retries of a refused connection would print one warning each; the final error says it all.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     try:
         if kubeconfig or context or not _in_cluster():
             api_client = config.new_client_from_config(config_file=kubeconfig, context=context)
@@ -283,8 +287,8 @@ def apply_patch(isvc: dict[str, Any], api=None, **api_kwargs: Any) -> dict[str, 
                                                   meta["name"], merge_patch(isvc))
     except ApiException as exc:
         raise RolloutError(_api_message(exc, f"patch InferenceService {meta.get('namespace')}/{meta['name']}")) from None
-    except OSError as exc:  # urllib3 wraps refusals in its own errors, which derive from OSError
-        raise RolloutError(f"cannot reach the cluster to patch {meta['name']}: {exc}") from None
+    except _unreachable() as exc:
+        raise RolloutError(f"cannot reach the cluster to patch {meta['name']}: {_reason(exc)}") from None
 
 
 def live_status(name: str, namespace: str, api=None, **api_kwargs: Any) -> dict[str, Any]:
@@ -296,8 +300,8 @@ def live_status(name: str, namespace: str, api=None, **api_kwargs: Any) -> dict[
         obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     except ApiException as exc:
         raise RolloutError(_api_message(exc, f"read InferenceService {namespace}/{name}")) from None
-    except OSError as exc:
-        raise RolloutError(f"cannot reach the cluster to read {name}: {exc}") from None
+    except _unreachable() as exc:
+        raise RolloutError(f"cannot reach the cluster to read {name}: {_reason(exc)}") from None
     status = obj.get("status") or {}
     predictor = (status.get("components") or {}).get("predictor") or {}
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
@@ -310,6 +314,17 @@ def live_status(name: str, namespace: str, api=None, **api_kwargs: Any) -> dict[
         "latest_ready_revision": predictor.get("latestReadyRevision"),
         "latest_created_revision": predictor.get("latestCreatedRevision"),
     }
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """Transport failures: refused or timed-out connections surface as urllib3 errors, not OSError."""
+    import urllib3
+
+    return (OSError, urllib3.exceptions.HTTPError)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", None) or exc)
 
 
 def _api_message(exc: Any, doing: str) -> str:

@@ -41,6 +41,9 @@ def test_transitions_forward_and_back():
     assert p.phase == "stable" and p.canary_percent is None and p.previous_model_version == "m1"
     after = ro.rollback(p)  # after a promote: roll the previous version out again, no split
     assert (after.model_version, after.canary_percent) == ("m1", None)
+    index_only = ro.canary(s, "m1", 10, "i9")  # a new index of the same model goes through a canary too
+    assert (index_only.index_version, index_only.previous_index_version) == ("i9", "i1")
+    assert ro.rollback(index_only).index_version == "i1"
 
 
 @pytest.mark.parametrize("step, message", [
@@ -242,3 +245,22 @@ def test_apply_error_is_one_clear_line(tree, cluster, capsys):
     assert run(tree, cluster, "set", "--model-version", "m1") == 1
     err = capsys.readouterr().err
     assert "HTTP 404" in err and "deploy the overlay first" in err and "Traceback" not in err
+
+
+def test_unreachable_cluster_is_one_clear_line_and_the_manifest_stays_written(tree, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a loopback port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    kubeconfig = tmp_path / "closed"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
+    assert run(tree, str(kubeconfig), "set", "--model-version", "m1") == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the cluster" in err and "The manifest is updated" in err and "Traceback" not in err
+    assert ro.read_state("dev", tree).model_version == "m1"
+

@@ -86,7 +86,11 @@ def _step(args: argparse.Namespace, transition) -> int:
         print(f"  {warning}")
     if args.apply:
         isvc = find_object(report.objects, "InferenceService", rollout.ISVC_NAME)
-        rollout.apply_patch(isvc, kubeconfig=args.kubeconfig, context=args.context)
+        try:
+            rollout.apply_patch(isvc, kubeconfig=args.kubeconfig, context=args.context)
+        except rollout.RolloutError as exc:
+            raise rollout.RolloutError(f"{exc}. The manifest is updated; apply it later with `kubectl apply -k` "
+                                       f"or this command again") from None
         meta = isvc["metadata"]
         print(f"patched InferenceService {meta.get('namespace')}/{meta['name']}; watch it with "
               f"`lookalike rollout status --live --overlay {args.overlay}`")
