@@ -188,3 +188,29 @@ def test_kustomize_failure_is_one_clear_error(tree):
     (tree / "base/serviceaccount.yaml").unlink()
     with pytest.raises(mc.ManifestError, match="kustomize could not render"):
         mc.render("dev", tree)
+
+
+@pytest.mark.parametrize("overlay", ["dev", "production"])
+def test_rendered_commands_are_accepted_by_the_real_entry_points(overlay, monkeypatch, tmp_path):
+    """The containers' args and env parse with the servers' own parsers (strictly: no unknown flag)."""
+    from predictor.__main__ import build_parser as predictor_parser
+    from transformer.__main__ import build_parser as transformer_parser
+
+    tree = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, tree, ignore=shutil.ignore_patterns("schemas"))
+    edit(tree / f"overlays/{overlay}/rollout.yaml", "model-version: unset", "model-version: m7")
+    edit(tree / f"overlays/{overlay}/rollout.yaml", "index-version: latest", "index-version: i3")
+    isvc = mc.find_object(mc.render(overlay, tree), "InferenceService", "lookalike")
+    parsers = {"predictor": predictor_parser, "transformer": transformer_parser}
+    parsed = {}
+    for component, build in parsers.items():
+        (container,) = isvc["spec"][component]["containers"]
+        assert container["command"] == ["python", "-m", component]
+        for name, value in mc.container_env(container).items():
+            if value is not None:
+                monkeypatch.setenv(name, value)
+        parsed[component] = build().parse_args(container["args"])
+    p, t = parsed["predictor"], parsed["transformer"]
+    assert (p.model_name, p.http_port, p.grpc_port) == ("lookalike", 8080, 8081)
+    assert (p.model_version, p.index_version, p.model_dir) == ("m7", "i3", "/mnt/models")
+    assert t.predictor_protocol == "grpc-v2" and t.predictor_host.endswith(".svc.cluster.local:80")
