@@ -214,3 +214,50 @@ def test_rendered_commands_are_accepted_by_the_real_entry_points(overlay, monkey
     assert (p.model_name, p.http_port, p.grpc_port) == ("lookalike", 8080, 8081)
     assert (p.model_version, p.index_version, p.model_dir) == ("m7", "i3", "/mnt/models")
     assert t.predictor_protocol == "grpc-v2" and t.predictor_host.endswith(".svc.cluster.local:80")
+
+
+# ----------------------------------------------------------------------------------------- images
+# Docker cannot run here: the Dockerfiles are parsed with Docker's own parser (the `dockerfile`
+# package wraps it), their shell steps are syntax-checked with `sh -n`, and their properties asserted.
+
+IMAGES = {  # Dockerfile -> (the extra it installs, the package folders it may copy, the command)
+    "transformer/Dockerfile": (".[transformer]", {"storage", "transformer"}, ["python", "-m", "transformer"]),
+    "predictor/Dockerfile": (".[predictor,gpu]", {"storage", "transformer", "training", "predictor"},
+                             ["python", "-m", "predictor"]),
+    "pipelines/Dockerfile": (".[pipelines]", {"storage", "transformer", "training", "predictor", "pipelines"},
+                             ["lookalike", "--help"]),
+}
+
+
+@pytest.mark.parametrize("path", sorted(IMAGES))
+def test_dockerfiles(path):
+    import subprocess
+
+    import dockerfile
+
+    extra, packages, command = IMAGES[path]
+    root = mc.repo_root()
+    steps = dockerfile.parse_file(str(root / path))
+    cmds = [s.cmd for s in steps]
+    # A pinned base (exact Python patch release), used by every stage.
+    assert cmds[0] == "ARG" and re.fullmatch(r"BASE_IMAGE=python:3\.11\.\d+-slim-bookworm", steps[0].value[0])
+    assert [s.value[0] for s in steps if s.cmd == "FROM"] == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+    final = steps[max(i for i, c in enumerate(cmds) if c == "FROM"):]
+    assert [s.value for s in final if s.cmd == "USER"] == [("10001:10001",)]  # non-root at run time
+    assert list(next(s for s in final if s.cmd == "CMD").value) == command
+    # Only what the unit needs is copied in, and .dockerignore admits exactly that.
+    admitted = {line[1:].strip("/") for line in (root / ".dockerignore").read_text().splitlines()
+                if line.startswith("!")}
+    sources = {v.strip("/") for s in steps if s.cmd == "COPY" and not any("--from" in f for f in s.flags)
+               for v in s.value[:-1]}
+    assert sources - {"pyproject.toml", "constraints.txt", "README.md"} == packages
+    assert sources <= admitted
+    runs = [s for s in steps if s.cmd == "RUN"]
+    assert any(f'"{extra}"' in " ".join(s.value) for s in runs), f"{path} does not install {extra}"
+    for run in runs:  # every shell step parses
+        proc = subprocess.run(["sh", "-n", "-c", " ".join(run.value)], capture_output=True, text=True)
+        assert proc.returncode == 0, (path, run.start_line, proc.stderr)
+    # No credentials baked in.
+    for s in steps:
+        if s.cmd in ("ENV", "ARG"):
+            assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", " ".join(s.value), re.I), (path, s.original)
