@@ -200,6 +200,26 @@ def validate_objects(objects: list[dict[str, Any]],
         else:
             problems += _validate_builtin(obj, kubernetes_version)
     problems += _check_references(objects)
+    problems += _check_bucket(objects)
+    return problems
+
+
+def _check_bucket(objects: list[dict[str, Any]]) -> list[Problem]:
+    """The bucket KServe downloads the model from is the bucket the project's code reads and writes."""
+    settings = {(o["metadata"].get("namespace"), (o.get("data") or {}).get("LOOKALIKE_S3_BUCKET"))
+                for o in objects if o.get("kind") == "ConfigMap" and o["metadata"].get("name") == "lookalike-settings"}
+    problems = []
+    for obj in objects:
+        if obj.get("kind") != "InferenceService":
+            continue
+        ns = obj["metadata"].get("namespace")
+        bucket = next((b for n, b in settings if n == ns and b), None)
+        for i, container in enumerate(_containers((obj.get("spec") or {}).get("predictor") or {})):
+            uri = str(container_env(container).get("STORAGE_URI") or "")
+            if bucket and uri.startswith("s3://") and uri[5:].split("/", 1)[0] != bucket:
+                problems.append(Problem("error", describe(obj), f"spec.predictor.containers[{i}].env[STORAGE_URI]",
+                                        f"{uri!r} is not in bucket {bucket!r}, the LOOKALIKE_S3_BUCKET of "
+                                        f"lookalike-settings: the model would come from another bucket"))
     return problems
 
 

@@ -117,6 +117,8 @@ BROKEN = [
     ("overlays/dev/minio-bucket-job.yaml", "key: LOOKALIKE_S3_BUCKET", "key: LOOKALIKE_BUCKET",
      "Job lookalike-dev/minio-create-bucket", "spec.template.spec.containers[0].env[1].valueFrom.configMapKeyRef",
      "has no key 'LOOKALIKE_BUCKET'"),
+    ("base/kustomization.yaml", "LOOKALIKE_S3_BUCKET=lookalike", "LOOKALIKE_S3_BUCKET=products",
+     ISVC_DEV, "spec.predictor.containers[0].env[STORAGE_URI]", "not in bucket 'products'"),
     # The overlay's replacements gone: the predictor would load another model than the rollout says.
     ("overlays/dev/kustomization.yaml", "replacements:", "unused_replacements:",
      None, None, None),
@@ -125,7 +127,7 @@ BROKEN = [
 
 @pytest.mark.parametrize("case", BROKEN, ids=["misspelled-isvc-field", "misspelled-builtin-field",
                                               "wrong-type-isvc", "wrong-type-builtin", "canary-150",
-                                              "missing-configmap-key", "rollout-not-applied"])
+                                              "missing-configmap-key", "other-bucket", "rollout-not-applied"])
 def test_broken_copies_are_caught(tree, case):
     rel, old, new, obj, field, words = case
     if rel == "overlays/dev/kustomization.yaml":
