@@ -10,7 +10,6 @@ e.g. /mnt/models filled by KServe's storage initializer).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -33,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "index/) instead of the store; checksums are verified [env LOOKALIKE_MODEL_DIR]")
     parser.add_argument("--backend", default=env("LOOKALIKE_BACKEND", "auto"), choices=["auto", "onnxruntime", "torch"],
                         help="auto: CUDA torch (half precision when it keeps results) on a GPU, ONNX Runtime on a CPU")
-    parser.add_argument("--max_batch", type=int, default=int(env("LOOKALIKE_MAX_BATCH", "8")),
-                        help="most images embedded together when requests arrive concurrently")
-    parser.add_argument("--no_batching", action="store_true", help="embed every request on its own")
+    parser.add_argument("--max_batch", type=int, default=int(env("LOOKALIKE_MAX_BATCH", "4")),
+                        help="most images embedded together when requests arrive concurrently (default 4)")
+    parser.add_argument("--batching", choices=["auto", "on", "off"], default=env("LOOKALIKE_BATCHING", "auto"),
+                        help="micro-batch concurrent requests: auto measures at start whether a batch of "
+                             "--max_batch embeds faster per image than one image, and batches only then")
     parser.add_argument("--max_images", type=int, default=64, help="most images per request (more: 413)")
     parser.add_argument("--refresh_seconds", type=float, default=float(env("LOOKALIKE_REFRESH_SECONDS", "0")),
                         help="poll the model/index aliases this often and swap when they move (0: only on "
@@ -46,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args, _ = build_parser().parse_known_args(argv)
     from predictor.server import LookalikePredictor, PredictorSettings, ReloadingRepository
+    from transformer.metrics import configure_logging
     from transformer.protocol import ModelServer
 
-    logging.getLogger("lookalike.requests").setLevel(logging.INFO)
+    configure_logging()
     settings = PredictorSettings(model_ref=args.model_version, index_ref=args.index_version, model_dir=args.model_dir,
-                                 backend=args.backend, max_batch=args.max_batch, batching=not args.no_batching,
+                                 backend=args.backend, max_batch=args.max_batch, batching=args.batching,
                                  max_images=args.max_images, refresh_seconds=args.refresh_seconds)
     model = LookalikePredictor(args.model_name, settings)
     try:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,26 @@ class Embedder:
                     {t: np.zeros((0, len(self.heads[t])), np.float32) for t in self.tasks})
         embedding, probs = self._run(images)
         return embedding, probs
+
+    def batch_gain(self, batch: int, seconds: float = 0.3) -> float:
+        """Images/s at `batch` divided by images/s one image at a time, measured now on random input.
+
+        Decides whether micro-batching pays on this machine: on a GPU it does by far, on a small CPU it
+        may not (the per-image cost stays flat or grows with the batch).
+        """
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch, *self.input_shape), dtype=np.float32)
+        self.embed(x)  # warm up both shapes before timing
+        self.embed(x[:1])
+        rates = {}
+        for _ in range(2):  # alternate, so a burst of load elsewhere hits both sides
+            for b in (1, batch):
+                start, n = time.perf_counter(), 0
+                while time.perf_counter() - start < seconds / 4:
+                    self.embed(x[:b])
+                    n += b
+                rates.setdefault(b, []).append(n / (time.perf_counter() - start))
+        return float(np.median(rates[batch]) / np.median(rates[1]))
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
@@ -128,6 +149,10 @@ def _onnx_runner(model_dir: Path, meta: dict[str, Any], threads: int | None):
     options.intra_op_num_threads = threads or int(os.environ.get("LOOKALIKE_ORT_THREADS", 0)) or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if os.environ.get("LOOKALIKE_ORT_SPIN", "0") != "1":
+        # Idle intra-op threads spin by default; on a shared CPU (the transformer beside us, other pods)
+        # the spinning steals the cores the next batch needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"])
     input_name = meta.get("onnx", {}).get("input", "images")
     tasks = list(meta["heads"])

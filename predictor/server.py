@@ -18,6 +18,7 @@ started with move (polled every `refresh_seconds`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
 MAX_TOP_K = 1000
+BATCH_GAIN_MIN = 1.15  # micro-batching must buy at least this much throughput to be worth the queue
 
 
 @dataclass
@@ -48,8 +50,8 @@ class PredictorSettings:
     index_ref: str = "latest"  # an index version of that model, an alias, or "latest"
     model_dir: str | None = None  # a local folder (e.g. /mnt/models) instead of the store
     backend: str = "auto"  # auto | onnxruntime | torch
-    max_batch: int = 8  # images per embedding batch (micro-batching)
-    batching: bool = True
+    max_batch: int = 4  # images per embedding batch (micro-batching)
+    batching: str = "auto"  # on | off | auto: on when a batch of max_batch embeds faster per image (measured)
     max_images: int = 64  # per request
     refresh_seconds: float = 0.0  # poll the aliases and swap when they move; 0 = only on request
 
@@ -76,13 +78,22 @@ class LookalikePredictor(kserve.Model):
         """Load the pair and become ready; when already serving, load the pair again and swap if it moved."""
         if self.service is None:
             pair = self._load_pair()
-            self.service = SearchService(pair, max_batch=self.settings.max_batch, batching=self.settings.batching,
+            self.service = SearchService(pair, max_batch=self.settings.max_batch, batching=self._batching_pays(pair),
                                          on_batch=lambda n: observe_batch("predictor", n))
             log.info("serving %r as %s", self.name, pair)
             self.ready = True
         else:
             self.service.reload(self._load_pair)
         return self.ready
+
+    def _batching_pays(self, pair: ServingPair) -> bool:
+        mode, size = self.settings.batching, self.settings.max_batch
+        if mode in ("on", "off") or size <= 1:
+            return mode == "on" and size > 1
+        gain = pair.embedder.batch_gain(size)
+        log.info("micro-batching: %d images per batch embed %.2fx as fast per image as one at a time -> %s",
+                 size, gain, "on" if gain >= BATCH_GAIN_MIN else "off")
+        return gain >= BATCH_GAIN_MIN
 
     def start(self) -> None:
         # kserve's default start() would mark the model ready; readiness here means "pair loaded".
@@ -145,8 +156,12 @@ class LookalikePredictor(kserve.Model):
                 filters = parse_filters(params, pair.embedder.tasks)
             except ValueError as exc:
                 raise BadInput(str(exc)) from exc
-            future = self.service.submit(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair)
-            matches: Matches = await asyncio.wrap_future(future)
+            if self.service.batcher is not None:
+                future = self.service.submit(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair)
+                matches: Matches = await asyncio.wrap_future(future)
+            else:  # concurrent requests run side by side in the executor's threads
+                matches = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                    self.service.search, images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair))
             for stage, seconds in matches.timings.items():
                 trace.add(stage, seconds)
             response = self._response(rid, payload, matches)

@@ -162,7 +162,7 @@ def stack(pair, tmp_path_factory):
     from pipelines.commands.serve import ServingStack
 
     stack = ServingStack(_server_env(pair), log_dir=tmp_path_factory.mktemp("logs"),
-                         predictor_timeout_s=PREDICTOR_TIMEOUT_S,
+                         predictor_timeout_s=PREDICTOR_TIMEOUT_S, predictor_args=["--batching", "on"],
                          transformer_args=["--max_images", str(MAX_IMAGES), "--max_image_bytes", str(MAX_IMAGE_BYTES)])
     try:
         stack.start()
@@ -493,6 +493,41 @@ def test_predictor_slow_is_504_and_down_is_503(stack, pair, tmp_path):
             assert "not reachable" in response.json()["error"]
     finally:
         lonely.stop()
+
+
+# ---- the in-process service: micro-batching and swapping ------------------------------------------
+
+@pytest.mark.slow
+def test_micro_batched_answers_equal_direct_ones_and_survive_a_swap(pair):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from predictor.service import SearchService, ServingPair
+
+    first = ServingPair.from_store(pair["store"], "production", pair["index_version"])
+    service = SearchService(first, max_batch=4, batching=True)
+    spec = PreprocessSpec.from_dict(first.embedder.meta["preprocessing"])
+    rows = pair["catalog"].rows[:12]
+    batches = [preprocess_batch([decode_image(pair["photos"][r.listing_id])], spec) for r in rows]
+    direct = [service.search(b, top_k=3) for b in batches]
+    sizes = []
+    service.batcher.on_batch = sizes.append
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [service.submit(b, top_k=3) for b in batches]  # queued together: batched
+            second = ServingPair.from_store(pair["store"], "production", pair["index_version"])
+            swap = pool.submit(service.swap, second)
+            later = [pool.submit(lambda b=b: service.submit(b, top_k=3).result()) for b in batches]
+            got = [f.result(timeout=60) for f in futures]
+            got_later = [f.result(timeout=60) for f in later]
+            swap.result()
+    finally:
+        service.close()
+    for want, have, after, row in zip(direct, got, got_later, rows):
+        assert have.listing_ids == want.listing_ids == after.listing_ids and have.listing_ids[0][0] == row.listing_id
+        assert np.allclose(have.scores, want.scores, atol=1e-5)
+        assert have.labels == want.labels
+    assert max(sizes) > 1 and sum(sizes) == 2 * len(rows)  # some requests really shared a batch
+    assert service.pair is second and service.swaps == 1
 
 
 # ---- swapping the index under load -----------------------------------------------------------------

@@ -6,7 +6,6 @@ LOOKALIKE_S3_*, or --model_dir), and calls the predictor over gRPC v2.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -48,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from transformer.decoding import ImageLimits
+    from transformer.metrics import configure_logging
     from transformer.protocol import ModelServer
     from transformer.server import LookalikeTransformer, TransformerSettings
 
-    logging.getLogger("lookalike.requests").setLevel(logging.INFO)
+    configure_logging()
     catalogs = list(args.catalog) + [c for c in os.environ.get("LOOKALIKE_CATALOG", "").split(",") if c]
     limits = ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_images=args.max_images)
     settings = TransformerSettings(model_ref=args.model_version, model_dir=args.model_dir, limits=limits,

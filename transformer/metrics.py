@@ -77,3 +77,24 @@ class RequestTrace:
 
 def observe_batch(unit: str, size: int) -> None:
     BATCH_IMAGES.labels(unit).observe(size)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Request lines as bare JSON on stdout; the project's other loggers in kserve's style.
+
+    kserve configures only its own and uvicorn's loggers, so without this our INFO lines would vanish.
+    """
+    import sys
+
+    requests = logging.StreamHandler(sys.stdout)
+    requests.setFormatter(logging.Formatter("%(message)s"))
+    request_log.handlers[:] = [requests]
+    request_log.setLevel(level)
+    request_log.propagate = False
+    plain = logging.StreamHandler(sys.stderr)
+    plain.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+    for name in ("predictor", "transformer", "storage"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [plain]
+        logger.setLevel(level)
+        logger.propagate = False

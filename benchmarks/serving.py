@@ -1,0 +1,263 @@
+"""Serving latency and throughput: in process vs through the transformer and predictor (REST and gRPC).
+
+In one run, on one published model and index (built here in a private embedded S3 server), with the same photos:
+
+  (a) in process: decode + preprocess + embed + search called directly, one photo at a time (baseline)
+  (b) through both servers over REST (binary tensors), one client, one photo at a time
+  (c) the same over gRPC
+  (d) 8 concurrent gRPC clients for 20 s: images/s and the error count
+  (e) micro-batching, in process: 8 threads with and without the batcher
+
+and prints p50/p99 latency and images/s for each, then the ratios. The last line reads
+`serving: p50 served=<ms> in_process=<ms> ratio=<r> errors=<n>` (served = gRPC).
+
+    python benchmarks/serving.py [--catalog-size 2000] [--size 224] [--duration 20] [--clients 8]
+
+The model is tf_efficientnet_lite0 with its packaged ImageNet weights (untrained heads: speed does not
+depend on what the weights learned). Photos are catalog images upscaled to 320 px and JPEG-encoded, as a
+phone upload would arrive.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODEL = "lookalike"
+
+
+def percentiles(samples_s: list[float]) -> tuple[float, float]:
+    arr = np.asarray(samples_s) * 1000
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def report(name: str, samples_s: list[float], wall_s: float, images: int) -> dict:
+    p50, p99 = percentiles(samples_s)
+    ips = images / wall_s
+    print(f"{name:<34} p50 {p50:7.2f} ms   p99 {p99:7.2f} ms   {ips:7.1f} images/s   ({images} requests)", flush=True)
+    return {"p50": p50, "p99": p99, "ips": ips}
+
+
+def build_pair(store, catalog_size: int, size: int) -> tuple[str, str, list]:
+    from predictor.embedder import Embedder
+    from predictor.index import VectorIndex
+    from storage.artifacts import model_repo
+    from training.catalog import Catalog
+    from training.export import export_model, publish_model
+    from training.importers import import_fashion_mnist
+    from training.model import ModelConfig, create_model
+    from transformer.decoding import decode_image
+    from transformer.preprocessing import PreprocessSpec, preprocess_batch
+
+    uri = import_fashion_mnist(store, split_names=("train",), limit=catalog_size, progress=False)["train"]
+    catalog = Catalog.open(uri, store)
+    tasks = catalog.tasks()
+    config = ModelConfig(embedding_dim=128, heads={t: tasks[t] for t in ("category", "fine_category")},
+                         preprocessing=PreprocessSpec(size=size, resize=round(size * 256 / 224)))
+    with tempfile.TemporaryDirectory() as out:
+        export_model(create_model(config), config, out, lineage={"catalog": uri})
+        model_version = publish_model(store, out, alias="production")
+    embedder = Embedder.load(model_repo(store).fetch(model_version))
+    spec = PreprocessSpec.from_dict(embedder.meta["preprocessing"])
+    photos = [catalog.image_bytes(r) for r in catalog.rows]
+    vectors = []
+    from tqdm import tqdm
+
+    for i in tqdm(range(0, len(photos), 32), desc="embed catalog", file=sys.stdout):
+        batch = preprocess_batch([decode_image(p) for p in photos[i:i + 32]], spec)
+        vectors.append(embedder.embed(batch)[0])
+    rows = catalog.rows
+    labels = {t: [r.labels.get(t) for r in rows] for t in tasks}
+    index = VectorIndex.build(np.concatenate(vectors), [r.listing_id for r in rows], labels=labels,
+                              model_version=model_version)
+    index_version = index.publish(store)
+    print(f"published model {model_version} ({size} px) and index {index_version} ({index!r})", flush=True)
+    return model_version, index_version, photos
+
+
+def phone_photos(catalog_photos: list[bytes], n: int = 16) -> list[bytes]:
+    from PIL import Image
+
+    out = []
+    for data in catalog_photos[:n]:
+        img = Image.open(io.BytesIO(data)).convert("RGB").resize((320, 320), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def in_process(store, photos: list[bytes], n: int, batching: bool = False):
+    from predictor.service import SearchService, ServingPair
+    from transformer.decoding import decode_image
+    from transformer.preprocessing import PreprocessSpec, preprocess_batch
+
+    pair = ServingPair.from_store(store, "production", "latest")
+    service = SearchService(pair, batching=batching)
+    spec = PreprocessSpec.from_dict(pair.embedder.meta["preprocessing"])
+
+    def one(photo: bytes):
+        return service.search(preprocess_batch([decode_image(photo)], spec), top_k=10)
+
+    return service, spec, one
+
+
+def timed_sequential(call, photos: list[bytes], n: int, warmup: int = 20) -> tuple[list[float], float]:
+    for i in range(warmup):
+        call(photos[i % len(photos)])
+    samples = []
+    start = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        call(photos[i % len(photos)])
+        samples.append(time.perf_counter() - t)
+    return samples, time.perf_counter() - start
+
+
+def concurrent(make_call, photos: list[bytes], clients: int, duration_s: float) -> tuple[list[float], float, int, int]:
+    samples: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(k: int) -> None:
+        call = make_call()
+        i = k
+        local, bad = [], 0
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                call(photos[i % len(photos)])
+                local.append(time.perf_counter() - t)
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                bad += 1
+            i += clients
+        with lock:
+            samples.extend(local)
+            errors[0] += bad
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(duration_s)
+    stop.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return samples, wall, len(samples), errors[0]
+
+
+def rest_call(url: str):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"), connection_timeout=30, network_timeout=30)
+
+    def call(photo: bytes):
+        tensor = httpclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([photo], dtype=object), binary_data=True)
+        return client.infer(MODEL, [tensor], parameters={"top_k": 10})
+
+    return call
+
+
+def grpc_call(url: str):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+
+    def call(photo: bytes):
+        tensor = grpcclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([photo], dtype=object))
+        return client.infer(MODEL, [tensor], parameters={"top_k": 10}, client_timeout=30)
+
+    return call
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--catalog-size", type=int, default=2000, help="listings in the index (default 2000)")
+    parser.add_argument("--size", type=int, default=224, help="model input size in px (default 224)")
+    parser.add_argument("--requests", type=int, default=200, help="sequential requests per mode (default 200)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of the concurrent run (default 20)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    args = parser.parse_args()
+
+    from pipelines.commands.serve import ServingStack
+    from storage.s3 import ObjectStore
+    from storage.server import EmbeddedS3Server
+
+    cores = os.cpu_count() or 1
+    workdir = Path(tempfile.mkdtemp(prefix="lookalike-bench-"))
+    os.environ.setdefault("LOOKALIKE_CACHE", str(workdir / "cache"))
+    s3 = EmbeddedS3Server(workdir / "s3" / "data")
+    settings = s3.start()
+    os.environ.update(settings.to_env())
+    store = ObjectStore(settings)
+    stack = None
+    try:
+        print(f"building a pair: {args.catalog_size} Fashion-MNIST listings, tf_efficientnet_lite0 at {args.size} px",
+              flush=True)
+        _, _, catalog_photos = build_pair(store, args.catalog_size, args.size)
+        photos = phone_photos(catalog_photos)
+
+        print(f"\n(a) in process, one photo at a time ({cores} cores)")
+        service, _, one = in_process(store, photos, args.requests)
+        samples, wall = timed_sequential(one, photos, args.requests)
+        base = report("in process (decode..search)", samples, wall, args.requests)
+
+        stack = ServingStack(dict(os.environ), log_dir=workdir / "logs")
+        stack.start()
+        print(f"\nservers up: {stack.endpoints}")
+        print("\n(b), (c) through transformer + predictor, one client")
+        samples, wall = timed_sequential(rest_call(stack.endpoints["transformer_rest"]), photos, args.requests)
+        rest = report("REST (binary tensors)", samples, wall, args.requests)
+        samples, wall = timed_sequential(grpc_call(stack.endpoints["transformer_grpc"]), photos, args.requests)
+        grpc_r = report("gRPC", samples, wall, args.requests)
+
+        print(f"\n(d) {args.clients} concurrent gRPC clients for {args.duration:g} s")
+        url = stack.endpoints["transformer_grpc"]
+        samples, wall, done, errors = concurrent(lambda: grpc_call(url), photos, args.clients, args.duration)
+        load = report(f"gRPC x{args.clients} clients", samples, wall, done)
+        print(f"{'':<34} errors: {errors}")
+
+        print(f"\n(e) micro-batching in process, {args.clients} threads for 5 s each")
+        for batching in (False, True):
+            svc, spec, call = in_process(store, photos, 0, batching=batching)
+            from transformer.decoding import decode_image
+            from transformer.preprocessing import preprocess_batch
+
+            def submit(photo, svc=svc, spec=spec):
+                return svc.submit(preprocess_batch([decode_image(photo)], spec), top_k=10).result()
+
+            s, w, d, e = concurrent(lambda: submit, photos, args.clients, 5.0)
+            report(f"batcher {'on ' if batching else 'off'} x{args.clients} threads", s, w, d)
+            svc.close()
+
+        print("\nratios")
+        print(f"  REST p50 / in-process p50 = {rest['p50'] / base['p50']:.2f}")
+        print(f"  gRPC p50 / in-process p50 = {grpc_r['p50'] / base['p50']:.2f}   (target <= 1.3)")
+        single = 1000.0 / grpc_r["p50"]
+        print(f"  {args.clients}-client throughput / (one client x {cores} cores) = "
+              f"{load['ips']:.1f} / {single * cores:.1f} = {load['ips'] / (single * cores):.2f}   (target >= 1)")
+        print(f"serving: p50 served={grpc_r['p50']:.2f} in_process={base['p50']:.2f} "
+              f"ratio={grpc_r['p50'] / base['p50']:.2f} errors={errors}")
+    finally:
+        if stack is not None:
+            stack.stop()
+        if s3 is not None:
+            s3.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
