@@ -28,24 +28,24 @@ def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_
                     catalog: Output[Dataset], train_set: Output[Dataset], eval_set: Output[Dataset],
                     report: Output[Markdown]):
     """Validate the catalog, reporting every bad row, and hold out an evaluation set."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    steps.run_step("prepare catalog", steps.prepare_catalog, catalog_uri=catalog_uri,
+    work.run_step("prepare catalog", work.prepare_catalog, catalog_uri=catalog_uri,
                    holdout_fraction=holdout_fraction, seed=seed, check_images=check_images,
                    catalog=catalog, train_set=train_set, eval_set=eval_set, report=report)
 
 
 @component
-def train_model(train_set: Input[Dataset], eval_set: Input[Dataset], architecture: str, image_size: int,
-                embedding_dim: int, trainable_blocks: int, epochs: float, batch_size: int,
+def train_model(train_set: Input[Dataset], architecture: str, image_size: int,
+                embedding_dim: int, trainable_blocks: int, steps: int, samples_per_task: int,
                 learning_rate: float, train_options: dict, seed: int, device: str,
                 model: Output[Model], metrics: Output[Metrics]):
     """Fine-tune the pretrained backbone with one head per label set; export the model folder."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    steps.run_step("train", steps.train_model, train_set=train_set, eval_set=eval_set,
+    work.run_step("train", work.train_model, train_set=train_set,
                    architecture=architecture, image_size=image_size, embedding_dim=embedding_dim,
-                   trainable_blocks=trainable_blocks, epochs=epochs, batch_size=batch_size,
+                   trainable_blocks=trainable_blocks, steps=steps, samples_per_task=samples_per_task,
                    learning_rate=learning_rate, train_options=train_options, seed=seed, device=device,
                    model=model, metrics=metrics)
 
@@ -60,9 +60,9 @@ def evaluate_model(model: Input[Model], eval_set: Input[Dataset], catalog: Input
                    shade_confusion: Output[ClassificationMetrics]):
     """Per-head accuracy, retrieval recall@k on held-out items (catalog and simulated phone photos),
     beside the ImageNet-pretrained baseline; an HTML report with the plots."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    steps.run_step("evaluate model", steps.evaluate_model, model=model, eval_set=eval_set, catalog=catalog,
+    work.run_step("evaluate model", work.evaluate_model, model=model, eval_set=eval_set, catalog=catalog,
                    phone_queries=phone_queries, seed=seed, metrics=metrics, report=report,
                    confusion={"category": category_confusion, "fine_category": fine_category_confusion,
                               "color": color_confusion, "material": material_confusion,
@@ -76,9 +76,9 @@ def check_model_gates(model: Input[Model], metrics: Input[Metrics], eval_set: In
                       verdict: Output[Markdown]):
     """Fail the run unless the model meets every gate and is not worse than `compare_to` by more than
     `max_regression`, measured on the same held-out items."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    steps.run_step("model gates", steps.check_model_gates, model=model, metrics=metrics, eval_set=eval_set,
+    work.run_step("model gates", work.check_model_gates, model=model, metrics=metrics, eval_set=eval_set,
                    catalog=catalog, min_recall_at_10=min_recall_at_10, min_head_accuracy=min_head_accuracy,
                    max_regression=max_regression, compare_to=compare_to, phone_queries=phone_queries,
                    seed=seed, verdict=verdict)
@@ -88,38 +88,40 @@ def check_model_gates(model: Input[Model], metrics: Input[Metrics], eval_set: In
 def publish_model(model: Input[Model], evaluation: Input[Metrics], report: Input[HTML], alias: str) -> str:
     """Publish the model folder, with its evaluation and report, as a new version (whole or not at all);
     point `alias` at it."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    return steps.run_step("publish model", steps.publish_model, model=model, evaluation=evaluation, report=report,
+    return work.run_step("publish model", work.publish_model, model=model, evaluation=evaluation, report=report,
                           alias=alias)
 
 
 @component
 def fetch_model(model_ref: str, model: Output[Model]):
     """Download a published model version (a version, an alias or `latest`), checked against its manifest."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    steps.run_step("fetch model", steps.fetch_model, model_ref=model_ref, model=model)
+    work.run_step("fetch model", work.fetch_model, model_ref=model_ref, model=model)
 
 
 @component
 def embed_catalog(model: Input[Model], catalog: Input[Dataset], batch_size: int, device: str,
                   embeddings: Output[Dataset]):
     """Embed every catalog image with the model, through the serving preprocessing."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    steps.run_step("embed catalog", steps.embed_catalog, model=model, catalog=catalog, batch_size=batch_size,
+    work.run_step("embed catalog", work.embed_catalog, model=model, catalog=catalog, batch_size=batch_size,
                    device=device, embeddings=embeddings)
 
 
 @component
-def build_index(embeddings: Input[Dataset], model: Input[Model], nlist: int, nprobe: int, device: str,
-                index: Output[Model], metrics: Output[Metrics]):
-    """Train the IVF centroids, add every vector with its listing id, measure recall against exact search."""
-    from pipelines import steps
+def build_index(embeddings: Input[Dataset], model: Input[Model], index_factory: str, min_index_recall: float,
+                seed: int, device: str, index: Output[Model], metrics: Output[Metrics]):
+    """Train the IVF centroids, add every vector with its listing id, tune nprobe until the index finds
+    what exact search finds (recall@10 >= min_index_recall)."""
+    from pipelines import steps as work
 
-    steps.run_step("build index", steps.build_index, embeddings=embeddings, model=model, nlist=nlist,
-                   nprobe=nprobe, device=device, index=index, metrics=metrics)
+    work.run_step("build index", work.build_index, embeddings=embeddings, model=model,
+                   index_factory=index_factory, min_index_recall=min_index_recall, seed=seed, device=device,
+                   index=index, metrics=metrics)
 
 
 @component
@@ -127,9 +129,9 @@ def evaluate_index(index: Input[Model], model: Input[Model], queries: Input[Data
                    seed: int, metrics: Output[Metrics], report: Output[Markdown]):
     """Search the index with simulated phone photos of listings in `queries` (held-out items when there
     was training): recall@k of the exact listing, through the serving preprocessing."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    steps.run_step("evaluate index", steps.evaluate_index, index=index, model=model, queries=queries,
+    work.run_step("evaluate index", work.evaluate_index, index=index, model=model, queries=queries,
                    phone_queries=phone_queries, seed=seed, metrics=metrics, report=report)
 
 
@@ -137,9 +139,9 @@ def evaluate_index(index: Input[Model], model: Input[Model], queries: Input[Data
 def check_index_gates(build_metrics: Input[Metrics], search_metrics: Input[Metrics], min_index_recall: float,
                       min_recall_at_10: float, verdict: Output[Markdown]):
     """Fail the run unless the IVF index finds what exact search finds, and the search itself works."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    steps.run_step("index gates", steps.check_index_gates, build_metrics=build_metrics,
+    work.run_step("index gates", work.check_index_gates, build_metrics=build_metrics,
                    search_metrics=search_metrics, min_index_recall=min_index_recall,
                    min_recall_at_10=min_recall_at_10, verdict=verdict)
 
@@ -147,18 +149,17 @@ def check_index_gates(build_metrics: Input[Metrics], search_metrics: Input[Metri
 @component
 def publish_index(index: Input[Model], alias: str) -> str:
     """Publish the index as a new version under the model version it was built with; point `alias` at it."""
-    from pipelines import steps
+    from pipelines import steps as work
 
-    return steps.run_step("publish index", steps.publish_index, index=index, alias=alias)
+    return work.run_step("publish index", work.publish_index, index=index, alias=alias)
 
 
 @component
 def update_index(model: Input[Model], embeddings: Input[Dataset], index_ref: str, delisted_uri: str,
-                 rebuild_drift: float, index: Output[Model], metrics: Output[Metrics]):
-    """Add new listings to the published index without retraining it and remove delisted ids;
-    re-cluster from scratch when the index has drifted past `rebuild_drift`."""
-    from pipelines import steps
+                 index: Output[Model], metrics: Output[Metrics]):
+    """Add new listings to the published index without retraining its centroids and remove delisted
+    ids; report drift (a due rebuild is the index pipeline's job)."""
+    from pipelines import steps as work
 
-    steps.run_step("update index", steps.update_index, model=model, embeddings=embeddings,
-                   index_ref=index_ref, delisted_uri=delisted_uri, rebuild_drift=rebuild_drift,
-                   index=index, metrics=metrics)
+    work.run_step("update index", work.update_index, model=model, embeddings=embeddings,
+                   index_ref=index_ref, delisted_uri=delisted_uri, index=index, metrics=metrics)

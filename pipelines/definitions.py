@@ -8,7 +8,8 @@ machine with `kfp.local` (`pipelines.local`).
     train             prepare → train (GPU) → evaluate → model gates → publish model
     index             fetch model, prepare → embed (GPU) → build (GPU) → evaluate → index gates → publish index
     update            fetch model, prepare new listings → embed (GPU) → add/remove in the published
-                      index (re-cluster past a drift threshold) → evaluate → index gates → publish index
+                      index without re-clustering (drift is reported) → evaluate → index gates → publish
+                      index; schedule `index` too (e.g. weekly) for the full rebuild that re-clusters
     train-and-index   train and index in one run; the model and its index are published together at
                       the end, only when both pass their gates
 
@@ -53,12 +54,12 @@ def _prepare(pool: _Pool, catalog_uri, holdout_fraction, seed, check_images, nam
 
 
 def _train_and_gate(pool: _Pool, prepared, *, architecture, image_size, embedding_dim, trainable_blocks,
-                    epochs, batch_size, learning_rate, train_options, seed, device, phone_queries,
+                    steps, samples_per_task, learning_rate, train_options, seed, device, phone_queries,
                     min_recall_at_10, min_head_accuracy, max_regression, compare_to):
     sets = prepared.outputs
-    train = c.train_model(train_set=sets["train_set"], eval_set=sets["eval_set"], architecture=architecture,
+    train = c.train_model(train_set=sets["train_set"], architecture=architecture,
                           image_size=image_size, embedding_dim=embedding_dim, trainable_blocks=trainable_blocks,
-                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                          steps=steps, samples_per_task=samples_per_task, learning_rate=learning_rate,
                           train_options=train_options, seed=seed, device=device)
     train = transient(pure(pool.gpu(train, "train (GPU)")), retries=1)
     evaluate = c.evaluate_model(model=train.outputs["model"], eval_set=sets["eval_set"],
@@ -74,14 +75,14 @@ def _train_and_gate(pool: _Pool, prepared, *, architecture, image_size, embeddin
     return train, evaluate, gates
 
 
-def _index_and_gate(pool: _Pool, model, catalog, queries, *, batch_size, nlist, nprobe, device, phone_queries,
+def _index_and_gate(pool: _Pool, model, catalog, queries, *, batch_size, index_factory, device, phone_queries,
                     seed, min_index_recall, min_recall_at_10, after=()):
     embed = c.embed_catalog(model=model, catalog=catalog, batch_size=batch_size, device=device)
     embed = transient(pure(pool.gpu(embed, "embed catalog (GPU)")), retries=1)
     if after:
         embed.after(*after)
-    build = c.build_index(embeddings=embed.outputs["embeddings"], model=model, nlist=nlist, nprobe=nprobe,
-                          device=device)
+    build = c.build_index(embeddings=embed.outputs["embeddings"], model=model, index_factory=index_factory,
+                          min_index_recall=min_index_recall, seed=seed, device=device)
     build = transient(pure(pool.gpu(build, "build index (GPU)")), retries=1)
     evaluate = c.evaluate_index(index=build.outputs["index"], model=model, queries=queries,
                                 phone_queries=phone_queries, seed=seed)
@@ -113,12 +114,12 @@ def train_pipeline(
     seed: int = 0,
     check_images: bool = True,
     architecture: str = DEFAULT_ARCHITECTURE,
-    image_size: int = 224,
+    image_size: int = 112,
     embedding_dim: int = 128,
     trainable_blocks: int = 2,
-    epochs: float = 3.0,
-    batch_size: int = 64,
-    learning_rate: float = 1e-3,
+    steps: int = 1200,
+    samples_per_task: int = 16,
+    learning_rate: float = 2e-3,
     train_options: dict = {},
     phone_queries: int = 500,
     min_recall_at_10: float = 0.5,
@@ -142,8 +143,8 @@ def train_pipeline(
         image_size: input side in pixels the model sees (its preprocessing spec).
         embedding_dim: dimension of the shared embedding (the index's vector size).
         trainable_blocks: final backbone stages fine-tuned; the earlier ones stay frozen (-1: all).
-        epochs: passes over the training rows (fractions allowed).
-        batch_size: images per training step.
+        steps: optimiser steps.
+        samples_per_task: rows of every task in each balanced batch.
         learning_rate: peak learning rate.
         train_options: any other training setting by name (see training/train.py), e.g. {"max_steps": 100}.
         phone_queries: simulated phone photos of held-out listings used to measure recall@k.
@@ -161,7 +162,7 @@ def train_pipeline(
     prepared = _prepare(pool, catalog_uri, holdout_fraction, seed, check_images)
     train, evaluate, gates = _train_and_gate(
         pool, prepared, architecture=architecture, image_size=image_size, embedding_dim=embedding_dim,
-        trainable_blocks=trainable_blocks, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        trainable_blocks=trainable_blocks, steps=steps, samples_per_task=samples_per_task, learning_rate=learning_rate,
         train_options=train_options, seed=seed, device=device, phone_queries=phone_queries,
         min_recall_at_10=min_recall_at_10, min_head_accuracy=min_head_accuracy,
         max_regression=max_regression, compare_to=compare_to)
@@ -176,8 +177,7 @@ def index_pipeline(
     model_ref: str = "production",
     check_images: bool = False,
     batch_size: int = 64,
-    nlist: int = 0,
-    nprobe: int = 0,
+    index_factory: str = "",
     phone_queries: int = 500,
     seed: int = 0,
     min_index_recall: float = 0.9,
@@ -195,11 +195,10 @@ def index_pipeline(
         model_ref: published model to embed with: a version, an alias (production) or latest.
         check_images: decode every image while validating the catalog (embedding decodes them anyway).
         batch_size: images per embedding batch.
-        nlist: IVF cells (0: chosen from the catalog size).
-        nprobe: cells searched per query by default (0: the smallest that reaches min_index_recall).
+        index_factory: FAISS factory string ("": IVF-Flat with the lists chosen from the catalog size; "Flat": exact).
         phone_queries: simulated phone photos of catalog listings used to measure recall@k.
         seed: seed of the simulated phone photos.
-        min_index_recall: gate: recall@10 of the IVF index against exact search must reach this.
+        min_index_recall: gate: recall@10 of the IVF index against exact search must reach this (nprobe is tuned for it).
         min_recall_at_10: gate: phone-photo recall@10 of the exact listing must reach this.
         publish_alias: alias pointed at the new index version once published ("" for none).
         device: auto, cpu or cuda for embedding and building (cuda fails on a machine without a GPU).
@@ -212,7 +211,7 @@ def index_pipeline(
     prepared = _prepare(pool, catalog_uri, 0.0, seed, check_images)
     build, gates = _index_and_gate(
         pool, model.outputs["model"], prepared.outputs["catalog"], prepared.outputs["catalog"],
-        batch_size=batch_size, nlist=nlist, nprobe=nprobe, device=device, phone_queries=phone_queries,
+        batch_size=batch_size, index_factory=index_factory, device=device, phone_queries=phone_queries,
         seed=seed, min_index_recall=min_index_recall, min_recall_at_10=min_recall_at_10)
     publish = _publish_index(pool, build.outputs["index"], publish_alias, [gates])
     return publish.output
@@ -225,7 +224,6 @@ def update_pipeline(
     delisted_uri: str = "",
     model_ref: str = "production",
     index_ref: str = "production",
-    rebuild_drift: float = 0.25,
     check_images: bool = True,
     batch_size: int = 64,
     phone_queries: int = 200,
@@ -245,12 +243,11 @@ def update_pipeline(
         delisted_uri: s3:// URI (or path) of listing ids to remove, one per line ("" for none).
         model_ref: the published model the index was built with: a version, an alias or latest.
         index_ref: the published index to update: a version, an alias or latest (of that model).
-        rebuild_drift: re-cluster from scratch when the IVF cells have drifted past this (index.drift()).
         check_images: decode every new image while validating the new listings.
         batch_size: images per embedding batch.
         phone_queries: simulated phone photos of new listings used to measure recall@k.
         seed: seed of the simulated phone photos.
-        min_index_recall: gate: recall@10 of the IVF index against exact search must reach this.
+        min_index_recall: gate: recall@10 of the IVF index against exact search must reach this (nprobe is tuned for it).
         min_recall_at_10: gate: phone-photo recall@10 of the exact new listing must reach this.
         publish_alias: alias pointed at the new index version once published ("" for none).
         device: auto, cpu or cuda for embedding (cuda fails on a machine without a GPU).
@@ -265,7 +262,7 @@ def update_pipeline(
                             batch_size=batch_size, device=device)
     embed = transient(pure(pool.gpu(embed, "embed new listings (GPU)")), retries=1)
     update = c.update_index(model=model.outputs["model"], embeddings=embed.outputs["embeddings"],
-                            index_ref=index_ref, delisted_uri=delisted_uri, rebuild_drift=rebuild_drift)
+                            index_ref=index_ref, delisted_uri=delisted_uri)
     # Not cached: it reads what index_ref points at now.
     update = transient(impure(pool.cpu(update, "update index")))
     evaluate = c.evaluate_index(index=update.outputs["index"], model=model.outputs["model"],
@@ -291,15 +288,15 @@ def train_and_index_pipeline(
     seed: int = 0,
     check_images: bool = True,
     architecture: str = DEFAULT_ARCHITECTURE,
-    image_size: int = 224,
+    image_size: int = 112,
     embedding_dim: int = 128,
     trainable_blocks: int = 2,
-    epochs: float = 3.0,
-    batch_size: int = 64,
-    learning_rate: float = 1e-3,
+    steps: int = 1200,
+    samples_per_task: int = 16,
+    learning_rate: float = 2e-3,
     train_options: dict = {},
-    nlist: int = 0,
-    nprobe: int = 0,
+    embed_batch_size: int = 64,
+    index_factory: str = "",
     phone_queries: int = 500,
     min_recall_at_10: float = 0.5,
     min_head_accuracy: float = 0.6,
@@ -323,17 +320,17 @@ def train_and_index_pipeline(
         image_size: input side in pixels the model sees (its preprocessing spec).
         embedding_dim: dimension of the shared embedding (the index's vector size).
         trainable_blocks: final backbone stages fine-tuned; the earlier ones stay frozen (-1: all).
-        epochs: passes over the training rows (fractions allowed).
-        batch_size: images per training step and per embedding batch.
+        steps: optimiser steps.
+        samples_per_task: rows of every task in each balanced batch.
+        embed_batch_size: images per embedding batch.
         learning_rate: peak learning rate.
         train_options: any other training setting by name (see training/train.py), e.g. {"max_steps": 100}.
-        nlist: IVF cells (0: chosen from the catalog size).
-        nprobe: cells searched per query by default (0: the smallest that reaches min_index_recall).
+        index_factory: FAISS factory string ("": IVF-Flat with the lists chosen from the catalog size; "Flat": exact).
         phone_queries: simulated phone photos of held-out listings used to measure recall@k.
         min_recall_at_10: gate: phone-photo recall@10 of the held-out listings must reach this, exact and through the index.
         min_head_accuracy: gate: every head's accuracy on held-out rows must reach this.
         max_regression: gate: no gated metric may be lower than the compare_to model's by more than this.
-        min_index_recall: gate: recall@10 of the IVF index against exact search must reach this.
+        min_index_recall: gate: recall@10 of the IVF index against exact search must reach this (nprobe is tuned for it).
         compare_to: alias (or version) of the model to compare with; skipped when it does not exist.
         publish_alias: alias pointed at the new model and index versions once published ("" for none).
         device: auto, cpu or cuda for training, embedding and building (cuda fails on a machine without a GPU).
@@ -345,15 +342,15 @@ def train_and_index_pipeline(
     prepared = _prepare(pool, catalog_uri, holdout_fraction, seed, check_images)
     train, evaluate, model_gates = _train_and_gate(
         pool, prepared, architecture=architecture, image_size=image_size, embedding_dim=embedding_dim,
-        trainable_blocks=trainable_blocks, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        trainable_blocks=trainable_blocks, steps=steps, samples_per_task=samples_per_task, learning_rate=learning_rate,
         train_options=train_options, seed=seed, device=device, phone_queries=phone_queries,
         min_recall_at_10=min_recall_at_10, min_head_accuracy=min_head_accuracy,
         max_regression=max_regression, compare_to=compare_to)
     model = train.outputs["model"]
     # Embedding waits for the model gates: a model that will not be published is not worth indexing.
     build, index_gates = _index_and_gate(
-        pool, model, prepared.outputs["catalog"], prepared.outputs["eval_set"], batch_size=batch_size,
-        nlist=nlist, nprobe=nprobe, device=device, phone_queries=phone_queries, seed=seed,
+        pool, model, prepared.outputs["catalog"], prepared.outputs["eval_set"], batch_size=embed_batch_size,
+        index_factory=index_factory, device=device, phone_queries=phone_queries, seed=seed,
         min_index_recall=min_index_recall, min_recall_at_10=min_recall_at_10, after=[model_gates])
     publish_model = _publish_model(pool, model, evaluate, publish_alias, [model_gates, index_gates])
     publish_index = _publish_index(pool, build.outputs["index"], publish_alias, [publish_model])

@@ -24,8 +24,8 @@ class DemoSettings:
     rows: int = 3000  # catalog rows imported from Fashion-MNIST's training split (class-stratified)
     holdout_fraction: float = 0.1  # listings held out of training: the demo's queries are photos of these
     image_size: int = 64  # model input side (Fashion-MNIST images are 28 px)
-    epochs: float = 2.0
-    batch_size: int = 32
+    steps: int = 300
+    samples_per_task: int = 16
     embedding_dim: int = 128
     trainable_blocks: int = 2
     queries: int = 100  # simulated phone photos sent through the served stack
@@ -41,7 +41,8 @@ class DemoSettings:
             "catalog_uri": catalog_uri, "holdout_fraction": self.holdout_fraction, "seed": self.seed,
             "check_images": False,  # the importer wrote them a moment ago; embedding decodes each anyway
             "image_size": self.image_size, "embedding_dim": self.embedding_dim,
-            "trainable_blocks": self.trainable_blocks, "epochs": self.epochs, "batch_size": self.batch_size,
+            "trainable_blocks": self.trainable_blocks, "steps": self.steps,
+            "samples_per_task": self.samples_per_task,
             "train_options": dict(self.train_options), "phone_queries": min(self.queries, 200),
             "min_recall_at_10": self.min_recall_at_10, "min_head_accuracy": self.min_head_accuracy,
             "min_index_recall": self.min_index_recall, "max_regression": 1.0, "device": "auto",
@@ -215,7 +216,5 @@ def _query_held_out(store, catalog_uri: str, settings: DemoSettings, url: str, o
 def _baseline_recall(metrics: dict[str, Any]) -> float | None:
     """The ImageNet-baseline phone-photo recall@10 the evaluation step measured (None when absent)."""
     evaluation = metrics.get("evaluation", metrics)
-    for key in ("baseline/phone_recall@10", "baseline_phone_recall@10", "phone_recall@10_baseline"):
-        if key in evaluation:
-            return float(evaluation[key])
-    return None
+    value = evaluation.get("baseline_phone_recall@10")
+    return float(value) if value is not None else None

@@ -85,7 +85,7 @@ def test_gpu_settings_on_gpu_tasks_only(name):
             assert "nodeSelector" not in config and "tolerations" not in config
         # Nothing is installed at task start: the image carries the project.
         command = " ".join(container["command"] + container.get("args", []))
-        assert "pip install" not in command and "from pipelines import steps" in command
+        assert "pip install" not in command and "from pipelines import steps as work" in command
         # S3 keys from the Secret (named by a parameter), settings from the ConfigMap: never literals.
         if base != "check-index-gates":
             secret = config["secretAsEnv"][0]
@@ -118,9 +118,9 @@ def test_caching_and_retries(name):
 def test_cli_parses_params_by_type():
     from pipelines.commands.pipeline import describe_parameters, parse_params
 
-    params = parse_params("train-and-index", ["epochs=0.5", "seed=3", "check_images=false",
+    params = parse_params("train-and-index", ["min_recall_at_10=0.5", "seed=3", "check_images=false",
                                               'train_options={"max_steps": 4}', "catalog_uri=s3://b/c.jsonl"])
-    assert params == {"epochs": 0.5, "seed": 3, "check_images": False, "train_options": {"max_steps": 4},
+    assert params == {"min_recall_at_10": 0.5, "seed": 3, "check_images": False, "train_options": {"max_steps": 4},
                       "catalog_uri": "s3://b/c.jsonl"}
     with pytest.raises(ValueError, match="no parameter 'epoch'"):
         parse_params("train", ["epoch=1"])

@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"catalog rows imported from Fashion-MNIST (class-stratified; default {d.rows}, up to 60000)")
     p.add_argument("--image-size", type=int, default=d.image_size,
                    help=f"model input side in pixels (default {d.image_size})")
-    p.add_argument("--epochs", type=float, default=d.epochs, help=f"training epochs (default {d.epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"training batch size (default {d.batch_size})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    p.add_argument("--samples-per-task", type=int, default=d.samples_per_task,
+                   help=f"rows of every task in each balanced training batch (default {d.samples_per_task})")
     p.add_argument("--queries", type=int, default=d.queries,
                    help=f"simulated phone photos sent through the served stack (default {d.queries})")
     p.add_argument("--holdout", type=float, default=d.holdout_fraction,
@@ -55,8 +56,8 @@ def _demo(args: argparse.Namespace) -> int:
             options[key] = value
     if args.rows < 50:
         raise CommandError("--rows must be at least 50: the held-out share needs listings to query")
-    settings = DemoSettings(rows=args.rows, image_size=args.image_size, epochs=args.epochs,
-                            batch_size=args.batch_size, queries=args.queries, holdout_fraction=args.holdout,
+    settings = DemoSettings(rows=args.rows, image_size=args.image_size, steps=args.steps,
+                            samples_per_task=args.samples_per_task, queries=args.queries, holdout_fraction=args.holdout,
                             seed=args.seed, train_options=options)
     started = time.perf_counter()
     try:

@@ -1,0 +1,98 @@
+"""End to end, for real: train-and-index with kfp.local on a tiny Fashion-MNIST catalog into a real S3
+server, then the two KServe servers serve what it published; and a run whose gate fails publishes
+nothing and leaves production where it was."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipelines.local import PipelineFailed, run_local
+from storage.artifacts import index_repo, model_repo
+
+pytestmark = pytest.mark.slow
+
+TINY = {"holdout_fraction": 0.2, "image_size": 64, "steps": 4, "samples_per_task": 4, "phone_queries": 20,
+        "check_images": False, "min_recall_at_10": 0.0, "min_head_accuracy": 0.0, "min_index_recall": 0.5}
+
+
+@pytest.fixture(scope="module")
+def published(s3_server, tmp_path_factory):
+    """A fresh bucket, a 100-row catalog and one successful train-and-index run into it."""
+    import uuid
+
+    from storage.s3 import ObjectStore
+    from training.importers import import_fashion_mnist
+
+    settings = s3_server.settings.with_bucket(f"e2e-{uuid.uuid4().hex[:10]}")
+    saved = {k: os.environ.get(k) for k in [*settings.to_env(), "LOOKALIKE_CACHE", "LOOKALIKE_HOME"]}
+    home = tmp_path_factory.mktemp("home")
+    os.environ.update(settings.to_env())
+    os.environ["LOOKALIKE_CACHE"], os.environ["LOOKALIKE_HOME"] = str(home / "cache"), str(home)
+    try:
+        store = ObjectStore(settings)
+        store.check(create_bucket=True)
+        uri = import_fashion_mnist(store, split_names=("test",), limit=100, progress=False)["test"]
+        run = run_local("train-and-index", {"catalog_uri": uri, **TINY}, root=home / "runs")
+        yield store, uri, run, home
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_train_and_index_publishes_model_and_index(published):
+    store, uri, run, _ = published
+    model_version, index_version = run.outputs["model_version"], run.outputs["index_version"]
+    models = model_repo(store)
+    assert models.versions() == [model_version] and models.aliases() == {"production": model_version}
+    indexes = index_repo(store, model_version)
+    assert indexes.versions() == [index_version] and indexes.aliases() == {"production": index_version}
+    meta = models.read_json(model_version, "model.json")
+    assert meta["model_version"] == model_version and meta["preprocessing"]["size"] == 64
+    evaluation = meta["metrics"]["evaluation"]  # the held-out evaluation travels with the model
+    assert 0.0 <= evaluation["phone_recall@10"] <= 1.0 and "baseline_phone_recall@10" in evaluation
+    assert "report.html" in models.manifest(model_version)["files"]
+    info = indexes.read_json(index_version, "index.json")
+    assert info["model_version"] == model_version and info["count"] == 100
+    assert [name for name, _ in run.steps][-2:] == ["publish-model", "publish-index"]
+
+
+def test_the_servers_serve_what_the_pipeline_published(published):
+    from pipelines.commands.serve import ServingStack, query_photos
+    from training.catalog import Catalog
+
+    store, uri, run, home = published
+    catalog = Catalog.open(uri, store)
+    rows = catalog.rows[:3]
+    photos = [catalog.image_bytes(r) for r in rows]
+    with ServingStack(model_version="production", index_version="production", log_dir=home / "logs") as stack:
+        results = query_photos(stack.endpoints["transformer_rest"], photos, top_k=10)
+    assert len(results) == 3
+    known = {r.listing_id for r in catalog.rows}
+    for row, result in zip(rows, results):
+        ids = [m["listing_id"] for m in result["matches"]]
+        assert len(ids) == 10 and set(ids) <= known
+        # The very catalog image embeds to the vector the pipeline indexed: it finds its own listing first.
+        assert ids[0] == row.listing_id
+        assert set(result["labels"]) == {"category", "fine_category", "shade"}
+
+
+def test_a_failing_gate_publishes_nothing_and_leaves_production(published):
+    store, uri, run, home = published
+    models = model_repo(store)
+    before_versions, before_aliases = models.versions(), models.aliases()
+    with pytest.raises(PipelineFailed) as failed:
+        run_local("train", {"catalog_uri": uri, **{k: v for k, v in TINY.items() if k != "min_index_recall"},
+                            "steps": 1, "min_recall_at_10": 1.01, "max_regression": 1.0},
+                  root=home / "runs")
+    message = str(failed.value)
+    assert failed.value.step == "check-model-gates"
+    assert "phone_recall@10" in message and "is not >= 1.0100" in message
+    assert f"production still points at {run.outputs['model_version']}" in message
+    assert "lower it (--param min_recall_at_10" in message
+    assert models.versions() == before_versions and models.aliases() == before_aliases
+    assert not store.list("models/", recursive=True) or all(
+        key.split("/")[1] in (*before_versions, "_aliases") for key in store.list("models/"))
