@@ -575,3 +575,88 @@ def test_index_swap_under_a_stream_of_requests_fails_none(stack, pair):
     assert pair["index_version"] in seen and seen[-1] == new_version
     first_new = seen.index(new_version)
     assert pair["index_version"] not in seen[first_new + 3:]  # once swapped, the old index is gone
+
+
+# ---- the command line: lookalike query and lookalike serve -----------------------------------------
+
+def _lookalike(*args: str, env: dict, timeout: float = 120):
+    import subprocess
+    import sys
+
+    return subprocess.run([_lookalike_bin(), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _lookalike_bin() -> str:
+    import shutil
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "lookalike"
+    return str(beside) if beside.exists() else shutil.which("lookalike")
+
+
+@pytest.mark.slow
+def test_lookalike_query_prints_matches_and_writes_html(stack, pair, tmp_path):
+    lid = _ids(pair, 1)[0]
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(pair["photos"][lid])
+    page = tmp_path / "out" / "results.html"
+    done = _lookalike("query", str(photo), "--top-k", "3", "--url", stack.endpoints["transformer_rest"],
+                      "--html", str(page), env=_server_env(pair))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.strip().startswith("1 "))
+    assert lid in lines[first] and "1.000" in lines[first]
+    assert pair["catalog"].rows[0].title in lines[first]
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") == 4  # the photo and its three matches, inlined
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    done = _lookalike("query", str(broken), "--url", stack.endpoints["transformer_rest"], env=_server_env(pair))
+    assert done.returncode == 1 and "answered 400" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_lookalike_serve_starts_both_servers_and_stops_them(pair, tmp_path):
+    import subprocess
+    import sys
+
+    from storage.server import free_port
+
+    base = next(p for p in (free_port() for _ in range(50))
+                if all(_port_free(p + d) for d in (0, 1, 5, 6)) and p < 65000)
+    env = {**_server_env(pair), "LOOKALIKE_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([_lookalike_bin(), "serve", "--port", str(base)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops all" in line:
+                break
+        text = "".join(lines)
+        assert f"transformer  REST http://127.0.0.1:{base}/v2/models/lookalike/infer" in text, text
+        assert f"predictor    REST http://127.0.0.1:{base + 5}" in text
+        got = _matches(_rest_infer(f"http://127.0.0.1:{base}", [pair["photos"][_ids(pair, 1)[0]]]))
+        assert got[0]["matches"][0]["listing_id"] == _ids(pair, 1)[0]
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0 and "stopped" in rest
+        for port in (base, base + 1, base + 5, base + 6):
+            assert _port_free(port), f"port {port} still served after Ctrl-C"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0

@@ -291,7 +291,11 @@ def query_photos(url: str, photos: Sequence[bytes], *, top_k: int = 5, filter: s
 
 
 def _query(args: argparse.Namespace) -> int:
+    import logging
+
     import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise in a table
 
     from pipelines.cli import CommandError
 
