@@ -39,6 +39,7 @@ K = 10
 BATCH = 64
 SINGLE_SECONDS = 3.0      # time budget per method for one-query-at-a-time timing
 MIN_SINGLE = 20
+PQ_TARGET = 0.92          # IVF-PQ is tuned for >= 0.90 with a margin (its re-ranked recall tops out near 0.95)
 
 
 # ---- the yardstick's generator (kept identical, so data made here matches --vectors data) ----------
@@ -114,11 +115,15 @@ def time_single(search_one, queries: np.ndarray) -> float:
 
 
 def time_batches(search_batch, queries: np.ndarray) -> float:
+    """Queries per second in batches of BATCH, for at most a few seconds after the first two batches."""
     search_batch(queries[:BATCH])
-    start = time.perf_counter()
+    done, start = 0, time.perf_counter()
     for i in range(0, len(queries), BATCH):
         search_batch(queries[i:i + BATCH])
-    return len(queries) / (time.perf_counter() - start)
+        done += len(queries[i:i + BATCH])
+        if i >= BATCH and time.perf_counter() - start > 2 * SINGLE_SECONDS:
+            break
+    return done / (time.perf_counter() - start)
 
 
 def faiss_bytes(index) -> int:
@@ -211,8 +216,10 @@ def bench_milvus(base, queries, gt, table, nlist: int, nprobe: int) -> None:
             client.insert("bench", [{"id": int(i + j), "v": v} for j, v in enumerate(chunk)])
         params = client.prepare_index_params()
         params.add_index(field_name="v", index_type="IVF_FLAT", metric_type="IP", params={"nlist": nlist})
+        client.flush("bench")  # seal the segments, so the index covers them (growing ones are brute-forced)
         client.create_index("bench", params)
         client.load_collection("bench")
+        described = client.describe_index("bench", "v") or {}
         build_s = time.perf_counter() - start
         search_params = {"metric_type": "IP", "params": {"nprobe": nprobe}}
 
@@ -226,6 +233,8 @@ def bench_milvus(base, queries, gt, table, nlist: int, nprobe: int) -> None:
         r = recall(found, gt)
         q1 = time_single(search, queries)
         q64 = time_batches(search, queries)
+        if described.get("index_type") != "IVF_FLAT":
+            print(f"Milvus Lite: the index reports {described.get('index_type')!r}, not IVF_FLAT")
         table.row("Milvus Lite IVF_FLAT", build_s, float("nan"), f"nprobe={nprobe}", r, q1, r, q64)
     except Exception as exc:  # noqa: BLE001 - a peer failing must not stop the benchmark
         print(f"Milvus Lite: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
@@ -304,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # IVF-PQ, re-ranked from an 8-bit scalar-quantized copy
     start = time.perf_counter()
-    pq = VectorIndex.build(base, listing_ids, model_version="bench", factory=PQ_FACTORY, progress=args.progress)
+    pq = VectorIndex.build(base, listing_ids, model_version="bench", factory=PQ_FACTORY, progress=args.progress,
+                           target_recall=PQ_TARGET)
     pq_build = time.perf_counter() - start
     pq_bytes = faiss_bytes(pq._index) + pq._refine_codes.nbytes + faiss_bytes(pq._refine_codec)
-    print(f"IVF-PQ: {pq.info['factory']}, tuned nprobe {pq.nprobe} (held-out recall@10 "
+    print(f"IVF-PQ: {pq.info['factory']}, tuned for recall@10 {PQ_TARGET}: nprobe {pq.nprobe} (held-out recall@10 "
           f"{pq.info['recall_at_10']:.3f})", flush=True)
     r_pq, _, _ = bench_project("IVF-PQ + SQ8 re-rank (project API)", pq, pq_build, pq_bytes / n, queries, gt,
                                key_to_row, table)

@@ -17,9 +17,9 @@
 Factories (the `factory` setting, FAISS index_factory strings with placeholders):
 
 - ``IVF{nlist},Flat`` (default): exact vectors in the lists; recall limited only by nprobe.
-- ``IVF{nlist},PQ{m}x4fs,Refine(SQ8)`` (`PQ_FACTORY`): 4-bit fast-scan PQ codes (D/8 bytes) find a
-  short list of `refine_k_factor`·top_k candidates that are re-ranked from an 8-bit scalar-quantized
-  copy (D bytes): a third of IVF-Flat's memory. ``Refine(SQfp16)``, ``Refine(Flat)`` (= ``RFlat``)
+- ``IVF{nlist},PQ{m}x4fsr,Refine(SQ8)`` (`PQ_FACTORY`): 4-bit fast-scan PQ codes of the residuals
+  (D/8 bytes) find a short list of `refine_k_factor`·top_k candidates that are re-ranked from an 8-bit
+  scalar-quantized copy (D bytes): under a third of IVF-Flat's memory. ``Refine(SQfp16)``, ``Refine(Flat)`` (= ``RFlat``)
   re-rank from fp16 or exact copies instead. The refine step is ours rather than FAISS's IndexRefine so
   that it keeps working with ids, removals and filters.
 - ``{nlist}`` is chosen by `predictor.index_tuning.choose_nlist`; ``{m}`` is D/4. A catalog too small
@@ -64,9 +64,9 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 METRIC = "inner_product"
 DEFAULT_FACTORY = "IVF{nlist},Flat"
-PQ_FACTORY = "IVF{nlist},PQ{m}x4fs,Refine(SQ8)"
+PQ_FACTORY = "IVF{nlist},PQ{m}x4fsr,Refine(SQ8)"
 EXACT_FACTORY = "Flat"
-REFINE_K_FACTOR = 4
+REFINE_K_FACTOR = 10           # re-ranked short list: 10·top_k PQ candidates (recall 0.93 vs 0.86 at 4)
 NORM_TOLERANCE = 1e-3          # |‖x‖ - 1| allowed: float32 embeddings are normalised far better
 ADD_CHUNK = 65_536
 GPU_MAX_K = 2048               # FAISS GPU limit for k and nprobe
@@ -116,19 +116,25 @@ class _ReadWriteLock:
         self._writer = False
         self._writers_waiting = 0
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
+    def acquire_read(self) -> None:
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        self.acquire_read()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.release_read()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -170,14 +176,15 @@ def check_vectors(vectors: Any, dim: int | None, what: str = "vectors", allow_em
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.shape[0] == 0:
         return arr
-    finite = np.isfinite(arr).all(axis=1)
-    if not finite.all():
-        rows = np.flatnonzero(~finite)
-        raise BadIndexInput(f"{what} contain NaN or infinite values (rows {rows[:5].tolist()}"
-                            f"{' …' if len(rows) > 5 else ''}); nothing was changed")
+    # One pass serves both checks: NaN or inf in a row makes its squared norm non-finite too.
     sq = np.einsum("ij,ij->i", arr, arr)
-    bad = np.abs(np.sqrt(sq) - 1.0) > NORM_TOLERANCE
-    if bad.any():
+    if not np.abs(sq - 1.0).max() <= 2 * NORM_TOLERANCE:   # |‖x‖² - 1| ≈ 2·|‖x‖ - 1|; NaN fails too
+        bad = ~(np.abs(sq - 1.0) <= 2 * NORM_TOLERANCE)
+        finite = np.isfinite(arr).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~finite)
+            raise BadIndexInput(f"{what} contain NaN or infinite values (rows {rows[:5].tolist()}"
+                                f"{' …' if len(rows) > 5 else ''}); nothing was changed")
         rows = np.flatnonzero(bad)
         raise BadIndexInput(f"{what} must be L2-normalised (cosine similarity is the inner product): row "
                             f"{rows[0]} has norm {math.sqrt(float(sq[rows[0]])):.4f} ({len(rows)} such rows). "
@@ -307,6 +314,7 @@ class VectorIndex:
         self._ivf = faiss.extract_index_ivf(index) if info["kind"] == "ivf" else None
         self._lock = _ReadWriteLock()
         self._filters: dict[Any, tuple[Any, int]] = {}
+        self._params: dict[Any, Any] = {}
         self._use_gpu = gpu_count() > 0 if use_gpu is None else bool(use_gpu)
         if self._use_gpu and gpu_count() == 0:
             raise BadIndexInput("use_gpu=True but FAISS sees no GPU (faiss-cpu, or no CUDA device)")
@@ -502,13 +510,16 @@ class VectorIndex:
         if k <= 0:
             raise BadIndexInput(f"top_k must be at least 1, got {k}")
         probe = self._check_nprobe(nprobe)
-        with self._lock.read():
+        self._lock.acquire_read()  # (not a `with`: this path is timed in microseconds)
+        try:
             count = len(self._table)
             if k > count:
                 raise BadIndexInput(f"top_k={k} is larger than the index, which holds {count} listings")
             sel, n_allowed = self._selector(allowed_ids, label_filter)
             scores, ids = self._search_keys(q, k, probe, sel, n_allowed)
             listing_ids = self._table.listing_ids_of(ids)
+        finally:
+            self._lock.release_read()
         return SearchResult(listing_ids, scores, ids, probe)
 
     def _check_nprobe(self, nprobe: Any) -> int | None:
@@ -557,6 +568,8 @@ class VectorIndex:
             return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64)
         scores, ids = self._faiss_search(q, k, nprobe, sel, n_allowed)
         need = min(k, n_allowed)
+        if ids[:, :need].min() >= 0:  # the common case: every row complete
+            return scores, ids
         if self._ivf is not None:
             todo = np.flatnonzero((ids[:, :need] < 0).any(axis=1))
             probe = nprobe or 1
@@ -575,18 +588,26 @@ class VectorIndex:
         refine = self._refine_codec is not None
         # The re-ranked search takes a short list k_factor times longer than asked for.
         k_base = max(1, min(k * self._info["refine"]["k_factor"], n_allowed)) if refine else k
-        params = None
-        if self._ivf is not None:
-            params = faiss.SearchParametersIVF()
-            params.nprobe = int(nprobe)
-        if sel is not None:
-            params = params or faiss.SearchParameters()
+        if sel is None:
+            params = self._params.get(nprobe)
+            if params is None and self._ivf is not None:  # read-only during a search: shared by threads
+                params = self._params[nprobe] = faiss.SearchParametersIVF()
+                params.nprobe = int(nprobe)
+        else:
+            if self._ivf is not None:
+                params = faiss.SearchParametersIVF()
+                params.nprobe = int(nprobe)
+            else:
+                params = faiss.SearchParameters()
             params.sel = sel
         gpu = self._gpu
         if gpu is not None and sel is None and k_base <= GPU_MAX_K and (nprobe or 0) <= GPU_MAX_K:
             scores, ids = gpu.search(q, k_base, params)
-        else:
-            scores, ids = self._index.search(q, k_base, params=params)
+        else:  # FAISS's low-level search: the Python wrapper's checks cost ~10 us a call, ours are done
+            n = len(q)
+            scores = np.empty((n, k_base), np.float32)
+            ids = np.empty((n, k_base), np.int64)
+            self._index.search_c(n, faiss.swig_ptr(q), k_base, faiss.swig_ptr(scores), faiss.swig_ptr(ids), params)
         if refine:
             scores, ids = self._rerank(q, ids, k)
         return scores, ids

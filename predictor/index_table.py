@@ -97,6 +97,10 @@ class ListingTable:
 
     def listing_ids_of(self, keys: np.ndarray) -> list[list[str]]:
         """[N, k] FAISS ids -> per row the listing ids, stopping at the first -1 (no result)."""
+        ids = self.listing_ids
+        if keys.size and keys.min() >= 0:  # the common case: no gaps
+            rows = self.rows_of(keys).tolist()
+            return [[ids[j] for j in r] for r in rows]
         valid = keys >= 0
         out: list[list[str]] = []
         rows = np.zeros(keys.shape, np.int64)
