@@ -256,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="100,000 vectors (about a minute)")
     parser.add_argument("--n", type=int, help="use this many base vectors")
     parser.add_argument("--skip-peers", action="store_true", help="skip hnswlib and Milvus Lite")
-    parser.add_argument("--hnsw-m", type=int, default=32, help="hnswlib M (default 32)")
+    parser.add_argument("--hnsw-m", type=int, default=None, help="hnswlib M (default 16 with --quick, else 32)")
     parser.add_argument("--hnsw-ef-construction", type=int, default=None,
-                        help="hnswlib efConstruction (default 64 with --quick, else 100)")
+                        help="hnswlib efConstruction (default 48 with --quick, else 100)")
     parser.add_argument("--progress", action="store_true", help="progress bars for builds")
     args = parser.parse_args(argv)
 
@@ -341,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_peers:
         print("peers: skipped (--skip-peers)")
     else:
-        efc = args.hnsw_ef_construction or (64 if args.quick else 100)
-        bench_hnswlib(base, queries, gt, table, args.hnsw_m, efc)
+        m = args.hnsw_m or (16 if args.quick else 32)
+        efc = args.hnsw_ef_construction or (48 if args.quick else 100)
+        bench_hnswlib(base, queries, gt, table, m, efc)
         bench_milvus(base, queries, gt, table, nlist, nprobe)
 
     speedup = q1_flat / exact_single
