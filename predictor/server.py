@@ -34,12 +34,13 @@ from predictor.service import (DEFAULT_MODEL_REF, Matches, ServingPair, SearchSe
 from storage.artifacts import ArtifactError
 from storage.s3 import StoreError, connect
 from transformer.metrics import RequestTrace, observe_batch
-from transformer.protocol import (BadInput, TooLarge, Unavailable, V2Error, int_parameter, parameters_of,
+from transformer.protocol import (BadInput, ModelMoved, TooLarge, Unavailable, V2Error, int_parameter, parameters_of,
                                   output, request_id, single_input, tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
+PREPROCESSED_FOR = "preprocessed_for"  # request parameter: the model version whose preprocessing was applied
 MAX_TOP_K = 1000
 BATCH_GAIN_MIN = 1.15  # micro-batching must buy at least this much throughput to be worth the queue
 
@@ -142,6 +143,10 @@ class LookalikePredictor(kserve.Model):
             tensor = single_input(payload, INPUT_NAME, "FP32", f"preprocessed images [N,3,{size},{size}]")
             images = tensor_as_numpy(tensor)
             if images.ndim != 4 or images.shape[1:] != (3, size, size):
+                wanted = str(parameters_of(payload).get(PREPROCESSED_FOR) or "")
+                if wanted and wanted != pair.model_version:  # a transformer still on the previous model
+                    raise ModelMoved(pair.model_version, f"this predictor now serves model {pair.model_version} "
+                                     f"({size} px input); the input was preprocessed for {wanted}")
                 raise BadInput(f"input {INPUT_NAME!r} must have shape [N, 3, {size}, {size}] (this model's input "
                                f"size is {size}), got {list(images.shape)}")
             if len(images) == 0:

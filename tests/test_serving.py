@@ -503,7 +503,7 @@ def test_micro_batched_answers_equal_direct_ones_and_survive_a_swap(pair):
 
     from predictor.service import SearchService, ServingPair
 
-    first = ServingPair.from_store(pair["store"], "production", pair["index_version"])
+    first = ServingPair.from_store(pair["store"], pair["model_version"], pair["index_version"])
     service = SearchService(first, max_batch=4, batching=True)
     spec = PreprocessSpec.from_dict(first.embedder.meta["preprocessing"])
     rows = pair["catalog"].rows[:12]
@@ -514,7 +514,7 @@ def test_micro_batched_answers_equal_direct_ones_and_survive_a_swap(pair):
     try:
         with ThreadPoolExecutor(6) as pool:
             futures = [service.submit(b, top_k=3) for b in batches]  # queued together: batched
-            second = ServingPair.from_store(pair["store"], "production", pair["index_version"])
+            second = ServingPair.from_store(pair["store"], pair["model_version"], pair["index_version"])
             swap = pool.submit(service.swap, second)
             later = [pool.submit(lambda b=b: service.submit(b, top_k=3).result()) for b in batches]
             got = [f.result(timeout=60) for f in futures]
@@ -532,12 +532,13 @@ def test_micro_batched_answers_equal_direct_ones_and_survive_a_swap(pair):
 
 # ---- swapping the index under load -----------------------------------------------------------------
 
-@pytest.mark.slow
-def test_index_swap_under_a_stream_of_requests_fails_none(stack, pair):
+def _stream_through(stack, pair, swap, key: str, new_value: str, clients: int = 3) -> list[str]:
+    """Query the transformer from `clients` threads while `swap()` runs; every answer must be right.
+
+    Returns the `key` response parameter of every answer, in completion order, once `new_value` shows.
+    """
     url = stack.endpoints["transformer_rest"]
     lids = _ids(pair, 4)
-    new_version = _publish_index(pair["store"], pair["catalog"], pair["vectors"], pair["model_version"])
-    assert new_version != pair["index_version"]
     seen, failures, stop = [], [], threading.Event()
 
     def client(k: int) -> None:
@@ -554,17 +555,16 @@ def test_index_swap_under_a_stream_of_requests_fails_none(stack, pair):
                 matches = json.loads(next(o for o in doc["outputs"] if o["name"] == "matches")["data"][0])
                 if matches["matches"][0]["listing_id"] != lid:
                     failures.append(f"wrong top match for {lid}")
-                seen.append(doc["parameters"]["index_version"])
+                seen.append(doc["parameters"][key])
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     try:
         time.sleep(1.0)
-        reload = httpx.post(f"{stack.endpoints['predictor_rest']}/v2/repository/models/{MODEL}/load", timeout=60)
-        assert reload.status_code == 200, reload.text
-        deadline = time.monotonic() + 20
-        while new_version not in seen[-3:] and time.monotonic() < deadline:
+        swap()
+        deadline = time.monotonic() + 30
+        while new_value not in seen[-clients:] and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
     finally:
@@ -572,9 +572,49 @@ def test_index_swap_under_a_stream_of_requests_fails_none(stack, pair):
         for t in threads:
             t.join()
     assert not failures, failures[:3]
-    assert pair["index_version"] in seen and seen[-1] == new_version
+    assert seen and seen[-1] == new_value
+    return seen
+
+
+def _reload(stack) -> None:
+    reload = httpx.post(f"{stack.endpoints['predictor_rest']}/v2/repository/models/{MODEL}/load", timeout=120)
+    assert reload.status_code == 200, reload.text
+
+
+@pytest.mark.slow
+def test_index_swap_under_a_stream_of_requests_fails_none(stack, pair):
+    new_version = _publish_index(pair["store"], pair["catalog"], pair["vectors"], pair["model_version"])
+    assert new_version != pair["index_version"]
+    seen = _stream_through(stack, pair, lambda: _reload(stack), "index_version", new_version)
+    assert pair["index_version"] in seen
     first_new = seen.index(new_version)
     assert pair["index_version"] not in seen[first_new + 3:]  # once swapped, the old index is gone
+
+
+@pytest.mark.slow
+def test_model_swap_to_another_input_size_is_followed_by_the_transformer(stack, pair, tmp_path):
+    """A new model version (48 px, other preprocessing) and its index replace the pair under load; the
+    transformer learns the new preprocessing from the new model's model.json and no request fails."""
+    from storage.artifacts import model_repo
+    from training.export import export_model, publish_model
+    from training.model import ModelConfig, create_model
+
+    config = ModelConfig(embedding_dim=24, heads={"category": pair["catalog"].tasks()["category"]},
+                         preprocessing=PreprocessSpec(size=48, resize=48, crop="none", interpolation="bicubic"))
+    export_model(create_model(config), config, tmp_path, lineage={"catalog": pair["catalog"].uri})
+    new_model = publish_model(pair["store"], tmp_path)  # not yet production
+    catalog, _, vectors = _embed_catalog(pair["store"], pair["catalog"].uri, new_model)
+    _publish_index(pair["store"], catalog, vectors, new_model)
+
+    def swap():
+        model_repo(pair["store"]).set_alias("production", new_model)
+        _reload(stack)
+
+    seen = _stream_through(stack, pair, swap, "model_version", new_model)
+    assert pair["model_version"] in seen
+    meta = httpx.get(f"{stack.endpoints['predictor_rest']}/v2/models/{MODEL}").json()
+    assert meta["inputs"][0]["shape"] == [-1, 3, 48, 48]
+    assert {o["name"] for o in meta["outputs"]} == {"listing_ids", "scores", "label_category", "prob_category"}
 
 
 # ---- the command line: lookalike query and lookalike serve -----------------------------------------

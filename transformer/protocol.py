@@ -35,6 +35,7 @@ REQUEST_ID_HEADER = "x-request-id"
 _GRPC_STATUS = {
     400: StatusCode.INVALID_ARGUMENT,
     404: StatusCode.NOT_FOUND,
+    409: StatusCode.FAILED_PRECONDITION,
     413: StatusCode.RESOURCE_EXHAUSTED,
     500: StatusCode.INTERNAL,
     503: StatusCode.UNAVAILABLE,
@@ -71,6 +72,27 @@ class TooLarge(V2Error):
 
 class NotFound(V2Error):
     status, kind = 404, "not_found"
+
+
+class ModelMoved(V2Error):
+    """The predictor now serves another model version than the one the input was preprocessed for.
+
+    Only the transformer sees it (it re-preprocesses for `model_version` and retries); the message starts
+    with `model_version=<version>;` so the version survives the trip as a gRPC status detail.
+    """
+
+    status, kind = 409, "model_moved"
+    PREFIX = "model_version="
+
+    def __init__(self, model_version: str, message: str):
+        super().__init__(f"{self.PREFIX}{model_version}; {message}")
+        self.model_version = model_version
+
+    @classmethod
+    def version_in(cls, details: str) -> str | None:
+        if not details.startswith(cls.PREFIX):
+            return None
+        return details[len(cls.PREFIX):].split(";", 1)[0].strip() or None
 
 
 class Unavailable(V2Error):
@@ -242,6 +264,6 @@ def status_of(exc: BaseException) -> int:
     return {"bad_input": 400, "not_found": 404, "unavailable": 503}.get(error_kind(exc), 500)
 
 
-__all__ = ["V2Error", "BadInput", "TooLarge", "NotFound", "Unavailable", "Timeout", "ModelServer",
+__all__ = ["V2Error", "BadInput", "TooLarge", "NotFound", "ModelMoved", "Unavailable", "Timeout", "ModelServer",
            "BinaryDataPlane", "request_id", "parameters_of", "int_parameter", "single_input", "tensor_as_numpy",
            "error_kind", "status_of", "http_status_of_grpc", "json_line", "HTTPStatus"]

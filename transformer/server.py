@@ -39,7 +39,7 @@ from transformer.decoding import ImageError, ImageLimits, decode_image
 from transformer.metadata import ListingMetadata
 from transformer.metrics import RequestTrace
 from transformer.preprocessing import PreprocessSpec, preprocess_batch
-from transformer.protocol import (REQUEST_ID_HEADER, BadInput, NotFound, Timeout, TooLarge, Unavailable, V2Error,
+from transformer.protocol import (REQUEST_ID_HEADER, BadInput, ModelMoved, NotFound, Timeout, TooLarge, Unavailable, V2Error,
                                   int_parameter, output, parameters_of, request_id, single_input, tensor_as_numpy,
                                   wants_binary)
 
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 PREDICTOR_INPUT = "images"
+PREPROCESSED_FOR = "preprocessed_for"  # tells the predictor which model's preprocessing the tensor has
 FORWARDED_PARAMETERS = ("top_k", "nprobe", "filter")
 MAX_TOP_K = 1000
 DEFAULT_MODEL_REF = "production"
@@ -185,8 +186,9 @@ class LookalikeTransformer(kserve.Model):
             raise _as_v2_error(exc) from exc
         tensor_out = InferInput(PREDICTOR_INPUT, list(batch.shape), "FP32")
         tensor_out.set_data_from_numpy(batch, binary_data=True)
-        request = InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid,
-                               parameters={k: v for k, v in params.items() if v is not None})
+        forwarded = {k: v for k, v in params.items() if v is not None}
+        forwarded[PREPROCESSED_FOR] = state.spec.model_version
+        request = InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid, parameters=forwarded)
         request.lookalike_state = state  # carried to predict/postprocess with the request itself
         return request
 
@@ -241,11 +243,6 @@ class LookalikeTransformer(kserve.Model):
         with state.trace.stage("preprocess"):
             return preprocess_batch(state.images, state.spec.preprocessing)
 
-    async def _preprocess(self, state: _State) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        with state.trace.stage("preprocess"):
-            return await loop.run_in_executor(None, preprocess_batch, state.images, state.spec.preprocessing)
-
     # ---- predict -----------------------------------------------------------------------------
     def _predictor_stub(self):
         if self._stub is None:
@@ -268,27 +265,46 @@ class LookalikeTransformer(kserve.Model):
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         state: _State = payload.lookalike_state
         try:
-            with state.trace.stage("predict"):
-                response = await self._call_predictor(payload)
-            served = str(to_plain(response.parameters).get("model_version") or response.model_version or "")
-            if served and state.spec is not None and served != state.spec.model_version:
-                # The predictor moved to another model: follow it, and redo this request if the input changed.
-                spec = await asyncio.get_running_loop().run_in_executor(None, self.spec_for, served)
-                self.spec = spec
-                if spec.preprocessing != state.spec.preprocessing:
-                    state.spec = spec
-                    batch = await self._preprocess(state)
-                    payload.inputs[0] = InferInput(PREDICTOR_INPUT, list(batch.shape), "FP32")
-                    payload.inputs[0].set_data_from_numpy(batch, binary_data=True)
+            for attempt in range(2):  # a second try only after following the predictor to a new model
+                try:
                     with state.trace.stage("predict"):
                         response = await self._call_predictor(payload)
-                state.spec = spec
+                except ModelMoved as moved:
+                    if attempt:
+                        raise
+                    await self._follow(moved.model_version, state, payload)
+                    continue
+                served = str(to_plain(response.parameters).get("model_version") or response.model_version or "")
+                if served and state.spec is not None and served != state.spec.model_version:
+                    if await self._follow(served, state, payload) and attempt == 0:
+                        continue  # answered on input preprocessed for the old model: redo it
+                break
         except Exception as exc:
             state.trace.finish(_as_v2_error(exc))
             raise _as_v2_error(exc) from exc
         response.lookalike_state = state
         response.lookalike_request = payload
         return response
+
+    async def _follow(self, model_version: str, state: _State, request: InferRequest) -> bool:
+        """Switch to the preprocessing of the model the predictor now serves (read from its model.json).
+
+        Returns True when the input had to be preprocessed again (the spec changed), so the call is redone.
+        """
+        loop = asyncio.get_running_loop()
+        spec = await loop.run_in_executor(None, self.spec_for, model_version)
+        if self.spec is None or self.spec.model_version != spec.model_version:
+            log.info("the predictor serves model %s now: following it", spec.model_version)
+        self.spec = spec
+        old, state.spec = state.spec, spec
+        request.parameters = {**(request.parameters or {}), PREPROCESSED_FOR: spec.model_version}
+        if old is not None and old.preprocessing == spec.preprocessing:
+            return False
+        with state.trace.stage("preprocess"):
+            batch = await loop.run_in_executor(None, preprocess_batch, state.images, spec.preprocessing)
+        request.inputs[0] = InferInput(PREDICTOR_INPUT, list(batch.shape), "FP32")
+        request.inputs[0].set_data_from_numpy(batch, binary_data=True)
+        return True
 
     # ---- postprocess -------------------------------------------------------------------------
     async def postprocess(self, result: InferResponse, headers: dict[str, str] | None = None,
@@ -397,6 +413,8 @@ def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float) -> V2
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"the predictor at {host} is not reachable or not ready ({details.splitlines()[0] if details else 'unavailable'}); "
                            f"retry shortly")
+    if code == grpc.StatusCode.FAILED_PRECONDITION and ModelMoved.version_in(details):
+        return ModelMoved(ModelMoved.version_in(details), details.split(";", 1)[-1].strip())
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return BadInput(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -409,6 +427,8 @@ def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float) -> V2
 def _as_v2_error(exc: BaseException) -> BaseException:
     from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 
+    if isinstance(exc, ModelMoved):  # still moving after one retry: a swap is under way
+        return Unavailable(f"the model is being swapped ({exc.details}); retry shortly")
     if isinstance(exc, (V2Error, InvalidInput, ModelNotFound, ModelNotReady)):
         return exc
     if isinstance(exc, StoreError):
