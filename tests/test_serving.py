@@ -530,6 +530,45 @@ def test_micro_batched_answers_equal_direct_ones_and_survive_a_swap(pair):
     assert service.pair is second and service.swaps == 1
 
 
+@pytest.mark.slow
+def test_local_model_dir_like_mnt_models_is_verified_and_matched(pair, tmp_path):
+    """What KServe's storage initializer leaves in /mnt/models: model/ and index/ version folders."""
+    import shutil
+
+    from predictor.index import VectorIndex
+    from predictor.service import ServingPair
+    from storage.artifacts import ArtifactError, index_repo, model_repo
+
+    mnt = tmp_path / "mnt" / "models"
+    shutil.copytree(model_repo(pair["store"]).fetch(pair["model_version"]), mnt / "model")
+    shutil.copytree(index_repo(pair["store"], pair["model_version"]).fetch(pair["index_version"]), mnt / "index")
+    served = ServingPair.from_dir(mnt)
+    assert (served.model_version, served.index_version) == (pair["model_version"], pair["index_version"])
+    row = pair["catalog"].rows[5]
+    spec = PreprocessSpec.from_dict(served.embedder.meta["preprocessing"])
+    from predictor.service import SearchService
+
+    found = SearchService(served, batching=False).search(
+        preprocess_batch([decode_image(pair["photos"][row.listing_id])], spec), top_k=2)
+    assert found.listing_ids[0][0] == row.listing_id
+
+    other = tmp_path / "other"  # an index built for another model is refused
+    shutil.copytree(mnt / "model", other / "model")
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((20, served.embedder.embedding_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    VectorIndex.build(vectors, [f"x{i}" for i in range(20)], model_version="another-model").save(other / "index")
+    with pytest.raises(Exception, match="another-model"):
+        ServingPair.from_dir(other)
+
+    onnx = mnt / "model" / "model.onnx"  # a tampered file fails its checksum
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        ServingPair.from_dir(mnt)
+
+
 # ---- swapping the index under load -----------------------------------------------------------------
 
 def _stream_through(stack, pair, swap, key: str, new_value: str, clients: int = 3) -> list[str]:
