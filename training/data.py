@@ -145,9 +145,13 @@ class Augment:
     crop_scale: float = 0.8  # random crop keeps at least this fraction of each side
     phone_p: float = 0.3
     phone_strength: float = 1.0
+    # With two views (triplet), the first is a catalog-like shot and the second a phone photo with this
+    # probability: the pair is then exactly a shopper's query and the listing it should find.
+    second_view_phone_p: float = 0.8
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        if self.phone_p > 0 and rng.random() < self.phone_p:
+    def __call__(self, img: Image.Image, rng: np.random.Generator, phone_p: float | None = None) -> np.ndarray:
+        phone_p = self.phone_p if phone_p is None else phone_p
+        if phone_p > 0 and rng.random() < phone_p:
             from training.phone_photos import simulate_phone_photo
 
             img = simulate_phone_photo(img, rng, strength=self.phone_strength, out_size=self.spec.size)
@@ -195,8 +199,13 @@ class BatchLoader:
         rows = np.array([self.task_list[t].indices[p] for t, p in zip(plan.task, plan.position)], np.int64)
         targets = np.array([self.task_list[t].targets[p] for t, p in zip(plan.task, plan.position)], np.int64)
         rng = np.random.default_rng([self.seed, 7919, step])
-        views = 2 if self.two_views else 1
-        arrays = [self.augment(self.bank.images[r], rng) for _ in range(views) for r in rows]
+        if self.two_views:
+            views = 2
+            arrays = [self.augment(self.bank.images[r], rng, 0.0) for r in rows]
+            arrays += [self.augment(self.bank.images[r], rng, self.augment.second_view_phone_p) for r in rows]
+        else:
+            views = 1
+            arrays = [self.augment(self.bank.images[r], rng) for r in rows]
         return Batch(torch.from_numpy(np.stack(arrays)),
                      torch.from_numpy(np.tile(plan.task, views)),
                      torch.from_numpy(np.tile(targets, views)),

@@ -12,7 +12,7 @@ import numpy as np
 
 from training.evaluate import BASELINE, FINETUNED, summary_lines
 
-_SKIP = {"step", "loss", "images_per_s"}
+_SKIP = {"step", "loss", "images_per_s", "time_s"}
 _COLOURS = {FINETUNED: "#1f77b4", BASELINE: "#aaaaaa"}
 
 
