@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,13 +22,16 @@ from typing import Any, TextIO
 
 @dataclass
 class DemoSettings:
+    """What the demo runs. Training settings left at None take the training defaults (TrainConfig), which
+    are tuned for a 2-core CPU; `steps` is the demo's own, to fit its time budget."""
+
     rows: int = 3000  # catalog rows imported from Fashion-MNIST's training split (class-stratified)
     holdout_fraction: float = 0.1  # listings held out of training: the demo's queries are photos of these
-    image_size: int = 64  # model input side (Fashion-MNIST images are 28 px)
-    steps: int = 300
-    samples_per_task: int = 16
-    embedding_dim: int = 128
-    trainable_blocks: int = 2
+    steps: int = 500
+    image_size: int | None = None
+    samples_per_task: int | None = None
+    trainable_blocks: int | None = None
+    embedding_dim: int | None = None
     queries: int = 100  # simulated phone photos sent through the served stack
     top_k: int = 10
     seed: int = 0
@@ -37,12 +41,22 @@ class DemoSettings:
     train_options: dict[str, Any] = field(default_factory=dict)
 
     def pipeline_params(self, catalog_uri: str) -> dict[str, Any]:
+        from training.train import TrainConfig
+
+        defaults = TrainConfig()
+
+        def pick(value, default):
+            return default if value is None else value
+
         return {
             "catalog_uri": catalog_uri, "holdout_fraction": self.holdout_fraction, "seed": self.seed,
             "check_images": False,  # the importer wrote them a moment ago; embedding decodes each anyway
-            "image_size": self.image_size, "embedding_dim": self.embedding_dim,
-            "trainable_blocks": self.trainable_blocks, "steps": self.steps,
-            "samples_per_task": self.samples_per_task,
+            "architecture": defaults.architecture,
+            "image_size": pick(self.image_size, defaults.image_size),
+            "embedding_dim": pick(self.embedding_dim, defaults.embedding_dim),
+            "trainable_blocks": pick(self.trainable_blocks, defaults.trainable_blocks),
+            "samples_per_task": pick(self.samples_per_task, defaults.samples_per_task),
+            "learning_rate": defaults.lr, "steps": self.steps,
             "train_options": dict(self.train_options), "phone_queries": min(self.queries, 200),
             "min_recall_at_10": self.min_recall_at_10, "min_head_accuracy": self.min_head_accuracy,
             "min_index_recall": self.min_index_recall, "max_regression": 1.0, "device": "auto",
@@ -106,6 +120,9 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | Path | None
 
     settings = settings or DemoSettings()
     out = out or sys.stdout
+    # Sleeping OpenMP workers: on a small shared machine, spinning ones starve the other processes.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per query request otherwise
     out_dir = Path(out_dir or home() / "demo")
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}

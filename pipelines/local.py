@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import sys
@@ -88,10 +89,15 @@ def run_local(name: str, params: dict[str, Any] | None = None, *, root: str | Pa
     console = _Console(out, total=len(spec.root.dag.tasks), verbose=verbose)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
                enable_caching=caching)
-    env = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5"), "PYTHONUNBUFFERED": "1"}
+    env = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5"), "PYTHONUNBUFFERED": "1",
+           # Sleeping OpenMP workers: spinning ones starve the other processes of a small shared machine.
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     started = time.perf_counter()
     before = set(root.iterdir())
     print(f"running pipeline {name} locally ({console.total} steps); artifacts under {root}", file=out, flush=True)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(max(level, logging.WARNING))  # kfp.local's own INFO lines outside its log context
     try:
         with _environ(env), warnings.catch_warnings(), contextlib.redirect_stdout(console):
             # kfp.local warns for each task that its image, resources and display name are not used here.
@@ -105,6 +111,8 @@ def run_local(name: str, params: dict[str, Any] | None = None, *, root: str | Pa
         reason = console.failure or _ANSI.sub("", str(exc))
         raise PipelineFailed(f"pipeline {name} failed at step {step or '?'}: {reason}"
                              f"{_nothing_published(console)}", step, run_dir) from None
+    finally:
+        root_logger.setLevel(level)
     console.flush()
     seconds = time.perf_counter() - started
     print(f"pipeline {name} finished in {seconds:.0f} s", file=out, flush=True)

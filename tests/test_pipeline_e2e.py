@@ -96,3 +96,27 @@ def test_a_failing_gate_publishes_nothing_and_leaves_production(published):
     assert models.versions() == before_versions and models.aliases() == before_aliases
     assert not store.list("models/", recursive=True) or all(
         key.split("/")[1] in (*before_versions, "_aliases") for key in store.list("models/"))
+
+
+def test_update_adds_new_listings_and_removes_delisted_ones(published):
+    from predictor.index import VectorIndex
+    from training.catalog import Catalog
+    from training.importers import import_fashion_mnist
+
+    store, uri, run, home = published
+    model_version, before = run.outputs["model_version"], run.outputs["index_version"]
+    new_uri = import_fashion_mnist(store, split_names=("train",), limit=10, progress=False)["train"]
+    new_ids = [r.listing_id for r in Catalog.open(new_uri, store).rows]
+    gone = [r.listing_id for r in Catalog.open(uri, store).rows[:2]]
+    store.put_bytes("delisted/today.txt", ("\n".join(gone) + "\n").encode())
+    result = run_local("update", {"new_listings_uri": new_uri, "delisted_uri": store.uri("delisted/today.txt"),
+                                  "phone_queries": 10, "min_recall_at_10": 0.0, "min_index_recall": 0.5,
+                                  "check_images": False}, root=home / "runs")
+    after = result.outputs["Output"]
+    indexes = index_repo(store, model_version)
+    assert after != before and set(indexes.versions()) == {before, after}
+    assert indexes.aliases() == {"production": after}
+    updated = VectorIndex.fetch(store, model_version, "production")
+    assert updated.count == 100 + 10 - 2
+    assert all(lid in updated for lid in new_ids) and not any(lid in updated for lid in gone)
+    assert VectorIndex.fetch(store, model_version, before).count == 100  # the old version is untouched

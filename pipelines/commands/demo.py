@@ -21,11 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "finish in about 15 minutes on 2 CPU cores; the flags scale it up.")
     p.add_argument("--rows", type=int, default=d.rows,
                    help=f"catalog rows imported from Fashion-MNIST (class-stratified; default {d.rows}, up to 60000)")
-    p.add_argument("--image-size", type=int, default=d.image_size,
-                   help=f"model input side in pixels (default {d.image_size})")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model input side in pixels (default: the training default)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
-    p.add_argument("--samples-per-task", type=int, default=d.samples_per_task,
-                   help=f"rows of every task in each balanced training batch (default {d.samples_per_task})")
+    p.add_argument("--samples-per-task", type=int, default=None,
+                   help="rows of every task in each balanced training batch (default: the training default)")
     p.add_argument("--queries", type=int, default=d.queries,
                    help=f"simulated phone photos sent through the served stack (default {d.queries})")
     p.add_argument("--holdout", type=float, default=d.holdout_fraction,
