@@ -37,6 +37,7 @@ VectorIndex objects, which needs nothing from this class.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -324,7 +325,7 @@ class VectorIndex:
     @property
     def info(self) -> dict[str, Any]:
         """A copy of what index.json holds (without the file checksums)."""
-        return json.loads(json.dumps(self._info))
+        return copy.deepcopy(self._info)
 
     @property
     def model_version(self) -> str:
@@ -425,7 +426,7 @@ class VectorIndex:
             xt = x[sample]
             index, built_on = _train_and_add(index, xt, x, keys, gpu, progress)
             ivf = faiss.extract_index_ivf(index)
-            fit = float(ivf.quantizer.search(xt, 1)[0].mean())
+            fit = _centroid_fit(ivf, xt)
             if plan.refine:
                 refine_codec = _refine_codec(plan.refine, d)
                 refine_codec.train(xt)
@@ -451,12 +452,13 @@ class VectorIndex:
             "tune_queries": 0,
             "refine": {"codec": plan.refine, "k_factor": refine_k_factor} if plan.refine else None,
             "labels": vocab,
-            "seed": seed,
+            "seed": int(seed),
+            "train_sample": int(len(xt)) if plan.nlist else 0,
             "built_on": built_on,
             "built_at": _now(),
             "updated_at": None,
             "build_seconds": None,
-            "trained_count": n,
+            "trained_count": n,            # vectors in the index when its centroids were trained
             "added_since_training": 0,
             "removed_since_training": 0,
             "imbalance_at_training": None,
@@ -685,10 +687,9 @@ class VectorIndex:
     def _insert(self, x, keys, ids, vocab, codes, progress) -> None:
         refine_codes = _encode(self._refine_codec, x) if self._refine_codec is not None else None
         if self._ivf is not None:  # how well the new vectors fit the trained clusters (drift)
-            fit = float(self._ivf.quantizer.search(x, 1)[0].sum())
             prev_n = self._info["added_since_training"]
             prev = self._info["centroid_fit_added"]
-            total = (prev * prev_n if prev is not None else 0.0) + fit
+            total = (prev * prev_n if prev is not None else 0.0) + _centroid_fit(self._ivf, x) * len(x)
             self._info["centroid_fit_added"] = total / (prev_n + len(x))
         _add_chunks(self._index, x, keys, progress, "adding")
         self._table.append(keys, ids, vocab, codes)
@@ -907,6 +908,12 @@ class VectorIndex:
 def _encode(codec, x: np.ndarray) -> np.ndarray:
     return np.concatenate([codec.sa_encode(x[i:i + ADD_CHUNK]) for i in range(0, len(x), ADD_CHUNK)]) \
         if len(x) else np.zeros((0, codec.sa_code_size()), np.uint8)
+
+
+def _centroid_fit(ivf, x: np.ndarray, sample: int = 10_000) -> float:
+    """Mean cosine of (up to `sample` evenly spaced) vectors to their nearest centroid."""
+    step = max(1, len(x) // sample)
+    return float(ivf.quantizer.search(np.ascontiguousarray(x[::step]), 1)[0].mean())
 
 
 def _add_chunks(index, x: np.ndarray, keys: np.ndarray, progress: bool, desc: str) -> None:
