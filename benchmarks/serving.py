@@ -9,9 +9,9 @@ In one run, on one published model and index (built here in a private embedded S
   (e) micro-batching, in process: 8 threads with and without the batcher
 
 and prints p50/p99 latency and images/s for each, then the ratios. The last line reads
-`serving: p50 served=<ms> in_process=<ms> ratio=<r> errors=<n>` (served = gRPC).
+`serving: p50 served=<ms> in_process=<ms> ratio=<r> errors=<n>` (served: the slower of REST and gRPC).
 
-    python benchmarks/serving.py [--catalog-size 2000] [--size 224] [--duration 20] [--clients 8]
+    python benchmarks/serving.py [--catalog-size 1500] [--size 224] [--duration 20] [--clients 8]
 
 The model is tf_efficientnet_lite0 with its packaged ImageNet weights (untrained heads: speed does not
 depend on what the weights learned). Photos are catalog images upscaled to 320 px and JPEG-encoded, as a
@@ -185,7 +185,8 @@ def grpc_call(url: str):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--catalog-size", type=int, default=2000, help="listings in the index (default 2000)")
+    parser.add_argument("--catalog-size", type=int, default=1500,
+                        help="listings in the index (default 1500: enough for an IVF index)")
     parser.add_argument("--size", type=int, default=224, help="model input size in px (default 224)")
     parser.add_argument("--requests", type=int, default=200, help="sequential requests per mode (default 200)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of the concurrent run (default 20)")
@@ -249,8 +250,9 @@ def main() -> int:
         single = 1000.0 / grpc_r["p50"]
         print(f"  {args.clients}-client throughput / (one client x {cores} cores) = "
               f"{load['ips']:.1f} / {single * cores:.1f} = {load['ips'] / (single * cores):.2f}   (target >= 1)")
-        print(f"serving: p50 served={grpc_r['p50']:.2f} in_process={base['p50']:.2f} "
-              f"ratio={grpc_r['p50'] / base['p50']:.2f} errors={errors}")
+        served = max(rest["p50"], grpc_r["p50"])  # the slower transport, so the ratio holds for both
+        print(f"serving: p50 served={served:.2f} in_process={base['p50']:.2f} "
+              f"ratio={served / base['p50']:.2f} errors={errors}")
     finally:
         if stack is not None:
             stack.stop()

@@ -365,6 +365,10 @@ def test_predictor_directly_with_filters(stack, pair):
     for row, label in zip(result.as_numpy("listing_ids"), predicted):
         assert all(by_id[_text(x)]["category"] == label for x in row if _text(x))
 
+    result = client.infer(MODEL, [tensor], parameters={"top_k": 5, "filter_category": "no-such-category"})
+    assert result.as_numpy("listing_ids").shape == (2, 0)  # nothing passes the filter: no matches, no error
+    assert result.as_numpy("label_category").shape == (2,)
+
     # The same pixels over gRPC (Triton's client), as the transformer sends them.
     got = triton_grpc(stack.endpoints["predictor_grpc"], [
         {"fp32": {"shape": list(batch.shape), "data": batch.ravel().tolist()}, "parameters": {"top_k": 3}}])
