@@ -164,9 +164,12 @@ def test_lookalike_train_command_writes_and_publishes(tmp_path, store, capsys):
     from pipelines.cli import main
     from storage.artifacts import model_repo
 
-    path = write_tiny_catalog(tmp_path / "c", 60)
+    from training.importers import import_fashion_mnist
+
+    uri = import_fashion_mnist(store, split_names=("train",), limit=60, progress=False)["train"]
+    assert uri.startswith("s3://")  # images are read from the real S3 server
     out = tmp_path / "model"
-    code = main(["train", "--catalog", str(path), "--out", str(out), "--steps", "2", "--image-size", "48",
+    code = main(["train", "--catalog", "fashion-mnist-train", "--out", str(out), "--steps", "2", "--image-size", "48",
                  "--samples-per-task", "2", "--objective", "ce", "--no-progress", "--publish", "--alias", "candidate"])
     assert code == 0
     text = capsys.readouterr().out
@@ -175,3 +178,24 @@ def test_lookalike_train_command_writes_and_publishes(tmp_path, store, capsys):
     assert json.loads((out / "model.json").read_text())["model_version"] == version
     assert main(["train", "--catalog", str(tmp_path / "missing.jsonl")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_shared_trunk_embedding_equals_separate_passes(trained):
+    """Evaluation runs the frozen trunk once for both models: it must equal two full passes."""
+    import torch.nn.functional as F
+
+    from training.evaluate import PairedEmbedder, pretrained_backbone_copy
+    from training.model import ModelConfig, create_model
+
+    fresh = create_model(ModelConfig(heads=trained.model_config.heads, trainable_blocks=3,
+                                     preprocessing=trained.model_config.preprocessing))
+    baseline = pretrained_backbone_copy(fresh)
+    embedder = PairedEmbedder(trained.model, baseline)
+    assert embedder.cut == 4  # 7 stages, the last 3 fine-tuned
+    x = torch.randn(3, 3, 64, 64)
+    emb, base, logits = embedder(x)
+    with torch.no_grad():
+        out = trained.model.eval()(x)
+        assert torch.allclose(emb, out["embedding"], atol=1e-6)
+        assert torch.allclose(base, F.normalize(baseline(x), dim=-1), atol=1e-6)
+        assert torch.allclose(logits["shade"], out["logits"]["shade"], atol=1e-5)

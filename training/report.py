@@ -125,9 +125,10 @@ def _bar_plot(values: dict[str, dict[str, float]], ylabel: str, path: Path) -> P
             "baseline", "ImageNet baseline"), color=_COLOURS[s])
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
     ax.set_xticks(np.arange(len(tasks)), tasks)
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.22)  # head room for the legend above the bars
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel(ylabel)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncol=len(series), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
