@@ -326,8 +326,17 @@ def test_tritonclient_http_and_grpc_binary_and_json(stack, pair):
     http = httpclient.InferenceServerClient(stack.endpoints["transformer_rest"].removeprefix("http://"))
     tensor = httpclient.InferInput("image", [2], "BYTES")
     tensor.set_data_from_numpy(photos, binary_data=True)
-    result = http.infer(MODEL, [tensor], parameters={"top_k": 2})
+    rid = f"test-{uuid.uuid4().hex[:8]}"
+    result = http.infer(MODEL, [tensor], parameters={"top_k": 2}, headers={"x-request-id": rid})
     assert [_text(x) for x in result.as_numpy("listing_ids")[:, 0]] == ids
+    # One request id follows the photo through both servers' structured logs and comes back.
+    assert result.get_response()["id"] == rid
+    for unit in ("transformer", "predictor"):
+        lines = [json.loads(line) for line in (stack.log_dir / f"{unit}.log").read_text().splitlines()
+                 if line.startswith("{") and rid in line]
+        assert lines and lines[0]["unit"] == unit and lines[0]["status"] == 200 and lines[0]["images"] == 2
+        assert set(lines[0]["stages_ms"]) == ({"decode", "preprocess", "predict", "postprocess"}
+                                              if unit == "transformer" else {"embed", "search"})
 
     got = triton_grpc(stack.endpoints["transformer_grpc"], [{"photos": list(photos), "parameters": {"top_k": 2}}])
     call = got["calls"][0]
