@@ -12,8 +12,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from kserve import model_server
+
+
+MOUNTED_MODELS = Path("/mnt/models")  # where KServe's storage initializer puts a storageUri
+
+
+def _mounted_models() -> str | None:
+    for candidate in (MOUNTED_MODELS / "model.json", MOUNTED_MODELS / "model" / "model.json"):
+        if candidate.is_file():
+            return str(MOUNTED_MODELS)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "while no alias exists) [env LOOKALIKE_MODEL_VERSION]")
     parser.add_argument("--index_version", default=env("LOOKALIKE_INDEX_VERSION", "latest"),
                         help="index version or alias of that model [env LOOKALIKE_INDEX_VERSION]")
-    parser.add_argument("--model_dir", default=env("LOOKALIKE_MODEL_DIR"),
+    parser.add_argument("--model_dir", default=env("LOOKALIKE_MODEL_DIR") or _mounted_models(),
                         help="serve from this local folder (a model version folder, or one holding model/ and "
-                             "index/) instead of the store; checksums are verified [env LOOKALIKE_MODEL_DIR]")
+                             "index/) instead of the store; checksums are verified (default: /mnt/models when "
+                             "KServe's storage initializer filled it) [env LOOKALIKE_MODEL_DIR]")
     parser.add_argument("--backend", default=env("LOOKALIKE_BACKEND", "auto"), choices=["auto", "onnxruntime", "torch"],
                         help="auto: CUDA torch (half precision when it keeps results) on a GPU, ONNX Runtime on a CPU")
     parser.add_argument("--max_batch", type=int, default=int(env("LOOKALIKE_MAX_BATCH", "4")),

@@ -182,8 +182,9 @@ class LookalikeTransformer(kserve.Model):
             # Decoding and preprocessing share one trip to a worker thread (one hop, not two).
             batch = await asyncio.get_running_loop().run_in_executor(None, self._decode_and_preprocess, items, state)
         except Exception as exc:
-            trace.finish(_as_v2_error(exc))
-            raise _as_v2_error(exc) from exc
+            error = _as_v2_error(exc)
+            trace.finish(error)
+            raise error from exc
         tensor_out = InferInput(PREDICTOR_INPUT, list(batch.shape), "FP32")
         tensor_out.set_data_from_numpy(batch, binary_data=True)
         forwarded = {k: v for k, v in params.items() if v is not None}
@@ -280,8 +281,9 @@ class LookalikeTransformer(kserve.Model):
                         continue  # answered on input preprocessed for the old model: redo it
                 break
         except Exception as exc:
-            state.trace.finish(_as_v2_error(exc))
-            raise _as_v2_error(exc) from exc
+            error = _as_v2_error(exc)
+            state.trace.finish(error)
+            raise error from exc
         response.lookalike_state = state
         response.lookalike_request = payload
         return response
@@ -314,8 +316,9 @@ class LookalikeTransformer(kserve.Model):
             with state.trace.stage("postprocess"):
                 response = await self._join(result, state)
         except Exception as exc:
-            state.trace.finish(_as_v2_error(exc))
-            raise _as_v2_error(exc) from exc
+            error = _as_v2_error(exc)
+            state.trace.finish(error)
+            raise error from exc
         params = to_plain(result.parameters)
         state.trace.fields.update(model_version=params.get("model_version"), index_version=params.get("index_version"),
                                   predictor_embed_ms=params.get("embed_us", 0) / 1000,
