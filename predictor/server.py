@@ -30,8 +30,9 @@ import numpy as np
 import kserve
 from kserve.model_repository import ModelRepository
 from kserve.protocol.infer_type import InferRequest, InferResponse
-from predictor.service import (DEFAULT_MODEL_REF, Matches, ServingPair, SearchService, parse_filters)
-from storage.artifacts import ArtifactError
+from predictor.service import (DEFAULT_MODEL_REF, Matches, SearchService, ServingPair, parse_filters,
+                               resolve_model)
+from storage.artifacts import ArtifactError, index_repo
 from storage.s3 import StoreError, connect
 from transformer.metrics import RequestTrace, observe_batch
 from transformer.protocol import (BadInput, ModelMoved, TooLarge, Unavailable, V2Error, int_parameter, parameters_of,
@@ -83,8 +84,16 @@ class LookalikePredictor(kserve.Model):
                                          on_batch=lambda n: observe_batch("predictor", n))
             log.info("serving %r as %s", self.name, pair)
             self.ready = True
-        else:
+        elif self.settings.model_dir:
             self.service.reload(self._load_pair)
+        else:  # resolve the aliases first (two small reads), and load only when they moved
+            store = connect()
+            model_version = resolve_model(store, self.settings.model_ref)
+            index_version = index_repo(store, model_version).resolve(self.settings.index_ref)
+            current = self.service.pair
+            if (model_version, index_version) != (current.model_version, current.index_version):
+                self.service.reload(lambda: ServingPair.from_store(store, model_version, index_version,
+                                                                   self.settings.backend))
         return self.ready
 
     def _batching_pays(self, pair: ServingPair) -> bool:
