@@ -15,12 +15,16 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -329,9 +333,6 @@ print(json.dumps(out))
 
 def triton_grpc(url: str, calls: list[dict]) -> dict:
     """Run Triton's gRPC client against `url` in a separate process; photos travel as hex."""
-    import subprocess
-    import sys
-
     spec = {"url": url, "model": MODEL, "calls": [
         {**c, "photos": [p.hex() for p in c["photos"]]} if "photos" in c else c for c in calls]}
     done = subprocess.run([sys.executable, "-c", _TRITON_GRPC], input=json.dumps(spec), capture_output=True,
@@ -569,10 +570,8 @@ def test_micro_batched_answers_equal_direct_ones_and_survive_a_swap(pair):
 @pytest.mark.slow
 def test_local_model_dir_like_mnt_models_is_verified_and_matched(pair, tmp_path):
     """What KServe's storage initializer leaves in /mnt/models: model/ and index/ version folders."""
-    import shutil
-
     from predictor.index import VectorIndex
-    from predictor.service import ServingPair
+    from predictor.service import SearchService, ServingPair
     from storage.artifacts import ArtifactError, index_repo, model_repo
 
     mnt = tmp_path / "mnt" / "models"
@@ -582,8 +581,6 @@ def test_local_model_dir_like_mnt_models_is_verified_and_matched(pair, tmp_path)
     assert (served.model_version, served.index_version) == (pair["model_version"], pair["index_version"])
     row = pair["catalog"].rows[5]
     spec = PreprocessSpec.from_dict(served.embedder.meta["preprocessing"])
-    from predictor.service import SearchService
-
     found = SearchService(served, batching=False).search(
         preprocess_batch([decode_image(pair["photos"][row.listing_id])], spec), top_k=2)
     assert found.listing_ids[0][0] == row.listing_id
@@ -695,17 +692,10 @@ def test_model_swap_to_another_input_size_is_followed_by_the_transformer(stack, 
 # ---- the command line: lookalike query and lookalike serve -----------------------------------------
 
 def _lookalike(*args: str, env: dict, timeout: float = 120):
-    import subprocess
-    import sys
-
     return subprocess.run([_lookalike_bin(), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _lookalike_bin() -> str:
-    import shutil
-    import sys
-    from pathlib import Path
-
     beside = Path(sys.executable).parent / "lookalike"
     return str(beside) if beside.exists() else shutil.which("lookalike")
 
@@ -729,14 +719,12 @@ def test_lookalike_query_prints_matches_and_writes_html(stack, pair, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     done = _lookalike("query", str(broken), "--url", stack.endpoints["transformer_rest"], env=_server_env(pair))
-    assert done.returncode == 1 and "answered 400" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 1 and "answered 400" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.slow
 def test_lookalike_serve_starts_both_servers_and_stops_them(pair, tmp_path):
-    import subprocess
-    import sys
-
     from storage.server import free_port
 
     base = next(p for p in (free_port() for _ in range(50))

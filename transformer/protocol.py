@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from http import HTTPStatus
 from typing import Any
 
 import numpy as np
@@ -266,4 +265,4 @@ def status_of(exc: BaseException) -> int:
 
 __all__ = ["V2Error", "BadInput", "TooLarge", "NotFound", "ModelMoved", "Unavailable", "Timeout", "ModelServer",
            "BinaryDataPlane", "request_id", "parameters_of", "int_parameter", "single_input", "tensor_as_numpy",
-           "error_kind", "status_of", "http_status_of_grpc", "json_line", "HTTPStatus"]
+           "error_kind", "status_of", "http_status_of_grpc", "json_line"]

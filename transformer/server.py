@@ -39,7 +39,7 @@ from transformer.decoding import ImageError, ImageLimits, decode_image
 from transformer.metadata import ListingMetadata
 from transformer.metrics import RequestTrace
 from transformer.preprocessing import PreprocessSpec, preprocess_batch
-from transformer.protocol import (REQUEST_ID_HEADER, BadInput, ModelMoved, NotFound, Timeout, TooLarge, Unavailable, V2Error,
+from transformer.protocol import (REQUEST_ID_HEADER, BadInput, ModelMoved, Timeout, TooLarge, Unavailable, V2Error,
                                   int_parameter, output, parameters_of, request_id, single_input, tensor_as_numpy,
                                   wants_binary)
 
@@ -440,4 +440,4 @@ def _as_v2_error(exc: BaseException) -> BaseException:
     return V2Error(f"internal error in the transformer ({type(exc).__name__}); the request id is in the server log")
 
 
-__all__ = ["LookalikeTransformer", "TransformerSettings", "ModelSpec", "NotFound"]
+__all__ = ["LookalikeTransformer", "TransformerSettings", "ModelSpec"]
