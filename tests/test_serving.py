@@ -477,6 +477,13 @@ def test_bad_input_gets_clear_status_and_server_keeps_serving(stack, pair):
         response = httpx.post(infer, json=body, timeout=30)
         assert response.status_code == status, (what, response.text)
         assert text in response.json()["error"], (what, response.text)
+    response = httpx.post(infer, content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and "not a KServe v2 inference request" in response.json()["error"]
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 999}}]}).encode()
+    response = httpx.post(infer, content=head + b"abc", timeout=30, headers={
+        "Inference-Header-Content-Length": str(len(head)), "content-type": "application/octet-stream"})
+    assert response.status_code == 400 and "binary_data_size=999" in response.json()["error"]
     response = httpx.post(f"{url}/v2/models/nope/infer", json=tensor_cases[0][1], timeout=30)
     assert response.status_code == 404 and "nope" in response.json()["error"]
 

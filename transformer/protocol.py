@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from fastapi.exceptions import RequestValidationError
 from grpc import StatusCode
 from grpc_interceptor.exceptions import GrpcException
 
@@ -111,6 +112,16 @@ async def _v2_error_handler(_request, exc: V2Error):
 
     log.info("answered %d: %s", exc.status, exc.details)
     return JSONResponse(status_code=exc.status, content={"error": exc.details})
+
+
+async def _validation_error_handler(_request, exc):
+    """FastAPI answers a body that is not a v2 request with 422 and its own shape; v2 clients expect 400."""
+    from fastapi.responses import JSONResponse
+
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                         for e in exc.errors()[:5])
+    return JSONResponse(status_code=400, content={"error": f"the body is not a KServe v2 inference request "
+                                                            f"({problems or 'unreadable'})"})
 
 
 def error_kind(exc: BaseException) -> str:
@@ -255,6 +266,7 @@ class ModelServer(kserve.ModelServer):
         from kserve.model_server import app
 
         app.add_exception_handler(V2Error, _v2_error_handler)
+        app.add_exception_handler(RequestValidationError, _validation_error_handler)
 
 
 def status_of(exc: BaseException) -> int:
