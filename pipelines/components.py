@@ -24,15 +24,16 @@ component = dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 
 
 @component
-def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_images: bool,
+def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_images: bool, for_training: bool,
                     catalog: Output[Dataset], train_set: Output[Dataset], eval_set: Output[Dataset],
                     report: Output[Markdown]):
     """Validate the catalog, reporting every bad row, and hold out an evaluation set."""
     from pipelines import steps as work
 
     work.run_step("prepare catalog", work.prepare_catalog, catalog_uri=catalog_uri,
-                   holdout_fraction=holdout_fraction, seed=seed, check_images=check_images,
-                   catalog=catalog, train_set=train_set, eval_set=eval_set, report=report)
+                  holdout_fraction=holdout_fraction, seed=seed, check_images=check_images,
+                  for_training=for_training, catalog=catalog, train_set=train_set, eval_set=eval_set,
+                  report=report)
 
 
 @component
@@ -44,10 +45,10 @@ def train_model(train_set: Input[Dataset], architecture: str, image_size: int,
     from pipelines import steps as work
 
     work.run_step("train", work.train_model, train_set=train_set,
-                   architecture=architecture, image_size=image_size, embedding_dim=embedding_dim,
-                   trainable_blocks=trainable_blocks, steps=steps, samples_per_task=samples_per_task,
-                   learning_rate=learning_rate, train_options=train_options, seed=seed, device=device,
-                   model=model, metrics=metrics)
+                  architecture=architecture, image_size=image_size, embedding_dim=embedding_dim,
+                  trainable_blocks=trainable_blocks, steps=steps, samples_per_task=samples_per_task,
+                  learning_rate=learning_rate, train_options=train_options, seed=seed, device=device,
+                  model=model, metrics=metrics)
 
 
 @component
@@ -63,8 +64,8 @@ def evaluate_model(model: Input[Model], eval_set: Input[Dataset], catalog: Input
     from pipelines import steps as work
 
     work.run_step("evaluate model", work.evaluate_model, model=model, eval_set=eval_set, catalog=catalog,
-                   phone_queries=phone_queries, seed=seed, metrics=metrics, report=report,
-                   confusion={"category": category_confusion, "fine_category": fine_category_confusion,
+                  phone_queries=phone_queries, seed=seed, metrics=metrics, report=report,
+                  confusion={"category": category_confusion, "fine_category": fine_category_confusion,
                               "color": color_confusion, "material": material_confusion,
                               "shade": shade_confusion})
 
@@ -79,9 +80,9 @@ def check_model_gates(model: Input[Model], metrics: Input[Metrics], eval_set: In
     from pipelines import steps as work
 
     work.run_step("model gates", work.check_model_gates, model=model, metrics=metrics, eval_set=eval_set,
-                   catalog=catalog, min_recall_at_10=min_recall_at_10, min_head_accuracy=min_head_accuracy,
-                   max_regression=max_regression, compare_to=compare_to, phone_queries=phone_queries,
-                   seed=seed, verdict=verdict)
+                  catalog=catalog, min_recall_at_10=min_recall_at_10, min_head_accuracy=min_head_accuracy,
+                  max_regression=max_regression, compare_to=compare_to, phone_queries=phone_queries,
+                  seed=seed, verdict=verdict)
 
 
 @component
@@ -91,7 +92,7 @@ def publish_model(model: Input[Model], evaluation: Input[Metrics], report: Input
     from pipelines import steps as work
 
     return work.run_step("publish model", work.publish_model, model=model, evaluation=evaluation, report=report,
-                          alias=alias)
+                         alias=alias)
 
 
 @component
@@ -109,7 +110,7 @@ def embed_catalog(model: Input[Model], catalog: Input[Dataset], batch_size: int,
     from pipelines import steps as work
 
     work.run_step("embed catalog", work.embed_catalog, model=model, catalog=catalog, batch_size=batch_size,
-                   device=device, embeddings=embeddings)
+                  device=device, embeddings=embeddings)
 
 
 @component
@@ -120,8 +121,8 @@ def build_index(embeddings: Input[Dataset], model: Input[Model], index_factory: 
     from pipelines import steps as work
 
     work.run_step("build index", work.build_index, embeddings=embeddings, model=model,
-                   index_factory=index_factory, min_index_recall=min_index_recall, seed=seed, device=device,
-                   index=index, metrics=metrics)
+                  index_factory=index_factory, min_index_recall=min_index_recall, seed=seed, device=device,
+                  index=index, metrics=metrics)
 
 
 @component
@@ -132,7 +133,7 @@ def evaluate_index(index: Input[Model], model: Input[Model], queries: Input[Data
     from pipelines import steps as work
 
     work.run_step("evaluate index", work.evaluate_index, index=index, model=model, queries=queries,
-                   phone_queries=phone_queries, seed=seed, metrics=metrics, report=report)
+                  phone_queries=phone_queries, seed=seed, metrics=metrics, report=report)
 
 
 @component
@@ -142,8 +143,8 @@ def check_index_gates(build_metrics: Input[Metrics], search_metrics: Input[Metri
     from pipelines import steps as work
 
     work.run_step("index gates", work.check_index_gates, build_metrics=build_metrics,
-                   search_metrics=search_metrics, min_index_recall=min_index_recall,
-                   min_recall_at_10=min_recall_at_10, verdict=verdict)
+                  search_metrics=search_metrics, min_index_recall=min_index_recall,
+                  min_recall_at_10=min_recall_at_10, verdict=verdict)
 
 
 @component
@@ -162,4 +163,4 @@ def update_index(model: Input[Model], embeddings: Input[Dataset], index_ref: str
     from pipelines import steps as work
 
     work.run_step("update index", work.update_index, model=model, embeddings=embeddings,
-                   index_ref=index_ref, delisted_uri=delisted_uri, index=index, metrics=metrics)
+                  index_ref=index_ref, delisted_uri=delisted_uri, index=index, metrics=metrics)

@@ -46,9 +46,10 @@ class _Pool:
 
 # ---- building blocks (plain functions that add tasks to the pipeline being defined) ------------------
 
-def _prepare(pool: _Pool, catalog_uri, holdout_fraction, seed, check_images, name="prepare catalog"):
+def _prepare(pool: _Pool, catalog_uri, holdout_fraction, seed, check_images, name="prepare catalog",
+             for_training=True):
     task = c.prepare_catalog(catalog_uri=catalog_uri, holdout_fraction=holdout_fraction, seed=seed,
-                             check_images=check_images)
+                             check_images=check_images, for_training=for_training)
     # Not cached: a catalog can change under the same URI (a re-import), and a stale split would follow.
     return transient(impure(pool.cpu(task, name)))
 
@@ -208,7 +209,7 @@ def index_pipeline(
     """
     pool = _Pool(gpu_node_selector, gpu_toleration, s3_secret)
     model = transient(impure(pool.cpu(c.fetch_model(model_ref=model_ref), "fetch model")))
-    prepared = _prepare(pool, catalog_uri, 0.0, seed, check_images)
+    prepared = _prepare(pool, catalog_uri, 0.0, seed, check_images, for_training=False)
     build, gates = _index_and_gate(
         pool, model.outputs["model"], prepared.outputs["catalog"], prepared.outputs["catalog"],
         batch_size=batch_size, index_factory=index_factory, device=device, phone_queries=phone_queries,
@@ -257,7 +258,8 @@ def update_pipeline(
     """
     pool = _Pool(gpu_node_selector, gpu_toleration, s3_secret)
     model = transient(impure(pool.cpu(c.fetch_model(model_ref=model_ref), "fetch model")))
-    prepared = _prepare(pool, new_listings_uri, 0.0, seed, check_images, name="prepare new listings")
+    prepared = _prepare(pool, new_listings_uri, 0.0, seed, check_images, name="prepare new listings",
+                        for_training=False)
     embed = c.embed_catalog(model=model.outputs["model"], catalog=prepared.outputs["catalog"],
                             batch_size=batch_size, device=device)
     embed = transient(pure(pool.gpu(embed, "embed new listings (GPU)")), retries=1)

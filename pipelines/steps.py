@@ -74,10 +74,11 @@ def held_out(listing_id: str, seed: int, fraction: float) -> bool:
 
 
 def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_images: bool,
-                    catalog, train_set, eval_set, report=None) -> dict[str, Any]:
+                    catalog, train_set, eval_set, report=None, for_training: bool = True) -> dict[str, Any]:
     """Validate the catalog (every bad row, with its line) and split it: `catalog` holds every row,
     `train_set` and `eval_set` the rows trained on and held out. Image locations are made absolute so
-    the files can be read from any step."""
+    the files can be read from any step. A catalog that is only indexed (`for_training=False`) may
+    have a label with a single class."""
     from storage.s3 import connect
     from training.catalog import Catalog, CatalogError, CatalogRow, validate_catalog, write_catalog
 
@@ -92,6 +93,8 @@ def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_
         checked = validate_catalog(catalog_uri, check_images=check_images)
     except CatalogError as exc:
         raise StepError(str(exc)) from None
+    if not for_training:
+        checked.problems = [p for p in checked.problems if not (p.line == 0 and "single class" in p.message)]
     if not checked.ok:
         raise StepError(f"catalog {catalog_uri} cannot be used:\n{checked.summary(max_problems=20)}\n"
                         f"Fix or drop the rows listed and run again (`lookalike catalog validate` shows them all)")

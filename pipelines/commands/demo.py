@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from pipelines.cli import CommandError
@@ -59,6 +60,10 @@ def _demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(rows=args.rows, image_size=args.image_size, steps=args.steps,
                             samples_per_task=args.samples_per_task, queries=args.queries, holdout_fraction=args.holdout,
                             seed=args.seed, train_options=options)
+    def _terminate(signum, frame):  # stop the servers and the store in order, as on Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     started = time.perf_counter()
     try:
         result = run_demo(settings, out_dir=args.out)
