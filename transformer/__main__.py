@@ -62,8 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one clear line, then a non-zero exit
         print(f"transformer: cannot read the model's preprocessing spec: {exc}", file=sys.stderr, flush=True)
         return 1
+    from kserve.predictor_config import PredictorConfig
+
+    # kserve's own view of the predictor (used by --enable_predictor_health_check) matches ours: gRPC v2.
+    predictor = PredictorConfig(predictor_host=args.predictor_host, predictor_protocol="grpc-v2",
+                                predictor_request_timeout_seconds=max(1, round(args.predictor_timeout)),
+                                predictor_health_check=args.enable_predictor_health_check)
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
-                enable_grpc=args.enable_grpc).start([model])
+                enable_grpc=args.enable_grpc, predictor_config=predictor).start([model])
     return 0
 
 

@@ -216,7 +216,17 @@ def json_line(**fields: Any) -> str:
 # ---- the REST decoder that keeps binary tensors binary ------------------------------------------
 
 class BinaryDataPlane(DataPlane):
-    """kserve's DataPlane, except that binary-extension inputs stay raw bytes (see the module doc)."""
+    """kserve's DataPlane, except that binary-extension inputs stay raw bytes (see the module doc), and an
+    unreachable predictor makes the transformer not ready rather than failing the readiness probe."""
+
+    async def ready(self) -> bool:
+        # With --enable_predictor_health_check kserve asks the predictor and lets a refused connection
+        # escape as a 500 with the raw gRPC error; a predictor that does not answer means "not ready".
+        try:
+            return await super().ready()
+        except Exception as exc:  # noqa: BLE001
+            log.info("not ready: the predictor does not answer (%s)", type(exc).__name__)
+            return False
 
     def decode_inference_request(self, body, headers, model_name):
         if not isinstance(body, bytes):
