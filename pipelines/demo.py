@@ -27,7 +27,7 @@ class DemoSettings:
 
     rows: int = 3000  # catalog rows imported from Fashion-MNIST's training split (class-stratified)
     holdout_fraction: float = 0.1  # listings held out of training: the demo's queries are photos of these
-    steps: int = 500
+    steps: int = 400
     image_size: int | None = None
     samples_per_task: int | None = None
     trainable_blocks: int | None = None
