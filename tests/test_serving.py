@@ -575,6 +575,22 @@ def test_micro_batched_answers_equal_direct_ones_and_survive_a_swap(pair):
 
 
 @pytest.mark.slow
+def test_torch_fallback_embeds_like_onnx_runtime(pair):
+    from predictor.embedder import Embedder
+    from storage.artifacts import model_repo
+
+    model_dir = model_repo(pair["store"]).fetch(pair["model_version"])
+    onnx, torch_ = Embedder.load(model_dir, "onnxruntime"), Embedder.load(model_dir, "torch")
+    assert (onnx.backend, torch_.backend) == ("onnxruntime", "torch")
+    spec = PreprocessSpec.from_dict(onnx.meta["preprocessing"])
+    batch = preprocess_batch([decode_image(pair["photos"][r.listing_id]) for r in pair["catalog"].rows[:3]], spec)
+    (e1, p1), (e2, p2) = onnx.embed(batch), torch_.embed(batch)
+    assert np.abs(e1 - e2).max() < 1e-4 and all(np.abs(p1[t] - p2[t]).max() < 1e-4 for t in p1)
+    with pytest.raises(ValueError, match=r"\[N, 3, 64, 64\]"):
+        onnx.embed(batch[:, :, :32, :32])
+
+
+@pytest.mark.slow
 def test_local_model_dir_like_mnt_models_is_verified_and_matched(pair, tmp_path):
     """What KServe's storage initializer leaves in /mnt/models: model/ and index/ version folders."""
     from predictor.index import VectorIndex
