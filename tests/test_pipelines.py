@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -194,3 +195,18 @@ def test_cuda_on_a_machine_without_gpu_fails_at_train(store, tmp_path):
     assert failed.value.step == "train-model"
     assert "no CUDA GPU" in str(failed.value) and "device=auto" in str(failed.value)
     assert _no_models(store)
+
+
+def test_cli_run_reports_the_failed_step_in_one_line(store, tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LOOKALIKE_HOME=str(tmp_path))
+    lookalike = str(Path(sys.executable).parent / "lookalike")  # the installed entry point
+    done = subprocess.run([lookalike, "pipeline", "run", "train", "--local",
+                           "--param", f"catalog_uri={store.uri('catalogs/missing/catalog.jsonl')}"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert "error: pipeline train failed at step prepare-catalog:" in done.stderr
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr + done.stdout
+    assert "[1/5] prepare-catalog" in done.stdout  # progress, one line per step
