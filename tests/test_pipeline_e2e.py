@@ -120,3 +120,17 @@ def test_update_adds_new_listings_and_removes_delisted_ones(published):
     assert updated.count == 100 + 10 - 2
     assert all(lid in updated for lid in new_ids) and not any(lid in updated for lid in gone)
     assert VectorIndex.fetch(store, model_version, before).count == 100  # the old version is untouched
+
+
+def test_index_pipeline_with_a_failing_gate_keeps_the_production_index(published):
+    store, uri, run, home = published
+    model_version = run.outputs["model_version"]
+    indexes = index_repo(store, model_version)
+    before_versions, before_aliases = indexes.versions(), indexes.aliases()
+    with pytest.raises(PipelineFailed) as failed:
+        run_local("index", {"catalog_uri": uri, "phone_queries": 10, "min_recall_at_10": 1.01,
+                            "min_index_recall": 0.5}, root=home / "runs")
+    assert failed.value.step == "check-index-gates"
+    assert "phone_recall@10 through the index" in str(failed.value)
+    assert "the production index is unchanged" in str(failed.value)
+    assert indexes.versions() == before_versions and indexes.aliases() == before_aliases

@@ -127,7 +127,7 @@ def test_cli_parses_params_by_type():
         parse_params("train", ["epoch=1"])
     with pytest.raises(ValueError, match="expected a integer"):
         parse_params("train", ["seed=three"])
-    assert "min_recall_at_10 (Float, default 0.5)" in describe_parameters("train")
+    assert "min_recall_at_10 (Float, default 0.2)" in describe_parameters("train")
 
 
 def test_submit_to_unreachable_endpoint_says_what_to_check():
