@@ -111,16 +111,18 @@ def in_process(store, photos: list[bytes], n: int, batching: bool = False):
     return service, spec, one
 
 
-def timed_sequential(call, photos: list[bytes], n: int, warmup: int = 20) -> tuple[list[float], float]:
+def interleaved(calls: dict, photos: list[bytes], n: int, warmup: int = 20) -> tuple[dict, dict]:
+    """Round-robin over the modes, one request each per round; per mode the latencies and summed time."""
     for i in range(warmup):
-        call(photos[i % len(photos)])
-    samples = []
-    start = time.perf_counter()
+        for call in calls.values():
+            call(photos[i % len(photos)])
+    samples = {name: [] for name in calls}
     for i in range(n):
-        t = time.perf_counter()
-        call(photos[i % len(photos)])
-        samples.append(time.perf_counter() - t)
-    return samples, time.perf_counter() - start
+        for name, call in calls.items():
+            t = time.perf_counter()
+            call(photos[i % len(photos)])
+            samples[name].append(time.perf_counter() - t)
+    return samples, {name: sum(v) for name, v in samples.items()}
 
 
 def concurrent(make_call, photos: list[bytes], clients: int, duration_s: float) -> tuple[list[float], float, int, int]:
@@ -211,19 +213,19 @@ def main() -> int:
         _, _, catalog_photos = build_pair(store, args.catalog_size, args.size)
         photos = phone_photos(catalog_photos)
 
-        print(f"\n(a) in process, one photo at a time ({cores} cores)")
-        service, _, one = in_process(store, photos, args.requests)
-        samples, wall = timed_sequential(one, photos, args.requests)
-        base = report("in process (decode..search)", samples, wall, args.requests)
-
+        _, _, one = in_process(store, photos, args.requests)
         stack = ServingStack(dict(os.environ), log_dir=workdir / "logs")
         stack.start()
         print(f"\nservers up: {stack.endpoints}")
-        print("\n(b), (c) through transformer + predictor, one client")
-        samples, wall = timed_sequential(rest_call(stack.endpoints["transformer_rest"]), photos, args.requests)
-        rest = report("REST (binary tensors)", samples, wall, args.requests)
-        samples, wall = timed_sequential(grpc_call(stack.endpoints["transformer_grpc"]), photos, args.requests)
-        grpc_r = report("gRPC", samples, wall, args.requests)
+        # (a), (b), (c) interleaved request by request, so load elsewhere on a shared machine hits all three
+        # alike instead of whichever happened to run during a burst.
+        calls = {"in process (decode..search)": one,
+                 "REST (binary tensors)": rest_call(stack.endpoints["transformer_rest"]),
+                 "gRPC": grpc_call(stack.endpoints["transformer_grpc"])}
+        print(f"\n(a) in process, (b) REST and (c) gRPC through transformer + predictor: one photo at a time, "
+              f"interleaved ({cores} cores)")
+        samples, walls = interleaved(calls, photos, args.requests)
+        base, rest, grpc_r = (report(name, samples[name], walls[name], args.requests) for name in calls)
 
         print(f"\n(d) {args.clients} concurrent gRPC clients for {args.duration:g} s")
         url = stack.endpoints["transformer_grpc"]
