@@ -133,6 +133,11 @@ def test_small_catalog_falls_back_to_exact_search_visibly(caplog):
     q = clustered(20, seed=4)
     res = idx.search(q, 5, nprobe=3)  # nprobe means nothing to exact search
     assert [[int(s.rsplit("-", 1)[1]) for s in row] for row in res.listing_ids] == exact_top(x, q, 5).tolist()
+    allowed = ids_for(500)[::10]
+    res = idx.search(q, 5, allowed_ids=allowed)
+    assert all(len(row) == 5 and set(row) <= set(allowed) for row in res.listing_ids)
+    assert idx.remove(allowed[:2]) == 2 and len(idx) == 498 and allowed[0] not in idx
+    assert idx.drift()["rebuild_due"] is False
 
 
 def test_factory_setting():
