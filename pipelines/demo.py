@@ -150,6 +150,7 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | Path | None
         run = run_local("train-and-index", settings.pipeline_params(catalog_uri), root=home() / "pipeline-runs",
                         out=out)
         model_version, index_version = run.outputs["model_version"], run.outputs["index_version"]
+        say("step times: " + ", ".join(f"{step} {took:.0f} s" for step, took in run.steps))
         say(f"published model {model_version} and index {index_version}")
         lap("pipeline")
 
