@@ -2,7 +2,8 @@
 
 - per-head accuracy on a labelled query set;
 - label retrieval (query set → catalog, exact cosine search): precision@1, precision@10 and mAP@10,
-  where a match is a catalog row with the query's label, for each labelled task;
+  where a match is a catalog row with the query's label, for each labelled task (searched among the
+  catalog rows that carry that task's label);
 - listing retrieval (simulated phone photos of catalog listings → catalog): recall@1/5/10, where the
   match is the photographed listing itself. These queries are simulated and always reported so.
 
@@ -193,19 +194,23 @@ def evaluate(model: LookalikeModel, baseline_backbone: nn.Module, *,
     if len(query_images):
         qry = embed_images(embedder, query_images, spec, desc="embed queries", **kw)
         result["heads"] = head_accuracy(qry.logits, query_labels, model.config.heads)
-        exclude = np.array([position.get(lid, -1) for lid in query_ids], dtype=np.int64)
-        nn_f = exact_search(qry.finetuned, cat.finetuned, 10, exclude=exclude)
-        nn_b = exact_search(qry.baseline, cat.baseline, 10, exclude=exclude)
         for task in model.config.heads:
             rows = [i for i, lab in enumerate(query_labels) if task in lab]
-            if not rows:
+            # A sparse task is searched among the catalog rows that carry its label: an unlabelled
+            # neighbour is unknown, not wrong.
+            cat_rows = np.array([j for j, lab in enumerate(catalog_labels) if task in lab], dtype=np.int64)
+            if not rows or len(cat_rows) == 0:
                 continue
+            sub_position = {catalog_ids[j]: k for k, j in enumerate(cat_rows)}
+            exclude = np.array([sub_position.get(query_ids[i], -1) for i in rows], dtype=np.int64)
+            nn_f = exact_search(qry.finetuned[rows], cat.finetuned[cat_rows], 10, exclude=exclude)
+            nn_b = exact_search(qry.baseline[rows], cat.baseline[cat_rows], 10, exclude=exclude)
             q_lab = [query_labels[i][task] for i in rows]
-            c_lab = [lab.get(task) for lab in catalog_labels]
+            c_lab = [catalog_labels[j][task] for j in cat_rows]
             result["retrieval"][task] = {
-                FINETUNED: label_retrieval(nn_f[rows], q_lab, c_lab),
-                BASELINE: label_retrieval(nn_b[rows], q_lab, c_lab),
-                "queries": len(rows), "catalog": int(sum(lab is not None for lab in c_lab)),
+                FINETUNED: label_retrieval(nn_f, q_lab, c_lab),
+                BASELINE: label_retrieval(nn_b, q_lab, c_lab),
+                "queries": len(rows), "catalog": int(len(cat_rows)),
             }
     if len(phone_queries):
         known = [(position[lid], img) for lid, img in phone_queries if lid in position]
