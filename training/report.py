@@ -140,14 +140,16 @@ def _recall_plot(phone: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for s, label in ((FINETUNED, "fine-tuned"), (BASELINE, "ImageNet baseline")):
+    top = max([*phone[FINETUNED].values(), *phone[BASELINE].values(), 0.05])
+    for s, label, dy in ((FINETUNED, "fine-tuned", 7), (BASELINE, "ImageNet baseline", -13)):
         ks = [int(k.split("@")[1]) for k in phone[s]]
         ax.plot(ks, list(phone[s].values()), marker="o", label=label, color=_COLOURS[s])
         for k, v in zip(ks, phone[s].values()):
-            ax.annotate(f"{v:.3f}", (k, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+            ax.annotate(f"{v:.3f}", (k, v), textcoords="offset points", xytext=(0, dy), ha="center", fontsize=8)
+    ax.set_xticks(ks)
     ax.set_xlabel("k")
     ax.set_ylabel("recall@k (the photographed listing)")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, min(1.05, top * 1.3))  # small recalls stay readable
     ax.set_title(f"SIMULATED phone photos → catalog ({phone['queries']} queries)")
     ax.grid(alpha=0.3)
     ax.legend()
