@@ -177,8 +177,6 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | Path | None
 
 def _query_held_out(store, catalog_uri: str, settings: DemoSettings, url: str, out_dir: Path,
                     model_version: str, index_version: str, out: TextIO) -> DemoResult:
-    from PIL import Image
-
     from pipelines.commands.serve import query_photos, write_html
     from pipelines.steps import held_out
     from storage.artifacts import model_repo

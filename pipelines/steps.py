@@ -576,11 +576,9 @@ def check_model_gates(model, metrics, eval_set, catalog, min_recall_at_10: float
         Path(verdict.path).write_text(text)
     print(text, flush=True)
     if failed:
-        from storage.artifacts import VersionNotFound as _NotFound
-
         try:
             production = model_repo(connect()).resolve(compare_to or "production")
-        except _NotFound:
+        except VersionNotFound:
             production = None
         where = f"{compare_to or 'production'} still points at {production}" if production else \
             "no alias was set"
@@ -659,11 +657,11 @@ def build_index(embeddings, model, index_factory: str, min_index_recall: float, 
 def evaluate_index(index, model, queries, phone_queries: int, seed: int, metrics, report=None) -> dict[str, float]:
     """Simulated phone photos of listings in `queries`, through the serving preprocessing and the
     index: recall@1/5/10 of the photographed listing."""
+    import numpy as np
+
     from predictor.index import VectorIndex
     from training.phone_photos import SIMULATED_NOTE, make_phone_queries
     from transformer.preprocessing import PreprocessSpec, preprocess
-
-    import numpy as np
 
     embedder = _load_embedder(model.path, "auto")
     built = VectorIndex.load(index.path, model_version=embedder.model_version)

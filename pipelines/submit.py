@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from pathlib import Path
 from typing import Any
 
 
@@ -82,9 +81,3 @@ def _explain(exc: Exception, host: str) -> str:
                 f"`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80` and --host http://localhost:8080)")
     return f"the Kubeflow Pipelines API at {host} refused the run: {text}"
 
-
-def package_for(name: str, out_dir: str | Path) -> Path:
-    """Compile `name` into `out_dir` (what `submit` uploads)."""
-    from pipelines.compile import compile_pipeline
-
-    return compile_pipeline(name, out_dir)
