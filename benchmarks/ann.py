@@ -18,7 +18,8 @@ Measured in one run, on the same vectors and queries:
 
 Per method: build seconds, bytes per vector (the serialised index structures), and for one query at a
 time and for batches of 64: recall@10 and queries per second, with the speed-up over exact search.
-Single-query timings stop after a few seconds per method (exact search is slow by design). The last line
+Timings stop after a few seconds per method (exact search is slow by design) and keep the best
+of three rounds, as the machine may be busy with other work. The last line
 reads `ann: recall@10=<r> speedup_vs_exact=<s>x (single query, IVF-Flat, N=<n>)`.
 """
 from __future__ import annotations
@@ -37,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 K = 10
 BATCH = 64
-SINGLE_SECONDS = 3.0      # time budget per method for one-query-at-a-time timing
-MIN_SINGLE = 20
+SINGLE_SECONDS = 4.5      # time budget per method for one-query-at-a-time timing
+ROUNDS = 3                # timings keep the best round: the machine may be shared
+MIN_SINGLE = 8
 PQ_TARGET = 0.92          # IVF-PQ is tuned for >= 0.90 with a margin (its re-ranked recall tops out near 0.95)
 
 
@@ -102,28 +104,38 @@ def recall(found_rows: np.ndarray, gt: np.ndarray) -> float:
 
 
 def time_single(search_one, queries: np.ndarray) -> float:
-    """Queries per second, one query per call, for at most SINGLE_SECONDS."""
+    """Queries per second, one query per call: the best of ROUNDS rounds of at most SINGLE_SECONDS/ROUNDS
+    each (and at least MIN_SINGLE queries), so a burst of other work on the machine does not decide it."""
     for q in queries[:3]:  # warm-up
         search_one(q[None, :])
-    done, start = 0, time.perf_counter()
-    while done < len(queries):
-        search_one(queries[done:done + 1])
-        done += 1
-        if done >= MIN_SINGLE and time.perf_counter() - start > SINGLE_SECONDS:
-            break
-    return done / (time.perf_counter() - start)
+    best, pos = 0.0, 0
+    for _ in range(ROUNDS):
+        done, start = 0, time.perf_counter()
+        while True:
+            i = (pos + done) % len(queries)
+            search_one(queries[i:i + 1])
+            done += 1
+            elapsed = time.perf_counter() - start
+            if done >= len(queries) or (done >= MIN_SINGLE and elapsed > SINGLE_SECONDS / ROUNDS):
+                break
+        best = max(best, done / (time.perf_counter() - start))
+        pos = (pos + done) % len(queries)
+    return best
 
 
 def time_batches(search_batch, queries: np.ndarray) -> float:
-    """Queries per second in batches of BATCH, for at most a few seconds after the first two batches."""
+    """Queries per second in batches of BATCH: the best of ROUNDS rounds, as for single queries."""
     search_batch(queries[:BATCH])
-    done, start = 0, time.perf_counter()
-    for i in range(0, len(queries), BATCH):
-        search_batch(queries[i:i + BATCH])
-        done += len(queries[i:i + BATCH])
-        if i >= BATCH and time.perf_counter() - start > 2 * SINGLE_SECONDS:
-            break
-    return done / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(ROUNDS):
+        done, start = 0, time.perf_counter()
+        for i in range(0, len(queries), BATCH):
+            search_batch(queries[i:i + BATCH])
+            done += len(queries[i:i + BATCH])
+            if i >= BATCH and time.perf_counter() - start > 2 * SINGLE_SECONDS / ROUNDS:
+                break
+        best = max(best, done / (time.perf_counter() - start))
+    return best
 
 
 def faiss_bytes(index) -> int:

@@ -19,9 +19,9 @@ Factories (the `factory` setting, FAISS index_factory strings with placeholders)
 - ``IVF{nlist},Flat`` (default): exact vectors in the lists; recall limited only by nprobe.
 - ``IVF{nlist},PQ{m}x4fsr,Refine(SQ8)`` (`PQ_FACTORY`): 4-bit fast-scan PQ codes of the residuals
   (D/8 bytes) find a short list of `refine_k_factor`·top_k candidates that are re-ranked from an 8-bit
-  scalar-quantized copy (D bytes): under a third of IVF-Flat's memory. ``Refine(SQfp16)``, ``Refine(Flat)`` (= ``RFlat``)
-  re-rank from fp16 or exact copies instead. The refine step is ours rather than FAISS's IndexRefine so
-  that it keeps working with ids, removals and filters.
+  scalar-quantized copy (D bytes): under a third of IVF-Flat's memory. ``Refine(SQfp16)`` and
+  ``Refine(Flat)`` (= ``RFlat``) re-rank from fp16 or exact copies instead. The refine step is ours
+  rather than FAISS's IndexRefine so that it keeps working with ids, removals and filters.
 - ``{nlist}`` is chosen by `predictor.index_tuning.choose_nlist`; ``{m}`` is D/4. A catalog too small
   to train ``{nlist}`` lists falls back to exact search (``index.json``: kind "exact", and
   ``exact_fallback`` says why; a warning is logged). ``Flat`` asks for exact search outright.

@@ -120,7 +120,8 @@ class ListingTable:
         mask = np.ones(len(self.keys), bool)
         if label_filter:
             if not isinstance(label_filter, Mapping):
-                raise BadIndexInput(f"label_filter must be a mapping {{task: label}}, got {type(label_filter).__name__}")
+                raise BadIndexInput(f"label_filter must be a mapping {{task: label}}, "
+                                    f"got {type(label_filter).__name__}")
             for task, label in label_filter.items():
                 if task not in self.vocab:
                     raise BadIndexInput(f"cannot filter on {task!r}: this index holds labels for "

@@ -248,8 +248,8 @@ def test_save_load_round_trip(built, data, tmp_path):
     for field in ("model_version", "dim", "metric", "factory", "nlist", "nprobe", "count", "recall_curve", "files"):
         assert field in info
     loaded = VectorIndex.load(folder, model_version=MODEL, dim=D)
-    a, b = built.search(data[:30], 10, label_filter={"category": "rare"}), loaded.search(data[:30], 10,
-                                                                                         label_filter={"category": "rare"})
+    rare = {"category": "rare"}
+    a, b = built.search(data[:30], 10, label_filter=rare), loaded.search(data[:30], 10, label_filter=rare)
     assert a.listing_ids == b.listing_ids
     np.testing.assert_allclose(a.scores, b.scores)
     assert loaded.info["recall_curve"] == built.info["recall_curve"] and loaded.nprobe == built.nprobe
