@@ -155,6 +155,8 @@ def test_ivf_pq_with_re_ranking(data, tmp_path):
     info = idx.info
     assert info["factory"] == "IVF64,PQ8x4fsr,Refine(SQ8)" and info["refine"]["codec"] == "SQ8"
     assert info["recall_at_10"] >= 0.9
+    codes = idx._refine_codes[:50]  # the numpy decoder is FAISS's 8-bit rule
+    np.testing.assert_allclose(idx._decode(codes), idx._refine_codec.sa_decode(codes), atol=1e-6)
     res = idx.search(data[:20], 1)
     assert [r[0] for r in res.listing_ids] == ids_for(20)  # re-ranking puts each vector first
     loaded = VectorIndex.load(idx.save(tmp_path / "pq"), model_version=MODEL)
