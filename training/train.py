@@ -5,9 +5,12 @@
             ─▶ AdamW, warm-up then cosine decay ─▶ evaluate beside the pretrained baseline ─▶ export
 
 CPU defaults (2 cores) aim at a useful Fashion-MNIST model in about ten minutes: 28-px product shots
-gain nothing from 224-px inputs, so the input is 96 px squashed (no crop margin) — about 5× cheaper
-than 224 px; the last three stages are fine-tuned, and each step sees 8 listings per task twice (a
-catalog-like view and, mostly, a simulated phone photo) for CE on both and a batch-hard triplet loss. On CUDA the loop runs with autocast (fp16 + loss scaling) and channels-last.
+gain nothing from 224-px inputs, so the input is 80 px squashed (no crop margin), about 8× cheaper
+than 224 px. Measured on Fashion-MNIST at about equal compute: 80 px × 1400 steps gave fine-category
+precision@10 0.872, 96 px × 1000 steps 0.857. The last three stages are fine-tuned, and each step
+sees 8 listings per task twice (a catalog-like view and, mostly, a simulated phone photo) for CE on
+both and a batch-hard triplet loss. On CUDA the loop runs with autocast (fp16 + loss scaling) and
+channels-last.
 Deterministic for a seed on CPU: the sampler and each batch's augmentation are functions of
 (seed, step), and the model's new layers are initialised from the seed.
 """
@@ -41,11 +44,11 @@ class TrainConfig:
     pretrained: str | None = "package"  # "package", a weights file (path or s3://), or None
     embedding_dim: int = 128
     trainable_blocks: int = 3
-    image_size: int = 96  # square input; resize == size, so no crop margin is lost
+    image_size: int = 80  # square input; resize == size, so no crop margin is lost
     crop: str = "none"  # "none": squash to a square; "center": resize the short side, then crop
     tasks: list[str] | None = None  # default: every label of the catalog
     # optimisation
-    steps: int = 1000
+    steps: int = 1400
     samples_per_task: int = 8  # a batch is this many samples of every task (×2 views with triplet)
     lr: float = 2e-3  # projection and heads
     backbone_lr_scale: float = 0.25  # the fine-tuned backbone stages learn this much slower
