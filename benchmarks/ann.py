@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     speedup = q1_flat / exact_single
     pq_ratio = pq_bytes / flat_bytes
     print(f"targets: IVF-Flat recall@10 {r_flat:.3f} (>= 0.95: {'ok' if r_flat >= 0.95 else 'MISSED'}), "
-          f"single-query speed-up {speedup:.0f}x (>= 500x at 1M: {'ok' if speedup >= 500 else 'MISSED'}); "
+          f"single-query speed-up {speedup:.0f}x (>= 500x at 1M: "
+          f"{('ok' if speedup >= 500 else 'MISSED') if n >= 1_000_000 else 'applies to 1M vectors'}); "
           f"IVF-PQ recall@10 {r_pq:.3f} (>= 0.90: {'ok' if r_pq >= 0.90 else 'MISSED'}) at {pq_ratio:.2f} of "
           f"IVF-Flat's memory (< 0.33: {'ok' if pq_ratio < 1 / 3 else 'MISSED'}); incremental diff "
           f"{r_inc - r_flat:+.3f} (within 0.01: {'ok' if abs(r_inc - r_flat) <= 0.01 else 'MISSED'}); API overhead "
