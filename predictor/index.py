@@ -900,7 +900,16 @@ class VectorIndex:
         from storage.artifacts import index_repo, new_version
 
         repo = index_repo(store, self.model_version)
+        # Versions sort by time to the second, then by a random suffix: make sure an update published
+        # within the same second as its parent still sorts after it, so "latest" finds it.
+        newest = (repo.versions() or [""])[0]
         version = new_version()
+        for attempt in range(64):
+            if version > newest:
+                break
+            if attempt == 32:
+                time.sleep(1.0)
+            version = new_version()
         parent = self._info.get("index_version")
         with tempfile.TemporaryDirectory(prefix="lookalike-index-") as tmp:
             self.save(tmp, _extra={"index_version": version, "parent_version": parent})
