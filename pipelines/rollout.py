@@ -26,7 +26,6 @@ Transitions (P is a percent):
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import yaml
 
 from pipelines.manifest_check import (ANNOTATION_INDEX, ANNOTATION_MODEL, KSERVE_CONTAINER, ManifestError, Report,
                                       find_object, overlay_path, validate_overlay)
+from storage.artifacts import VERSION_NAME_RE
 
 ANNOTATION_PREVIOUS_MODEL = "lookalike.io/previous-model-version"
 ANNOTATION_PREVIOUS_INDEX = "lookalike.io/previous-index-version"
@@ -45,7 +45,6 @@ ROLLOUT_FILE = "rollout.yaml"
 ISVC_NAME = "lookalike"
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 LATEST_INDEX = "latest"
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # storage.artifacts version names
 
 HEADER = """\
 # Which model and index the predictor serves, and the canary split. Written by `lookalike rollout`
@@ -113,7 +112,7 @@ class RolloutState:
 # ----------------------------------------------------------------------------------------- transitions
 
 def _check_version(value: str, what: str) -> str:
-    if not _VERSION_RE.match(value or ""):
+    if not VERSION_NAME_RE.match(value or ""):
         raise RolloutError(f"{what} {value!r} is not a version name (letters, digits, '.', '_', '-'; "
                            f"`lookalike store ls` lists the published ones)")
     return value

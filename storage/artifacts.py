@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from storage.s3 import ObjectStore, StoreError
 MANIFEST = "MANIFEST.json"
 ALIASES = "_aliases"
 LATEST = "latest"
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also the names of aliases
 
 
 class ArtifactError(RuntimeError):
@@ -43,9 +44,20 @@ class VersionNotFound(ArtifactError):
     pass
 
 
+_last_version_ms = 0
+
+
 def new_version() -> str:
-    """A fresh version name that sorts by time: 20261124T010203Z-3f9a1c."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    """A fresh version name that sorts by time, to the millisecond: 20261124T010203457Z-3f9a1c.
+
+    "latest" is the newest name, so names made one after another in a process must sort in that
+    order even within one millisecond: the clock reading is bumped past the previous one.
+    """
+    global _last_version_ms
+    now_ms = max(int(time.time() * 1000), _last_version_ms + 1)
+    _last_version_ms = now_ms
+    stamp = datetime.fromtimestamp(now_ms / 1000, timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{stamp}{now_ms % 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -124,7 +136,7 @@ class ArtifactRepo:
         """
         local_dir = Path(local_dir)
         version = version or new_version()
-        if not _VERSION_RE.match(version) or version in (LATEST, ALIASES):
+        if not VERSION_NAME_RE.match(version) or version in (LATEST, ALIASES):
             raise ArtifactError(f"invalid version name {version!r}: use letters, digits, '.', '_' and '-'")
         if self.store.exists(self._key(version, MANIFEST)):
             raise ArtifactError(f"{self.prefix}/{version} is already published; versions are never edited - "
@@ -138,7 +150,7 @@ class ArtifactRepo:
 
     def set_alias(self, alias: str, version: str) -> None:
         """Point `alias` (production, canary, …) at a complete version."""
-        if not _VERSION_RE.match(alias) or alias == LATEST:
+        if not VERSION_NAME_RE.match(alias) or alias == LATEST:
             raise ArtifactError(f"invalid alias name {alias!r}")
         self.manifest(version)  # refuses unknown or incomplete versions
         body = {"version": version, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -158,3 +158,10 @@ def test_cli_store_ls_lists_versions(store, tmp_path, capsys):
     assert main(["store", "ls"]) == 0
     out = capsys.readouterr().out
     assert version in out and "production" in out
+
+
+def test_latest_is_the_last_published_even_within_one_second(store, tmp_path):
+    repo = model_repo(store)
+    published = [repo.publish(_version_dir(tmp_path, f"v{i}")) for i in range(5)]
+    assert repo.versions() == published[::-1]
+    assert repo.resolve("latest") == published[-1]
