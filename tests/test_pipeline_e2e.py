@@ -3,8 +3,6 @@ server, then the two KServe servers serve what it published; and a run whose gat
 nothing and leaves production where it was."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from pipelines.local import PipelineFailed, run_local
@@ -25,22 +23,16 @@ def published(s3_server, tmp_path_factory):
     from training.importers import import_fashion_mnist
 
     settings = s3_server.settings.with_bucket(f"e2e-{uuid.uuid4().hex[:10]}")
-    saved = {k: os.environ.get(k) for k in [*settings.to_env(), "LOOKALIKE_CACHE", "LOOKALIKE_HOME"]}
     home = tmp_path_factory.mktemp("home")
-    os.environ.update(settings.to_env())
-    os.environ["LOOKALIKE_CACHE"], os.environ["LOOKALIKE_HOME"] = str(home / "cache"), str(home)
-    try:
+    with pytest.MonkeyPatch.context() as env:  # module-scoped: restored when the module's tests are done
+        for key, value in {**settings.to_env(), "LOOKALIKE_CACHE": str(home / "cache"),
+                           "LOOKALIKE_HOME": str(home)}.items():
+            env.setenv(key, value)
         store = ObjectStore(settings)
         store.check(create_bucket=True)
         uri = import_fashion_mnist(store, split_names=("test",), limit=100, progress=False)["test"]
         run = run_local("train-and-index", {"catalog_uri": uri, **TINY}, root=home / "runs")
         yield store, uri, run, home
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_train_and_index_publishes_model_and_index(published):

@@ -153,9 +153,9 @@ def pair(s3_server, tmp_path_factory):
     store = ObjectStore(settings)
     store.check(create_bucket=True)
     cache = tmp_path_factory.mktemp("cache")
-    old_env = {k: os.environ.get(k) for k in [*settings.to_env(), "LOOKALIKE_CACHE"]}
-    os.environ.update({**settings.to_env(), "LOOKALIKE_CACHE": str(cache)})
-    try:
+    with pytest.MonkeyPatch.context() as env:  # module-scoped: restored when the module's tests are done
+        for key, value in {**settings.to_env(), "LOOKALIKE_CACHE": str(cache)}.items():
+            env.setenv(key, value)
         catalog_uri = import_fashion_mnist(store, split_names=("train",), limit=60, progress=False)["train"]
         from training.catalog import Catalog
 
@@ -170,12 +170,6 @@ def pair(s3_server, tmp_path_factory):
         assert model_repo(store).resolve("production") == model_version
         yield {"store": store, "settings": settings, "cache": cache, "catalog": catalog, "photos": photos,
                "vectors": vectors, "model_version": model_version, "index_version": index_version}
-    finally:
-        for key, value in old_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _server_env(pair) -> dict[str, str]:
