@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most images embedded together when requests arrive concurrently (default 4)")
     parser.add_argument("--batching", choices=["auto", "on", "off"], default=env("LOOKALIKE_BATCHING", "auto"),
                         help="micro-batch concurrent requests: auto measures at start whether a batch of "
-                             "--max_batch embeds faster per image than one image, and batches only then")
+                             "--max_batch images embeds faster than --max_batch one-image requests run side by "
+                             "side, and batches only then")
     parser.add_argument("--max_images", type=int, default=64, help="most images per request (more: 413)")
     parser.add_argument("--refresh_seconds", type=float, default=float(env("LOOKALIKE_REFRESH_SECONDS", "0")),
                         help="poll the model/index aliases this often and swap when they move (0: only on "

@@ -1,6 +1,8 @@
 """The KServe predictor: preprocessed images in, top-k listings and predicted labels out (KServe v2).
 
-Input (one tensor):   images   FP32 [N, 3, S, S]   preprocessed with the model's own spec (S = its size)
+Input (one tensor):   images   FP32 [N, 3, S, S]   preprocessed with the model's own spec (S = its size);
+                                                   FP16 is accepted too (the transformer sends FP16:
+                                                   half the bytes, no pixel level lost) and widened
 Outputs:              listing_ids  BYTES [N, k]    best first; "" pads a row with fewer than k matches
                       scores       FP32  [N, k]    cosine similarity (0.0 where padded)
                       label_<task> BYTES [N]       each head's predicted label
@@ -41,6 +43,7 @@ from transformer.protocol import (BadInput, ModelMoved, TooLarge, Unavailable, V
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
+INPUT_DATATYPES = ("FP32", "FP16")  # FP32 is what the metadata declares; FP16 is what the transformer sends
 PREPROCESSED_FOR = "preprocessed_for"  # request parameter: the model version whose preprocessing was applied
 MAX_TOP_K = 1000
 BATCH_GAIN_MIN = 1.15  # micro-batching must buy at least this much throughput to be worth the queue
@@ -101,7 +104,7 @@ class LookalikePredictor(kserve.Model):
         if mode in ("on", "off") or size <= 1:
             return mode == "on" and size > 1
         gain = pair.embedder.batch_gain(size)
-        log.info("micro-batching: %d images per batch embed %.2fx as fast per image as one at a time -> %s",
+        log.info("micro-batching: a batch of %d embeds %.2fx as fast as as many one-image requests side by side -> %s",
                  size, gain, "on" if gain >= BATCH_GAIN_MIN else "off")
         return gain >= BATCH_GAIN_MIN
 
@@ -128,7 +131,7 @@ class LookalikePredictor(kserve.Model):
     # ---- v2 metadata -------------------------------------------------------------------------
     def get_input_types(self) -> list[dict[str, Any]]:
         size = self.service.pair.embedder.size if self.service else -1
-        return [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, size, size]}]
+        return [{"name": INPUT_NAME, "datatype": INPUT_DATATYPES[0], "shape": [-1, 3, size, size]}]
 
     def get_output_types(self) -> list[dict[str, Any]]:
         out = [{"name": "listing_ids", "datatype": "BYTES", "shape": [-1, -1]},
@@ -149,7 +152,7 @@ class LookalikePredictor(kserve.Model):
                 raise Unavailable(f"model {self.name!r} is still loading its model and index; retry shortly")
             pair = self.service.pair
             size = pair.embedder.size
-            tensor = single_input(payload, INPUT_NAME, "FP32", f"preprocessed images [N,3,{size},{size}]")
+            tensor = single_input(payload, INPUT_NAME, INPUT_DATATYPES, f"preprocessed images [N,3,{size},{size}]")
             images = tensor_as_numpy(tensor)
             if images.ndim != 4 or images.shape[1:] != (3, size, size):
                 wanted = str(parameters_of(payload).get(PREPROCESSED_FOR) or "")
@@ -162,6 +165,7 @@ class LookalikePredictor(kserve.Model):
                 raise BadInput(f"input {INPUT_NAME!r} holds no images")
             if len(images) > self.settings.max_images:
                 raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
+            images = images.astype(np.float32, copy=False)  # an FP16 tensor is widened once, here
             params = parameters_of(payload)
             # A top_k above the catalog's size is answered with every listing, not refused.
             top_k = min(int_parameter(params, "top_k", 10, 1, MAX_TOP_K), max(1, len(pair.index)))

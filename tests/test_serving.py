@@ -106,6 +106,27 @@ def test_binary_rest_inputs_stay_binary_and_errors_carry_their_status():
     assert (Timeout("x").status, Timeout("x").status_code) == (504, StatusCode.DEADLINE_EXCEEDED)
 
 
+def test_fp16_tensor_for_the_predictor_keeps_every_pixel_level():
+    """The transformer sends FP16: every value must still name its exact 8-bit pixel level."""
+    from transformer.preprocessing import resize_and_crop
+    from transformer.server import predictor_tensor
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    for spec in (PreprocessSpec(size=64, resize=72),  # lite0's 0.5/0.5
+                 PreprocessSpec(size=64, resize=72, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))):
+        batch = preprocess_batch([photo], spec)
+        tensor = predictor_tensor(batch, "FP16")
+        assert tensor.datatype == "FP16" and len(tensor._raw_data) == batch.size * 2
+        wire = tensor.as_numpy().astype(np.float32)
+        levels = (wire[0].transpose(1, 2, 0) * np.float32(spec.std) + np.float32(spec.mean)) * 255
+        assert np.array_equal(np.rint(levels).astype(np.uint8), np.asarray(resize_and_crop(photo, spec)))
+        assert np.abs(wire - batch).max() < 2e-3
+    assert predictor_tensor(batch, "FP32").as_numpy().dtype == np.float32
+    with pytest.raises(ValueError, match="FP16, FP32"):
+        predictor_tensor(batch, "FP64")
+
+
 # ---- the published pair and the two servers ------------------------------------------------------
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -396,7 +417,19 @@ def test_predictor_directly_with_filters(stack, pair):
     assert result.as_numpy("listing_ids").shape == (2, 0)  # nothing passes the filter: no matches, no error
     assert result.as_numpy("label_category").shape == (2,)
 
-    # The same pixels over gRPC (Triton's client), as the transformer sends them.
+    # FP16, as the transformer sends it: the same matches, scores within FP16's rounding.
+    half = httpclient.InferInput("images", list(batch.shape), "FP16")
+    half.set_data_from_numpy(batch.astype(np.float16), binary_data=True)
+    halved = client.infer(MODEL, [half], parameters={"top_k": 5})
+    full = client.infer(MODEL, [tensor], parameters={"top_k": 5})
+    assert np.array_equal(halved.as_numpy("listing_ids")[:, 0], full.as_numpy("listing_ids")[:, 0])
+    assert np.abs(halved.as_numpy("scores") - full.as_numpy("scores")).max() < 1e-3
+    wrong = httpclient.InferInput("images", list(batch.shape), "FP64")
+    wrong.set_data_from_numpy(batch.astype(np.float64), binary_data=True)
+    with pytest.raises(Exception, match="FP32 or FP16"):
+        client.infer(MODEL, [wrong])
+
+    # The same pixels over gRPC (Triton's client), in FP32.
     got = triton_grpc(stack.endpoints["predictor_grpc"], [
         {"fp32": {"shape": list(batch.shape), "data": batch.ravel().tolist()}, "parameters": {"top_k": 3}}])
     ids_flat, shape = got["calls"][0]["outputs"]["listing_ids"]
@@ -566,6 +599,27 @@ def test_micro_batched_answers_equal_direct_ones_and_survive_a_swap(pair):
         assert have.labels == want.labels
     assert max(sizes) > 1 and sum(sizes) == 2 * len(rows)  # some requests really shared a batch
     assert service.pair is second and service.swaps == 1
+
+
+@pytest.mark.slow
+def test_onnx_requests_side_by_side_answer_like_one_at_a_time(pair):
+    """Overlapping requests run on the single-threaded session, a lone one on the wide one: same answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from predictor.embedder import Embedder
+    from storage.artifacts import model_repo
+
+    embedder = Embedder.load(model_repo(pair["store"]).fetch(pair["model_version"]), "onnxruntime", threads=2)
+    spec = PreprocessSpec.from_dict(embedder.meta["preprocessing"])
+    batches = [preprocess_batch([decode_image(pair["photos"][r.listing_id])], spec) for r in pair["catalog"].rows[:8]]
+    alone = [embedder.embed(b) for b in batches]
+    assert embedder._run.runs == {"wide": len(batches), "narrow": 0}
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(embedder.embed, batches * 6))
+    assert embedder._run.runs["narrow"] > 0  # some really overlapped
+    for (e1, p1), (e2, p2) in zip(alone * 6, together):
+        assert np.abs(e1 - e2).max() < 1e-5 and all(np.abs(p1[t] - p2[t]).max() < 1e-5 for t in p1)
+    assert embedder.batch_gain(2, seconds=0.1) > 0
 
 
 @pytest.mark.slow

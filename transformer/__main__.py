@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "the served index names) [env LOOKALIKE_CATALOG, comma-separated]")
     parser.add_argument("--predictor_timeout", type=float, default=float(env("LOOKALIKE_PREDICTOR_TIMEOUT", "10")),
                         help="seconds to wait for the predictor before answering 504")
+    parser.add_argument("--predictor_datatype", choices=["FP16", "FP32"],
+                        default=env("LOOKALIKE_PREDICTOR_DATATYPE", "FP16"),
+                        help="datatype of the preprocessed tensor sent to the predictor: FP16 (default) is half "
+                             "the bytes and exact to the pixel; FP32 for a predictor that takes nothing else")
     parser.add_argument("--max_images", type=int, default=16, help="most photos per request (more: 413)")
     parser.add_argument("--max_image_bytes", type=int, default=10 * 1024 * 1024,
                         help="largest encoded photo in bytes (more: 413)")
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     catalogs = list(args.catalog) + [c for c in os.environ.get("LOOKALIKE_CATALOG", "").split(",") if c]
     limits = ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_images=args.max_images)
     settings = TransformerSettings(model_ref=args.model_version, model_dir=args.model_dir, limits=limits,
-                                   predictor_timeout_s=args.predictor_timeout, catalogs=catalogs)
+                                   predictor_timeout_s=args.predictor_timeout, catalogs=catalogs,
+                                   predictor_datatype=args.predictor_datatype)
     model = LookalikeTransformer(args.model_name, args.predictor_host, settings)
     try:
         model.load()

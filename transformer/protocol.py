@@ -175,15 +175,20 @@ def int_parameter(params: dict[str, Any], name: str, default: int | None, lo: in
     return value
 
 
-def single_input(request: InferRequest, name: str, datatype: str, what: str) -> InferInput:
-    """The one input tensor a model takes, or a BadInput naming what was expected."""
+def single_input(request: InferRequest, name: str, datatype: str | tuple[str, ...], what: str) -> InferInput:
+    """The one input tensor a model takes, or a BadInput naming what was expected.
+
+    `datatype` is the datatype the tensor must have, or a tuple of those accepted.
+    """
+    accepted = (datatype,) if isinstance(datatype, str) else tuple(datatype)
+    expected = " or ".join(accepted)
     names = [i.name for i in request.inputs]
     if len(request.inputs) != 1 or request.inputs[0].name != name:
-        raise BadInput(f"expected one input tensor named {name!r} ({datatype}, {what}); got "
+        raise BadInput(f"expected one input tensor named {name!r} ({expected}, {what}); got "
                        f"{names or 'no inputs'}")
     tensor = request.inputs[0]
-    if tensor.datatype != datatype:
-        raise BadInput(f"input {name!r} must have datatype {datatype} ({what}), got {tensor.datatype}")
+    if tensor.datatype not in accepted:
+        raise BadInput(f"input {name!r} must have datatype {expected} ({what}), got {tensor.datatype}")
     return tensor
 
 

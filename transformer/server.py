@@ -9,8 +9,9 @@ Outputs:             listing_ids, scores, label_<task>, prob_<task> (from the pr
                      document per photo with all of the above
 
 preprocess: check limits (images per request, bytes, pixels), decode with EXIF orientation, apply the
-            model's own preprocessing spec (read from its model.json, never copied) -> FP32 [N,3,S,S]
-predict:    send the tensor to the predictor over gRPC v2 (binary, no JSON lists) with a deadline
+            model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S]
+predict:    send the tensor to the predictor over gRPC v2 (binary, no JSON lists) with a deadline, as FP16
+            by default: half the bytes of FP32 and still exact to the pixel (see `predictor_tensor`)
 postprocess: join listing metadata
 
 Failures are v2 errors with the status a client can act on: 400 bad input, 413 too large, 404 unknown
@@ -59,6 +60,7 @@ class TransformerSettings:
     model_dir: str | None = None  # a local model version folder instead of the store
     limits: ImageLimits = field(default_factory=ImageLimits)
     predictor_timeout_s: float = 10.0
+    predictor_datatype: str = "FP16"  # the preprocessed tensor on the wire: FP16 (default) or FP32
     catalogs: list[str] = field(default_factory=list)  # explicit listing catalogs (default: the index's)
 
 
@@ -185,8 +187,7 @@ class LookalikeTransformer(kserve.Model):
             error = _as_v2_error(exc)
             trace.finish(error)
             raise error from exc
-        tensor_out = InferInput(PREDICTOR_INPUT, list(batch.shape), "FP32")
-        tensor_out.set_data_from_numpy(batch, binary_data=True)
+        tensor_out = predictor_tensor(batch, self.settings.predictor_datatype)
         forwarded = {k: v for k, v in params.items() if v is not None}
         forwarded[PREPROCESSED_FOR] = state.spec.model_version
         request = InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid, parameters=forwarded)
@@ -304,8 +305,7 @@ class LookalikeTransformer(kserve.Model):
             return False
         with state.trace.stage("preprocess"):
             batch = await loop.run_in_executor(None, preprocess_batch, state.images, spec.preprocessing)
-        request.inputs[0] = InferInput(PREDICTOR_INPUT, list(batch.shape), "FP32")
-        request.inputs[0].set_data_from_numpy(batch, binary_data=True)
+        request.inputs[0] = predictor_tensor(batch, self.settings.predictor_datatype)
         return True
 
     # ---- postprocess -------------------------------------------------------------------------
@@ -385,6 +385,24 @@ class LookalikeTransformer(kserve.Model):
 
 # ---- helpers -------------------------------------------------------------------------------------
 
+WIRE_DTYPES = {"FP16": np.float16, "FP32": np.float32}
+
+
+def predictor_tensor(batch: np.ndarray, datatype: str = "FP16") -> InferInput:
+    """The preprocessed batch as the predictor's binary input tensor.
+
+    FP16 halves the bytes between the two servers (602 KB -> 301 KB per 224-px image), which is most of
+    what the hop costs, and loses nothing: the values are 8-bit pixel levels, normalised, and FP16's
+    error (under 2^-11 of the value) stays far below half the distance between two levels, so every
+    value still names its exact pixel level. The predictor widens it back to FP32 before the model.
+    """
+    if datatype not in WIRE_DTYPES:
+        raise ValueError(f"predictor datatype must be one of {', '.join(WIRE_DTYPES)}, got {datatype!r}")
+    tensor = InferInput(PREDICTOR_INPUT, list(batch.shape), datatype)
+    tensor.set_data_from_numpy(batch.astype(WIRE_DTYPES[datatype], copy=False), binary_data=True)
+    return tensor
+
+
 def _maybe_base64(value: bytes) -> bytes:
     """REST JSON carries bytes as base64 text; raw JPEG/PNG/WebP bytes are never valid base64."""
     if value[:4] in (b"\xff\xd8\xff\xe0", b"\x89PNG", b"RIFF") or value[:3] == b"\xff\xd8\xff":
@@ -440,4 +458,4 @@ def _as_v2_error(exc: BaseException) -> BaseException:
     return V2Error(f"internal error in the transformer ({type(exc).__name__}); the request id is in the server log")
 
 
-__all__ = ["LookalikeTransformer", "TransformerSettings", "ModelSpec"]
+__all__ = ["LookalikeTransformer", "TransformerSettings", "ModelSpec", "predictor_tensor"]
