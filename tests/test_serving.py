@@ -383,6 +383,11 @@ def test_tritonclient_http_and_grpc_binary_and_json(stack, pair):
     ids_flat, shape = call["outputs"]["listing_ids"]
     assert shape == [2, 2] and [ids_flat[0], ids_flat[2]] == ids
     assert call["parameters"]["index_version"] == pair["index_version"]
+    # gRPC calls reached both servers (the transformer calls the predictor over gRPC), yet kserve's
+    # per-call "grpc method" lines are dropped: one JSON line per request is the record.
+    for unit in ("transformer", "predictor"):
+        text = (stack.log_dir / f"{unit}.log").read_text()
+        assert '"status":200' in text and "grpc method:" not in text
 
     # Plain JSON with base64 photos (what a browser or curl sends) works too.
     got = _matches(_rest_infer(stack.endpoints["transformer_rest"], [pair["photos"][ids[0]]], binary=False))

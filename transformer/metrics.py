@@ -98,3 +98,17 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger.handlers[:] = [plain]
         logger.setLevel(level)
         logger.propagate = False
+    if not any(isinstance(f, PerCallLineFilter) for f in logging.getLogger("kserve").filters):
+        logging.getLogger("kserve").addFilter(PerCallLineFilter())
+
+
+class PerCallLineFilter(logging.Filter):
+    """Drops kserve's INFO line naming the method of every gRPC call ("grpc method: ...").
+
+    Each request already leaves one JSON line with its id, status and timings; the extra line doubled
+    the log volume and cost a formatted write on the request path of both servers.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and isinstance(record.msg, str)
+                    and record.msg.startswith("grpc method:"))
