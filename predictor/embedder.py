@@ -182,7 +182,7 @@ class _OnnxRunner:
             raise ModelLoadError(f"{model_dir / ONNX_FILE} lacks outputs {missing} that model.json's heads call for")
         self._slots = threading.BoundedSemaphore(self.cores)  # runs at once; more would only time-slice
         self._lock = threading.Lock()
-        self._active = 0
+        self._demand = 0  # requests running or waiting for a slot
         self.runs = {"wide": 0, "narrow": 0}  # how often each session ran (logs and tests read it)
 
     @staticmethod
@@ -198,17 +198,20 @@ class _OnnxRunner:
         return ort.InferenceSession(str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray):
-        with self._slots:
-            with self._lock:
-                kind = "wide" if self._active == 0 else "narrow"
-                self._active += 1
-                self.runs[kind] += 1
-            session = self.wide if kind == "wide" else self.narrow
-            try:
-                outs = session.run(self.names, {self.input_name: images})
-            finally:
+        with self._lock:
+            self._demand += 1
+        try:
+            with self._slots:
                 with self._lock:
-                    self._active -= 1
+                    # Wide only when no other request is running or waiting: under load a slot that frees
+                    # up goes to a waiting request, which must not take every core for itself.
+                    kind = "wide" if self._demand == 1 else "narrow"
+                    self.runs[kind] += 1
+                session = self.wide if kind == "wide" else self.narrow
+                outs = session.run(self.names, {self.input_name: images})
+        finally:
+            with self._lock:
+                self._demand -= 1
         return outs[0], dict(zip(self.tasks, outs[1:]))
 
 
