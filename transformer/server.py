@@ -24,6 +24,8 @@ import base64
 import binascii
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,10 @@ class LookalikeTransformer(kserve.Model):
         self._seen_pairs: set[tuple[str, str]] = set()
         self._channel: grpc.aio.Channel | None = None
         self._stub = None
+        # Pixel work (decode, preprocess) is CPU-bound: one thread per core, since more would only
+        # time-slice the same cores against each other and against the predictor beside us.
+        self._pixels = ThreadPoolExecutor(max_workers=int(os.environ.get("LOOKALIKE_DECODE_THREADS", 0))
+                                          or os.cpu_count() or 1, thread_name_prefix="pixels")
 
     # ---- loading -----------------------------------------------------------------------------
     @property
@@ -182,7 +188,8 @@ class LookalikeTransformer(kserve.Model):
             items = self._items(tensor)
             state.spec = self.spec
             # Decoding and preprocessing share one trip to a worker thread (one hop, not two).
-            batch = await asyncio.get_running_loop().run_in_executor(None, self._decode_and_preprocess, items, state)
+            batch = await asyncio.get_running_loop().run_in_executor(self._pixels, self._decode_and_preprocess, items,
+                                                                     state)
         except Exception as exc:
             error = _as_v2_error(exc)
             trace.finish(error)
@@ -304,7 +311,7 @@ class LookalikeTransformer(kserve.Model):
         if old is not None and old.preprocessing == spec.preprocessing:
             return False
         with state.trace.stage("preprocess"):
-            batch = await loop.run_in_executor(None, preprocess_batch, state.images, spec.preprocessing)
+            batch = await loop.run_in_executor(self._pixels, preprocess_batch, state.images, spec.preprocessing)
         request.inputs[0] = predictor_tensor(batch, self.settings.predictor_datatype)
         return True
 
