@@ -7,6 +7,8 @@ In one run, on one published model and index (built here in a private embedded S
   (c) the same over gRPC
   (d) 8 concurrent gRPC clients for 20 s: images/s and the error count
   (e) micro-batching, in process: 8 threads with and without the batcher
+  (f) CPU per image: the CPU time of every process involved (this client, the transformer, the
+      predictor) per image, one photo at a time and under the 8-client load
 
 and prints p50/p99 latency and images/s for each, then the ratios. The last line reads
 `serving: p50 served=<ms> in_process=<ms> ratio=<r> errors=<n>` (served: the slower of REST and gRPC).
@@ -82,6 +84,26 @@ def build_pair(store, catalog_size: int, size: int) -> tuple[str, str, list]:
     index_version = index.publish(store)
     print(f"published model {model_version} ({size} px) and index {index_version} ({index!r})", flush=True)
     return model_version, index_version, photos
+
+
+class CpuMeter:
+    """CPU seconds (user + system) used by this process and the given child processes."""
+
+    def __init__(self, pids: list[int]):
+        import psutil
+
+        self.processes = [psutil.Process()] + [psutil.Process(pid) for pid in pids]
+
+    def seconds(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in self.processes)
+
+
+def cpu_per_image(meter: CpuMeter, run) -> tuple[float, float]:
+    """Run `run()` (returns images done); core-ms per image and cores kept busy on average."""
+    cpu0, wall0 = meter.seconds(), time.perf_counter()
+    images = run()
+    cpu, wall = meter.seconds() - cpu0, time.perf_counter() - wall0
+    return 1000 * cpu / max(images, 1), cpu / wall
 
 
 def phone_photos(catalog_photos: list[bytes], n: int = 16) -> list[bytes]:
@@ -245,6 +267,25 @@ def main() -> int:
             s, w, d, e = concurrent(lambda: submit, photos, args.clients, 5.0)
             report(f"batcher {'on ' if batching else 'off'} x{args.clients} threads", s, w, d)
             svc.close()
+
+        print(f"\n(f) CPU per image, all processes (this client, transformer, predictor), {cores} cores")
+        meter = CpuMeter([stack.transformer.pid, stack.predictor.pid])
+        grpc_one = grpc_call(url)
+
+        def sequential(call, n=100):
+            for i in range(n):
+                call(photos[i % len(photos)])
+            return n
+
+        costs = {"in process, one at a time": cpu_per_image(meter, lambda: sequential(one)),
+                 "gRPC, one client": cpu_per_image(meter, lambda: sequential(grpc_one)),
+                 f"gRPC, {args.clients} clients": cpu_per_image(
+                     meter, lambda: concurrent(lambda: grpc_call(url), photos, args.clients, 5.0)[2])}
+        for name, (core_ms, busy) in costs.items():
+            print(f"{name:<34} {core_ms:6.1f} core-ms/image   {busy:4.2f} cores busy")
+        loaded = costs[f"gRPC, {args.clients} clients"][0]
+        print(f"  under load at most {cores} cores / {loaded:.1f} core-ms = {1000 * cores / loaded:.0f} images/s; one "
+              f"client already keeps {costs['gRPC, one client'][1]:.2f} cores busy")
 
         print("\nratios")
         print(f"  REST p50 / in-process p50 = {rest['p50'] / base['p50']:.2f}")
