@@ -183,7 +183,7 @@ class _OnnxRunner:
         self._slots = threading.BoundedSemaphore(self.cores)  # runs at once; more would only time-slice
         self._lock = threading.Lock()
         self._demand = 0  # requests running or waiting for a slot
-        self.runs = {"wide": 0, "narrow": 0}  # how often each session ran (logs and tests read it)
+        self.runs = {"wide": 0, "narrow": 0}  # how often each session ran (for tests and debugging)
 
     @staticmethod
     def _session(ort, model_dir: Path, threads: int):
