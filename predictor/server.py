@@ -2,7 +2,8 @@
 
 Input (one tensor):   images   FP32 [N, 3, S, S]   preprocessed with the model's own spec (S = its size);
                                                    FP16 is accepted too (the transformer sends FP16:
-                                                   half the bytes, no pixel level lost) and widened
+                                                   half the bytes, no pixel level lost); the embedder
+                                                   widens it to FP32 (`Embedder.check_input`)
 Outputs:              listing_ids  BYTES [N, k]    best first; "" pads a row with fewer than k matches
                       scores       FP32  [N, k]    cosine similarity (0.0 where padded)
                       label_<task> BYTES [N]       each head's predicted label
@@ -165,7 +166,6 @@ class LookalikePredictor(kserve.Model):
                 raise BadInput(f"input {INPUT_NAME!r} holds no images")
             if len(images) > self.settings.max_images:
                 raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
-            images = images.astype(np.float32, copy=False)  # an FP16 tensor is widened once, here
             params = parameters_of(payload)
             # A top_k above the catalog's size is answered with every listing, not refused.
             top_k = min(int_parameter(params, "top_k", 10, 1, MAX_TOP_K), max(1, len(pair.index)))
