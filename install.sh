@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One command installs Lookalike on a fresh Debian/Ubuntu machine with Python 3.11:
-#   1. Debian's Fashion-MNIST package (the real product images the demo and tests use),
+#   1. Debian's Fashion-MNIST package (the real product images the demo and tests use), Debian's
+#      chromium (the browser tests/test_try_page.py drives, headless, through Playwright), and the emoji
+#      renders of the colour development catalog (Debian's Noto Color Emoji and Unicode data; npm tarballs),
 #   2. a virtual environment in .venv with the project and every extra (CPU build of torch),
 #   3. the torchvision shim that makes PyPI's CUDA-built torchvision import next to CPU torch.
 # Re-running it is safe and quick: each step checks what is already there.
@@ -12,13 +14,38 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "Debian packages: dataset-fashion-mnist"
-if [ -d /usr/share/datasets/fashion-mnist ]; then
+step "Debian packages: dataset-fashion-mnist, chromium, fonts-noto-color-emoji, unicode-data"
+DEBS=()
+[ -d /usr/share/datasets/fashion-mnist ] || DEBS+=(dataset-fashion-mnist)
+# The emoji catalog (training/emoji_catalog.py): Noto Color Emoji renders and Unicode's emoji names.
+[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || DEBS+=(fonts-noto-color-emoji)
+[ -f /usr/share/unicode/emoji/emoji-test.txt ] || DEBS+=(unicode-data)
+# The try page's browser test runs Debian's chromium; Playwright (a dev dependency) only drives it:
+# `playwright install` and its browser downloads are never used.
+[ -x /usr/bin/chromium ] || DEBS+=(chromium)
+if [ ${#DEBS[@]} -eq 0 ]; then
   echo "already installed"
 else
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${DEBS[@]}"
+fi
+
+step "Emoji renders from npm: Fluent Emoji 3D, Twemoji, OpenMoji"
+# `lookalike catalog import emoji` reads these tarballs as they are (no node_modules); without npm it
+# says how to get them and imports the design sets it has.
+SOURCES=${LOOKALIKE_HOME:-.lookalike}/sources
+mkdir -p "$SOURCES"
+NPMS=()
+compgen -G "$SOURCES/lobehub-fluent-emoji-3d-*.tgz" >/dev/null || NPMS+=(@lobehub/fluent-emoji-3d@1.1.0)
+compgen -G "$SOURCES/discordapp-twemoji-*.tgz" >/dev/null || NPMS+=(@discordapp/twemoji@16.0.1)
+compgen -G "$SOURCES/openmoji-*.tgz" >/dev/null || NPMS+=(openmoji@17.0.0)
+if [ ${#NPMS[@]} -eq 0 ]; then
+  echo "already in $SOURCES"
+elif command -v npm >/dev/null; then
+  (cd "$SOURCES" && npm pack --silent "${NPMS[@]}") || echo "npm pack failed: the emoji import will say what is missing"
+else
+  echo "npm is not on the PATH: skipped ${NPMS[*]} (get them with \`npm pack NAME\` in $SOURCES)"
 fi
 
 step "Python environment: $VENV"

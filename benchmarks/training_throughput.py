@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(steps=args.steps)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     catalog, bank = fashion_mnist_bank("test")
-    heads = {t: sorted({r.labels[t] for r in bank.rows if t in r.labels}) for t in ("category", "fine_category", "shade")}
+    heads = {t: sorted({r.labels[t] for r in bank.rows if t in r.labels})
+             for t in ("category", "fine_category", "shade")}
     views = 2 if config.loss().uses_triplet else 1
     batch = config.samples_per_task * len(heads) * views
     print(f"batch {batch} images at {config.image_size} px ({config.objective}, {len(heads)} tasks), "

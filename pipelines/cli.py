@@ -12,11 +12,12 @@ import pkgutil
 import sys
 
 from pipelines import commands
+from storage.errors import LookalikeError, is_user_error
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
-class CommandError(RuntimeError):
+class CommandError(LookalikeError):
     """A failure the user can fix: printed as one line, no traceback, exit code 1."""
 
 
@@ -54,19 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lookalike … | head` closed the pipe: not an error worth a traceback
         sys.stderr.close()
         return 0
-    except Exception as exc:  # noqa: BLE001 - known failures become one clear line
-        if args.verbose or not _is_user_error(exc):
+    except Exception as exc:  # noqa: BLE001 - the family's failures become one clear line
+        if args.verbose or not is_user_error(exc):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-
-
-def _is_user_error(exc: Exception) -> bool:
-    from storage.artifacts import ArtifactError
-    from storage.s3 import StoreError
-
-    user_errors: tuple[type[Exception], ...] = (CommandError, StoreError, ArtifactError, FileNotFoundError, ValueError)
-    return isinstance(exc, user_errors)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from storage.errors import InputError
+
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
 
 
@@ -25,7 +27,7 @@ def compile_pipeline(name: str, out_dir: str | Path = COMPILED_DIR) -> Path:
     from pipelines.definitions import PIPELINES
 
     if name not in PIPELINES:
-        raise ValueError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
+        raise InputError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
     path = compiled_path(name, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(PIPELINES[name], str(path))

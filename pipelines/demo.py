@@ -22,8 +22,8 @@ from typing import Any, TextIO
 
 @dataclass
 class DemoSettings:
-    """What the demo runs. Training settings left at None take the training defaults (TrainConfig), which
-    are tuned for a 2-core CPU; `steps` is the demo's own, to fit its time budget."""
+    """What the demo runs. Training settings left at None take the pipeline's defaults, which are
+    TrainConfig's (tuned for a 2-core CPU); `steps` is the demo's own, to fit its time budget."""
 
     rows: int = 3000  # catalog rows imported from Fashion-MNIST's training split (class-stratified)
     holdout_fraction: float = 0.1  # listings held out of training: the demo's queries are photos of these
@@ -41,22 +41,14 @@ class DemoSettings:
     train_options: dict[str, Any] = field(default_factory=dict)
 
     def pipeline_params(self, catalog_uri: str) -> dict[str, Any]:
-        from training.train import TrainConfig
-
-        defaults = TrainConfig()
-
-        def pick(value, default):
-            return default if value is None else value
-
+        """The train-and-index parameters; training settings left at None are not passed, so the
+        pipeline's defaults (TrainConfig's) apply."""
+        chosen = {"image_size": self.image_size, "embedding_dim": self.embedding_dim,
+                  "trainable_blocks": self.trainable_blocks, "samples_per_task": self.samples_per_task}
         return {
             "catalog_uri": catalog_uri, "holdout_fraction": self.holdout_fraction, "seed": self.seed,
             "check_images": False,  # the importer wrote them a moment ago; embedding decodes each anyway
-            "architecture": defaults.architecture,
-            "image_size": pick(self.image_size, defaults.image_size),
-            "embedding_dim": pick(self.embedding_dim, defaults.embedding_dim),
-            "trainable_blocks": pick(self.trainable_blocks, defaults.trainable_blocks),
-            "samples_per_task": pick(self.samples_per_task, defaults.samples_per_task),
-            "learning_rate": defaults.lr, "steps": self.steps,
+            "steps": self.steps, **{key: value for key, value in chosen.items() if value is not None},
             "train_options": dict(self.train_options), "phone_queries": min(self.queries, 200),
             "min_recall_at_10": self.min_recall_at_10, "min_head_accuracy": self.min_head_accuracy,
             "min_index_recall": self.min_index_recall, "max_regression": 1.0, "device": "auto",
@@ -113,7 +105,7 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | Path | None
              out: TextIO | None = None) -> DemoResult:
     import sys
 
-    from pipelines.commands.serve import ServingStack
+    from pipelines.serving_stack import ServingStack
     from pipelines.local import run_local
     from storage.s3 import connect
     from training.importers import import_fashion_mnist
@@ -177,11 +169,12 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | Path | None
 
 def _query_held_out(store, catalog_uri: str, settings: DemoSettings, url: str, out_dir: Path,
                     model_version: str, index_version: str, out: TextIO) -> DemoResult:
-    from pipelines.commands.serve import query_photos, write_html
-    from pipelines.steps import held_out
+    from pipelines.client import query_photos, write_html
+    from pipelines.steps.catalog import held_out
     from storage.artifacts import model_repo
     from training.catalog import Catalog
     from training.phone_photos import SIMULATED_NOTE, make_phone_queries
+    from transformer.model_card import CARD_FILE, ModelCard
 
     catalog = Catalog.open(catalog_uri, store)
     held = catalog.subset([r for r in catalog.rows if held_out(r.listing_id, settings.seed, settings.holdout_fraction)])
@@ -200,8 +193,8 @@ def _query_held_out(store, catalog_uri: str, settings: DemoSettings, url: str, o
         found = [m["listing_id"] for m in res["matches"]]
         ranks.append(found.index(lid) + 1 if lid in found else None)
     recall = sum(r is not None for r in ranks) / max(1, len(ranks))
-    metrics = model_repo(store).read_json(model_version, "model.json").get("metrics", {})
-    baseline = _baseline_recall(metrics)
+    card = ModelCard.from_dict(model_repo(store).read_json(model_version, CARD_FILE))
+    baseline = _baseline_recall(card.metrics)
 
     name = f"recall@{settings.top_k}"
     print(f"\n{'photo of':<22} {'found at':>8}   best match", file=out)

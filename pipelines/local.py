@@ -12,9 +12,16 @@ What differs from a cluster, on purpose:
 - KFP retries are dropped: on one machine a failed step is not a preempted node, and retrying a
   deterministic failure (a bad catalog, a failed gate) only delays the message. The store client
   retries its own requests.
+- Loops run one item at a time: kfp.local runs a loop's items in threads, and each swaps
+  `builtins.print` for an indenting one while its task runs; concurrent swaps interleave the tasks'
+  output and can leave `print` indented for the rest of the process. The items here are small.
 - The console shows one line per step ([3/9] train-model ...) with the steps' own output and progress
-  bars; KFP's executor chatter is hidden unless `verbose`. When a step fails, the error names the step
-  and carries its message.
+  bars; a step run once per item of a loop (a confusion matrix per head) shows as one line per item
+  beneath, uncounted. KFP's executor chatter is hidden unless `verbose`. When a step fails, the error
+  names the step and carries its message.
+
+Errors: a run that fails raises `PipelineFailed` and a pipeline or parameter that does not exist an
+`InputError`, both of the `storage.errors` family, so the command line prints them as one line.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipelines.steps import STEP_FAILED
+from storage.errors import InputError, LookalikeError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
@@ -38,7 +47,7 @@ _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
 _CACHE_HIT = re.compile(r"Task '([^']+)' cache hit")
 
 
-class PipelineFailed(RuntimeError):
+class PipelineFailed(LookalikeError):
     """A local run failed; the message names the step and says why (and what to do)."""
 
     def __init__(self, message: str, step: str | None = None, run_dir: Path | None = None):
@@ -64,7 +73,8 @@ def run_local(name: str, params: dict[str, Any] | None = None, *, root: str | Pa
               verbose: bool = False, caching: bool = False, out: TextIO | None = None) -> LocalRun:
     """Run pipeline `name` (train, index, update, train-and-index) locally; return its outputs.
 
-    Raises PipelineFailed naming the failed step and its message.
+    Raises PipelineFailed naming the failed step and its message, InputError for a pipeline or a
+    parameter that does not exist or a required parameter that is missing.
     """
     from kfp import local
     from kfp.local import pipeline_orchestrator
@@ -72,21 +82,22 @@ def run_local(name: str, params: dict[str, Any] | None = None, *, root: str | Pa
     from pipelines.definitions import PIPELINES
 
     if name not in PIPELINES:
-        raise ValueError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
+        raise InputError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
     pipeline = PIPELINES[name]
     params = dict(params or {})
     unknown = sorted(set(params) - set(pipeline.component_spec.inputs or {}))
     if unknown:
-        raise ValueError(f"pipeline {name} has no parameter {', '.join(unknown)}; "
+        raise InputError(f"pipeline {name} has no parameter {', '.join(unknown)}; "
                          f"see `lookalike pipeline run {name} --help`")
     missing = [p for p in pipeline.required_inputs if p not in params]
     if missing:
-        raise ValueError(f"pipeline {name} needs {', '.join(missing)}: pass --param {missing[0]}=...")
+        raise InputError(f"pipeline {name} needs {', '.join(missing)}: pass --param {missing[0]}=...")
     root = Path(root or default_root()).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    spec = _without_retries(pipeline.pipeline_spec)
+    spec = _for_one_machine(pipeline.pipeline_spec)
     out = out or sys.stdout
-    console = _Console(out, total=len(spec.root.dag.tasks), verbose=verbose)
+    steps, each = _steps(spec)
+    console = _Console(out, total=steps, verbose=verbose, each=each)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
                enable_caching=caching)
     env = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5"), "PYTHONUNBUFFERED": "1",
@@ -119,24 +130,35 @@ def run_local(name: str, params: dict[str, Any] | None = None, *, root: str | Pa
     return LocalRun(name, _plain(outputs), _new_dir(root, before) or root, seconds, console.durations)
 
 
-def _nothing_published(console: "_Console") -> str:
+def _nothing_published(console: _Console) -> str:
     published = [s for s in console.done if s.startswith("publish")]
     if published:
         return f" (already published by {', '.join(published)})"
     return ". Nothing was published; the production aliases are unchanged"
 
 
-def _without_retries(spec):
-    """A copy of the pipeline spec with every task's retry policy removed (see the module note)."""
+def _for_one_machine(spec):
+    """A copy of the pipeline spec without retry policies, whose loops run one item at a time (see the
+    module note)."""
     copy = type(spec)()
     copy.CopyFrom(spec)
-    for task in copy.root.dag.tasks.values():
-        task.ClearField("retry_policy")
-    for component in copy.components.values():
-        if component.HasField("dag"):
-            for task in component.dag.tasks.values():
-                task.ClearField("retry_policy")
+    dags = [copy.root.dag] + [component.dag for component in copy.components.values() if component.HasField("dag")]
+    for dag in dags:
+        for task in dag.tasks.values():
+            task.ClearField("retry_policy")
+            if task.WhichOneof("iterator"):
+                task.iterator_policy.parallelism_limit = 1
     return copy
+
+
+def _steps(spec) -> tuple[int, set[str]]:
+    """The number of steps a run shows as [n/total], and the names of the tasks inside loops, which run
+    once per item and show beneath the steps without being counted."""
+    each = {name for component in spec.components.values() if component.HasField("dag")
+            for name in component.dag.tasks}
+    steps = sum(1 for task in spec.root.dag.tasks.values()
+                if not spec.components[task.component_ref.name].HasField("dag"))
+    return steps, each
 
 
 def _plain(outputs: Any) -> dict[str, Any]:
@@ -170,8 +192,9 @@ class _Console(io.TextIOBase):
     """Stands in for stdout while kfp.local runs: shows step progress, hides the executor's chatter,
     and remembers the marked failure message of the step that failed."""
 
-    def __init__(self, out: TextIO, total: int, verbose: bool):
-        self.out, self.total, self.verbose = out, total, verbose
+    def __init__(self, out: TextIO, total: int, verbose: bool, each: set[str] = frozenset()):
+        self.out, self.total, self.verbose, self.each = out, total, verbose, set(each)
+        self._lock = threading.Lock()  # kfp.local runs the items of a loop in threads, writing at once
         self._buffer = ""
         self._skipping_json = False
         self._skipping_outputs = False
@@ -188,16 +211,18 @@ class _Console(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        self._buffer += text
-        while "\n" in self._buffer:
-            line, self._buffer = self._buffer.split("\n", 1)
-            self._line(line)
+        with self._lock:
+            self._buffer += text
+            while "\n" in self._buffer:
+                line, self._buffer = self._buffer.split("\n", 1)
+                self._line(line)
         return len(text)
 
     def flush(self) -> None:
-        if self._buffer:
-            line, self._buffer = self._buffer, ""
-            self._line(line)
+        with self._lock:
+            if self._buffer:
+                line, self._buffer = self._buffer, ""
+                self._line(line)
         self.out.flush()
 
     def _emit(self, line: str) -> None:
@@ -214,6 +239,9 @@ class _Console(io.TextIOBase):
                 self._emit(line)
                 return
             self._failure_lines = None
+        if (m := _EXECUTING.search(line)) and m.group(1) in self.each:
+            self.current = m.group(1)  # one item of a loop: uncounted, but a failure inside it is its own
+            return
         if (m := _EXECUTING.search(line)):
             self.started += 1
             self.current, self._step_started = m.group(1), time.perf_counter()
@@ -223,6 +251,12 @@ class _Console(io.TextIOBase):
             self.done.append(m.group(1))
             self.durations.append((m.group(1), 0.0))
             self._emit(f"    {m.group(1)}: cached")
+            return
+        if (m := _FINISHED.search(line)) and m.group(1) in self.each:
+            self._skipping_outputs = False  # an item that worked said so itself ("confusion matrix of …: done")
+            if m.group(2) != "SUCCESS":
+                self.failed_step = self.failed_step or m.group(1)
+                self._emit(f"    {m.group(1)}: FAILED")
             return
         if (m := _FINISHED.search(line)):
             self._skipping_outputs = False
@@ -237,11 +271,12 @@ class _Console(io.TextIOBase):
                 self._emit(f"    {task}: FAILED ({took:.0f} s)")
             return
         if STEP_FAILED in line:
-            self.failed_step = self.failed_step or self.current
             message = line.split(STEP_FAILED, 1)[1].strip()
-            self._failure_lines = [message]
-            self.failure = message
             self._emit("    error: " + message)
+            if self.failure is None:  # the first failure is the run's; independent steps may fail after it
+                self.failed_step = self.failed_step or self.current
+                self._failure_lines = [message]
+                self.failure = message
             return
         if self.verbose:
             self._emit(line)

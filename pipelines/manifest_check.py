@@ -28,9 +28,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import yaml
+
+from storage.errors import InputError
 
 DEFAULT_KUBERNETES_VERSION = "1.37.0"
 KSERVE_GROUP = "serving.kserve.io"
@@ -52,7 +55,7 @@ ANNOTATION_MODEL = "lookalike.io/model-version"
 ANNOTATION_INDEX = "lookalike.io/index-version"
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """The manifests cannot be rendered or validated: the message says what and where."""
 
 
@@ -446,10 +449,12 @@ def _check_references(objects: list[dict[str, Any]]) -> list[Problem]:
                 if isinstance(ref, dict) and ref.get("name") and not ref.get("optional"):
                     refs.append((kind, ref["name"], ref.get("key"), _dotted(path + [ref_key])))
             if isinstance(node.get("serviceAccountName"), str):
-                refs.append(("ServiceAccount", node["serviceAccountName"], None, _dotted(path + ["serviceAccountName"])))
+                refs.append(("ServiceAccount", node["serviceAccountName"], None,
+                             _dotted(path + ["serviceAccountName"])))
             pvc = node.get("persistentVolumeClaim")
             if isinstance(pvc, dict) and pvc.get("claimName"):
-                refs.append(("PersistentVolumeClaim", pvc["claimName"], None, _dotted(path + ["persistentVolumeClaim"])))
+                refs.append(("PersistentVolumeClaim", pvc["claimName"], None,
+                             _dotted(path + ["persistentVolumeClaim"])))
             if obj.get("kind") == "ServiceAccount" and path == []:
                 refs += [("Secret", s["name"], None, f"secrets[{i}]")
                          for i, s in enumerate(node.get("secrets") or []) if isinstance(s, dict) and s.get("name")]
@@ -461,8 +466,9 @@ def _check_references(objects: list[dict[str, Any]]) -> list[Problem]:
                         problems.append(Problem("warning", describe(obj), field,
                                                 f"{kind} {name!r} is not in this render: it must exist in the cluster"))
                 elif key is not None:
-                    keys = set((target.get("data") or {})) | set((target.get("stringData") or {}))
+                    keys = set(target.get("data") or {}) | set(target.get("stringData") or {})
                     if key not in keys:
+                        present = ", ".join(sorted(keys))
                         problems.append(Problem("error", describe(obj), field,
-                                                f"{kind} {name!r} has no key {key!r} (it has {', '.join(sorted(keys))})"))
+                                                f"{kind} {name!r} has no key {key!r} (it has {present})"))
     return problems

@@ -35,6 +35,7 @@ import yaml
 from pipelines.manifest_check import (ANNOTATION_INDEX, ANNOTATION_MODEL, KSERVE_CONTAINER, ManifestError, Report,
                                       find_object, overlay_path, validate_overlay)
 from storage.artifacts import VERSION_NAME_RE
+from storage.errors import InputError
 
 ANNOTATION_PREVIOUS_MODEL = "lookalike.io/previous-model-version"
 ANNOTATION_PREVIOUS_INDEX = "lookalike.io/previous-index-version"
@@ -53,7 +54,7 @@ HEADER = """\
 """
 
 
-class RolloutError(ValueError):
+class RolloutError(InputError):
     """A rollout step that cannot be taken from the current state: the message says why and what to do."""
 
 
@@ -95,7 +96,7 @@ class RolloutState:
         return f"stable: {serving} takes all traffic"
 
     @classmethod
-    def from_isvc(cls, isvc: dict[str, Any]) -> "RolloutState":
+    def from_isvc(cls, isvc: dict[str, Any]) -> RolloutState:
         annotations = (isvc.get("metadata") or {}).get("annotations") or {}
         if ANNOTATION_MODEL not in annotations:
             raise ManifestError(f"the InferenceService carries no {ANNOTATION_MODEL} annotation: add it to "
@@ -285,7 +286,8 @@ def apply_patch(isvc: dict[str, Any], api=None, **api_kwargs: Any) -> dict[str, 
         return api.patch_namespaced_custom_object(GROUP, VERSION, meta.get("namespace", "default"), PLURAL,
                                                   meta["name"], merge_patch(isvc))
     except ApiException as exc:
-        raise RolloutError(_api_message(exc, f"patch InferenceService {meta.get('namespace')}/{meta['name']}")) from None
+        where = f"patch InferenceService {meta.get('namespace')}/{meta['name']}"
+        raise RolloutError(_api_message(exc, where)) from None
     except _unreachable() as exc:
         raise RolloutError(f"cannot reach the cluster to patch {meta['name']}: {_reason(exc)}") from None
 
@@ -305,7 +307,8 @@ def live_status(name: str, namespace: str, api=None, **api_kwargs: Any) -> dict[
     predictor = (status.get("components") or {}).get("predictor") or {}
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
     return {
-        "state": RolloutState.from_isvc(obj) if ANNOTATION_MODEL in (obj["metadata"].get("annotations") or {}) else None,
+        "state": (RolloutState.from_isvc(obj) if ANNOTATION_MODEL in (obj["metadata"].get("annotations") or {})
+                  else None),
         "ready": ready.get("status"),
         "reason": ready.get("message") or ready.get("reason"),
         "url": status.get("url"),

@@ -10,8 +10,10 @@ import tempfile
 import warnings
 from typing import Any
 
+from storage.errors import LookalikeError
 
-class SubmitError(RuntimeError):
+
+class SubmitError(LookalikeError):
     """The endpoint could not take the run; the message says what to check."""
 
 

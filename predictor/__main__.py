@@ -21,10 +21,13 @@ MOUNTED_MODELS = Path("/mnt/models")  # where KServe's storage initializer puts 
 
 
 def _mounted_models() -> str | None:
-    for candidate in (MOUNTED_MODELS / "model.json", MOUNTED_MODELS / "model" / "model.json"):
-        if candidate.is_file():
-            return str(MOUNTED_MODELS)
-    return None
+    from transformer.model_card import ModelCard, ModelCardError
+
+    try:
+        ModelCard.locate(MOUNTED_MODELS)
+    except ModelCardError:
+        return None
+    return str(MOUNTED_MODELS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "--max_batch images embeds faster than --max_batch one-image requests run side by "
                              "side, and batches only then")
     parser.add_argument("--max_images", type=int, default=64, help="most images per request (more: 413)")
+    parser.add_argument("--mmap_index", action="store_true",
+                        default=env("LOOKALIKE_MMAP_INDEX", "") in ("1", "true"),
+                        help="map the index's inverted lists from its file instead of reading them into memory: "
+                             "serves an index larger than the pod's memory, paging from disk "
+                             "(docs/capacity.md) [env LOOKALIKE_MMAP_INDEX]")
+    parser.add_argument("--enable_reload_route", action="store_true",
+                        default=env("LOOKALIKE_ENABLE_RELOAD_ROUTE", "") in ("1", "true"),
+                        help="answer POST /v2/repository/models/NAME/load (swap to the pair the refs name now); "
+                             "off by default: only inference, health and metadata routes are served "
+                             "[env LOOKALIKE_ENABLE_RELOAD_ROUTE]")
     parser.add_argument("--refresh_seconds", type=float, default=float(env("LOOKALIKE_REFRESH_SECONDS", "0")),
                         help="poll the model/index aliases this often and swap when they move (0: only on "
                              "POST /v2/repository/models/NAME/load)")
@@ -66,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     settings = PredictorSettings(model_ref=args.model_version, index_ref=args.index_version, model_dir=args.model_dir,
                                  backend=args.backend, max_batch=args.max_batch, batching=args.batching,
-                                 max_images=args.max_images, refresh_seconds=args.refresh_seconds)
+                                 max_images=args.max_images, refresh_seconds=args.refresh_seconds,
+                                 mmap_index=args.mmap_index)
     model = LookalikePredictor(args.model_name, settings)
     try:
         model.load()
@@ -75,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     repository = ReloadingRepository()
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, registered_models=repository,
-                workers=args.workers, enable_grpc=args.enable_grpc).start([model])
+                workers=args.workers, enable_grpc=args.enable_grpc, unit="predictor",
+                allow_reload=args.enable_reload_route,
+                max_request_bytes=args.max_images * 3 * 512 * 512 * 4).start([model])
     return 0
 
 

@@ -13,53 +13,57 @@ Every backend answers the same question: `embed(images [N,3,S,S]) -> (embeddings
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from storage.artifacts import MANIFEST, verify_dir
+from storage.errors import InputError
+from transformer.model_card import ONNX_FILE, ModelCard, ModelCardError
+from transformer.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE, WEIGHTS_FILE, META_FILE = "model.onnx", "model.safetensors", "model.json"
 HALF_MIN_COSINE = 0.999
 
 
-class ModelLoadError(RuntimeError):
-    """The model folder cannot be served (missing files, bad checksums, unknown format)."""
+class ModelLoadError(ModelCardError):
+    """The model folder cannot be served (missing files, a graph that lacks outputs, an unknown backend)."""
 
 
 class Embedder:
     """One loaded model version. Thread-safe: `embed` may be called from several threads."""
 
-    def __init__(self, meta: dict[str, Any], backend: str, runner, device: str = "cpu"):
-        self.meta = meta
+    def __init__(self, card: ModelCard, backend: str, runner, device: str = "cpu"):
+        self.card = card
         self.backend = backend  # "onnxruntime", "torch" or "torch-cuda-fp16"/"torch-cuda-fp32"
         self.device = device
         self._run = runner
-        self.tasks: list[str] = list(meta.get("heads", {}))
-        self.heads: dict[str, list[str]] = {t: list(v) for t, v in meta.get("heads", {}).items()}
-        self.size = int(meta["preprocessing"]["size"])
-        self.embedding_dim = int(meta["embedding_dim"])
-        self.model_version: str = meta.get("model_version") or "unversioned"
+        self.tasks: list[str] = card.tasks
+        self.heads: dict[str, list[str]] = {t: list(v) for t, v in card.heads.items()}
+        self.size = card.preprocessing.size
+        self.embedding_dim = card.embedding_dim
+        self.model_version: str = card.model_version
 
     def __repr__(self) -> str:
-        return f"Embedder({self.model_version}, {self.meta.get('architecture')}, {self.backend})"
+        return f"Embedder({self.model_version}, {self.card.architecture}, {self.backend})"
+
+    @property
+    def preprocessing(self) -> PreprocessSpec:
+        """The preprocessing this model's input must have (from its card)."""
+        return self.card.preprocessing
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.size, self.size)
 
     def check_input(self, images: np.ndarray) -> np.ndarray:
-        """The batch as contiguous float32 [N,3,S,S], or ValueError saying what the model expects."""
+        """The batch as contiguous float32 [N,3,S,S], or an InputError saying what the model expects."""
         if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
-            raise ValueError(f"expected preprocessed images of shape [N, {', '.join(map(str, self.input_shape))}] "
+            raise InputError(f"expected preprocessed images of shape [N, {', '.join(map(str, self.input_shape))}] "
                              f"(this model's size is {self.size}), got {list(images.shape)}")
         return np.ascontiguousarray(images, dtype=np.float32)
 
@@ -91,29 +95,21 @@ class Embedder:
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_dir: str | Path, backend: str = "auto", *, threads: int | None = None) -> "Embedder":
-        """Load a model version folder (checked against its MANIFEST.json when it has one).
+    def load(cls, model: ModelCard | str | Path, backend: str = "auto", *, threads: int | None = None) -> Embedder:
+        """Load a model version: its card (already verified) or its folder (whose card is read and verified
+        once, here).
 
         backend: "auto" (GPU torch if CUDA is present, else ONNX Runtime, else CPU torch), "onnxruntime"
         or "torch".
         """
-        model_dir = Path(model_dir)
-        meta_path = model_dir / META_FILE
-        if not meta_path.is_file():
-            raise ModelLoadError(f"{model_dir} has no {META_FILE}: it is not a published model version folder")
-        if (model_dir / MANIFEST).exists():
-            verify_dir(model_dir)
-        meta = json.loads(meta_path.read_text())
-        for key in ("preprocessing", "embedding_dim", "heads"):
-            if key not in meta:
-                raise ModelLoadError(f"{meta_path} lacks {key!r}; republish the model with the current exporter")
+        card = model if isinstance(model, ModelCard) else ModelCard.read(model)
         if backend == "auto":
-            backend = "torch" if _cuda_available() else ("onnxruntime" if _onnx_usable(model_dir) else "torch")
+            backend = "torch" if _cuda_available() else ("onnxruntime" if _onnx_usable(card) else "torch")
         if backend == "onnxruntime":
-            return cls(meta, "onnxruntime", _OnnxRunner(model_dir, meta, threads))
+            return cls(card, "onnxruntime", _OnnxRunner(card, threads))
         if backend == "torch":
-            runner, name, device = _torch_runner(model_dir, meta)
-            return cls(meta, name, runner, device)
+            runner, name, device = _torch_runner(card)
+            return cls(card, name, runner, device)
         raise ModelLoadError(f"unknown backend {backend!r}; use auto, onnxruntime or torch")
 
 
@@ -125,9 +121,9 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _onnx_usable(model_dir: Path) -> bool:
-    if not (model_dir / ONNX_FILE).is_file():
-        log.warning("%s has no %s: falling back to PyTorch", model_dir, ONNX_FILE)
+def _onnx_usable(card: ModelCard) -> bool:
+    if not card.file(ONNX_FILE).is_file():
+        log.warning("%s has no %s: falling back to PyTorch", card.folder, ONNX_FILE)
         return False
     try:
         import onnxruntime  # noqa: F401
@@ -167,26 +163,27 @@ class _OnnxRunner:
     same function; only the threads differ.
     """
 
-    def __init__(self, model_dir: Path, meta: dict[str, Any], threads: int | None):
+    def __init__(self, card: ModelCard, threads: int | None):
         import onnxruntime as ort
 
+        graph = card.file(ONNX_FILE)
         self.cores = threads or int(os.environ.get("LOOKALIKE_ORT_THREADS", 0)) or (os.cpu_count() or 1)
-        self.wide = self._session(ort, model_dir, self.cores)
-        self.narrow = self._session(ort, model_dir, 1) if self.cores > 1 else self.wide
-        self.input_name = meta.get("onnx", {}).get("input", "images")
-        self.tasks = list(meta["heads"])
-        self.names = ["embedding"] + [f"probs_{t}" for t in self.tasks]
+        self.wide = self._session(ort, graph, self.cores)
+        self.narrow = self._session(ort, graph, 1) if self.cores > 1 else self.wide
+        self.input_name = card.onnx_input
+        self.tasks = card.tasks
+        self.names = card.output_names
         have = {o.name for o in self.wide.get_outputs()}
         missing = [n for n in self.names if n not in have]
         if missing:
-            raise ModelLoadError(f"{model_dir / ONNX_FILE} lacks outputs {missing} that model.json's heads call for")
+            raise ModelLoadError(f"{graph} lacks outputs {missing} that model.json's heads call for")
         self._slots = threading.BoundedSemaphore(self.cores)  # runs at once; more would only time-slice
         self._lock = threading.Lock()
         self._demand = 0  # requests running or waiting for a slot
         self.runs = {"wide": 0, "narrow": 0}  # how often each session ran (for tests and debugging)
 
     @staticmethod
-    def _session(ort, model_dir: Path, threads: int):
+    def _session(ort, graph: Path, threads: int):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -195,7 +192,7 @@ class _OnnxRunner:
             # Idle intra-op threads spin by default; on a shared CPU (the transformer beside us, other pods)
             # the spinning steals the cores the next request needs.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray):
         with self._lock:
@@ -215,20 +212,20 @@ class _OnnxRunner:
         return outs[0], dict(zip(self.tasks, outs[1:]))
 
 
-def _torch_runner(model_dir: Path, meta: dict[str, Any]):
+def _torch_runner(card: ModelCard):
     import torch
 
     from training.export import load_model
 
-    model, _ = load_model(model_dir)
-    tasks = list(meta["heads"])
+    model, _ = load_model(card)  # the card was verified when it was read: no second hashing
+    tasks = card.tasks
     lock = threading.Lock()  # eval-mode torch is re-entrant, but one batch at a time is faster on a CPU
     if torch.cuda.is_available():
         device = torch.device("cuda")
         model = model.to(device).eval()
         # Half precision through autocast: weights stay fp32, matmuls and convolutions run in fp16, and the
         # model's own fp32 steps (normalisation, heads on the normalised embedding) keep their dtype.
-        half = _half_keeps_results(model, int(meta["preprocessing"]["size"]), device)
+        half = _half_keeps_results(model, card.preprocessing.size, device)
         name = f"torch-cuda-{'fp16' if half else 'fp32'}"
     else:
         device, half, name = torch.device("cpu"), False, "torch"

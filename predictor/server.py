@@ -4,8 +4,10 @@ Input (one tensor):   images   FP32 [N, 3, S, S]   preprocessed with the model's
                                                    FP16 is accepted too (the transformer sends FP16:
                                                    half the bytes, no pixel level lost); the embedder
                                                    widens it to FP32 (`Embedder.check_input`)
-Outputs:              listing_ids  BYTES [N, k]    best first; "" pads a row with fewer than k matches
-                      scores       FP32  [N, k]    cosine similarity (0.0 where padded)
+Outputs:              listing_ids  BYTES [N, k]    top-k listings, each once, best first; "" pads a row
+                                                   with fewer than k matches
+                      photo_ids    BYTES [N, k]    beside each, the listing's photo that matched best
+                      scores       FP32  [N, k]    cosine similarity of that photo (0.0 where padded)
                       label_<task> BYTES [N]       each head's predicted label
                       prob_<task>  FP32  [N]       its probability
 Parameters:           top_k (default 10), nprobe (default: the index's tuned value), and a filter:
@@ -35,11 +37,12 @@ from kserve.model_repository import ModelRepository
 from kserve.protocol.infer_type import InferRequest, InferResponse
 from predictor.service import (DEFAULT_MODEL_REF, Matches, SearchService, ServingPair, parse_filters,
                                resolve_model)
-from storage.artifacts import ArtifactError, index_repo
-from storage.s3 import StoreError, connect
-from transformer.metrics import RequestTrace, observe_batch
-from transformer.protocol import (BadInput, ModelMoved, TooLarge, Unavailable, V2Error, int_parameter, parameters_of,
-                                  output, request_id, single_input, tensor_as_numpy, wants_binary)
+from storage.artifacts import index_repo
+from storage.s3 import connect
+from transformer.metrics import RequestTrace, observe_batch, set_serving_versions
+from transformer.protocol import (BadInput, ModelMoved, TooLarge, Unavailable, as_v2_error, int_parameter,
+                                  parameters_of, output, request_id, requested, single_input, tensor_as_numpy,
+                                  wants_binary)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class PredictorSettings:
     index_ref: str = "latest"  # an index version of that model, an alias, or "latest"
     model_dir: str | None = None  # a local folder (e.g. /mnt/models) instead of the store
     backend: str = "auto"  # auto | onnxruntime | torch
+    mmap_index: bool = False  # map the index's lists from disk instead of reading them into memory
     max_batch: int = 4  # images per embedding batch (micro-batching)
     batching: str = "auto"  # on | off | auto: on when a batch of max_batch embeds faster per image (measured)
     max_images: int = 64  # per request
@@ -77,8 +81,8 @@ class LookalikePredictor(kserve.Model):
             store = None
             if s.index_ref and not (Path(s.model_dir) / "index").is_dir():
                 store = connect()
-            return ServingPair.from_dir(s.model_dir, store, s.index_ref, s.backend)
-        return ServingPair.from_store(connect(), s.model_ref, s.index_ref, s.backend)
+            return ServingPair.from_dir(s.model_dir, store, s.index_ref, s.backend, mmap=s.mmap_index)
+        return ServingPair.from_store(connect(), s.model_ref, s.index_ref, s.backend, mmap=s.mmap_index)
 
     def load(self) -> bool:
         """Load the pair and become ready; when already serving, load the pair again and swap if it moved."""
@@ -97,7 +101,8 @@ class LookalikePredictor(kserve.Model):
             current = self.service.pair
             if (model_version, index_version) != (current.model_version, current.index_version):
                 self.service.reload(lambda: ServingPair.from_store(store, model_version, index_version,
-                                                                   self.settings.backend))
+                                                                   self.settings.backend,
+                                                                   mmap=self.settings.mmap_index))
         return self.ready
 
     def _batching_pays(self, pair: ServingPair) -> bool:
@@ -136,6 +141,7 @@ class LookalikePredictor(kserve.Model):
 
     def get_output_types(self) -> list[dict[str, Any]]:
         out = [{"name": "listing_ids", "datatype": "BYTES", "shape": [-1, -1]},
+               {"name": "photo_ids", "datatype": "BYTES", "shape": [-1, -1]},
                {"name": "scores", "datatype": "FP32", "shape": [-1, -1]}]
         for task in (self.service.pair.embedder.tasks if self.service else []):
             out += [{"name": f"label_{task}", "datatype": "BYTES", "shape": [-1]},
@@ -168,12 +174,9 @@ class LookalikePredictor(kserve.Model):
                 raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
             params = parameters_of(payload)
             # A top_k above the catalog's size is answered with every listing, not refused.
-            top_k = min(int_parameter(params, "top_k", 10, 1, MAX_TOP_K), max(1, len(pair.index)))
+            top_k = min(int_parameter(params, "top_k", 10, 1, MAX_TOP_K), max(1, pair.index.listing_count))
             nprobe = int_parameter(params, "nprobe", None, 1, 1 << 20)
-            try:
-                filters = parse_filters(params, pair.embedder.tasks)
-            except ValueError as exc:
-                raise BadInput(str(exc)) from exc
+            filters = parse_filters(params, pair.heads)
             if self.service.batcher is not None:
                 future = self.service.submit(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair)
                 matches: Matches = await asyncio.wrap_future(future)
@@ -184,7 +187,7 @@ class LookalikePredictor(kserve.Model):
                 trace.add(stage, seconds)
             response = self._response(rid, payload, matches)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a v2 error with a status
-            error = _as_v2_error(exc)
+            error = as_v2_error(exc, "predictor", rid)
             trace.finish(error, images=0)
             raise error from exc
         trace.finish(images=len(images))
@@ -192,10 +195,15 @@ class LookalikePredictor(kserve.Model):
 
     def _response(self, rid: str, request: InferRequest, m: Matches) -> InferResponse:
         binary = wants_binary(request)
-        outputs = [output("listing_ids", m.ids_array(), "BYTES", binary), output("scores", m.scores, "FP32", binary)]
+        outputs = [output("listing_ids", m.ids_array(), "BYTES", binary),
+                   output("photo_ids", m.photo_ids_array(), "BYTES", binary),
+                   output("scores", m.scores, "FP32", binary)]
         for task, labels in m.labels.items():
-            outputs.append(output(f"label_{task}", np.array([s.encode() for s in labels], dtype=object), "BYTES", binary))
+            names = np.array([s.encode() for s in labels], dtype=object)
+            outputs.append(output(f"label_{task}", names, "BYTES", binary))
             outputs.append(output(f"prob_{task}", m.probs[task], "FP32", binary))
+        outputs = requested(outputs, request)
+        set_serving_versions("predictor", m.model_version, m.index_version)
         params = {"model_version": m.model_version, "index_version": m.index_version,
                   "embed_us": int(m.timings.get("embed", 0) * 1e6), "search_us": int(m.timings.get("search", 0) * 1e6)}
         # kserve 0.21 fails a response without an id; a request without one gets a generated id.
@@ -203,19 +211,6 @@ class LookalikePredictor(kserve.Model):
                              model_version=m.model_version, parameters=params,
                              use_binary_outputs=request.use_binary_outputs,
                              requested_outputs=request.request_outputs)
-
-
-def _as_v2_error(exc: BaseException) -> BaseException:
-    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
-
-    if isinstance(exc, (V2Error, InvalidInput, ModelNotFound, ModelNotReady)):
-        return exc
-    if isinstance(exc, ValueError):
-        return BadInput(str(exc))
-    if isinstance(exc, (StoreError, ArtifactError)):
-        return Unavailable(str(exc))
-    log.exception("internal error while searching")
-    return V2Error(f"internal error while searching ({type(exc).__name__}); the request id is in the server log")
 
 
 class ReloadingRepository(ModelRepository):

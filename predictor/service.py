@@ -21,13 +21,17 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from predictor.embedder import Embedder
-from storage.artifacts import MANIFEST, ArtifactError, VersionNotFound, model_repo, verify_dir
+from predictor.index import VectorIndex
+from storage.artifacts import ArtifactError, VersionNotFound, model_repo
+from storage.errors import InputError
 from storage.s3 import ObjectStore
+from transformer.model_card import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +46,19 @@ class PairMismatch(ArtifactError):
 
 # ---- filters -------------------------------------------------------------------------------------
 
-def parse_filters(params: dict[str, Any], tasks: Sequence[str]) -> dict[str, str]:
-    """{task: label or "predicted"} from request parameters.
+def parse_filters(params: dict[str, Any], heads: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """{task: label or "predicted"} from request parameters, each label checked against the model's heads.
 
     Accepted forms: `filter="category=footwear"`, `filter="category=predicted,shade=dark"`,
-    `filter="predicted:category"` and `filter_category="footwear"`. Raises ValueError naming the tasks.
+    `filter="predicted:category"` and `filter_category="footwear"`. A label is matched without regard to
+    case (`Tops` is `tops`); an unknown task or label raises InputError naming the ones there are, since a
+    filter nothing can match would otherwise answer an empty page.
     """
     wanted: dict[str, str] = {}
     raw = params.get("filter")
     if raw not in (None, ""):
         if not isinstance(raw, str):
-            raise ValueError(f"parameter 'filter' must be a string like 'category=footwear', got {raw!r}")
+            raise InputError(f"parameter 'filter' must be a string like 'category=footwear', got {raw!r}")
         for part in (p.strip() for p in raw.split(",")):
             if not part:
                 continue
@@ -61,16 +67,24 @@ def parse_filters(params: dict[str, Any], tasks: Sequence[str]) -> dict[str, str
             elif "=" in part:
                 task, label = (s.strip() for s in part.split("=", 1))
             else:
-                raise ValueError(f"filter {part!r} is not understood: use TASK=LABEL, TASK=predicted or "
+                raise InputError(f"filter {part!r} is not understood: use TASK=LABEL, TASK=predicted or "
                                  f"predicted:TASK")
             wanted[task] = label
     for key, value in params.items():
         if key.startswith("filter_") and value not in (None, ""):
             wanted[key[len("filter_"):]] = str(value)
-    unknown = [t for t in wanted if t not in tasks]
+    unknown = [t for t in wanted if t not in heads]
     if unknown:
-        raise ValueError(f"cannot filter on {', '.join(map(repr, unknown))}: this model's tasks are "
-                         f"{', '.join(tasks) or 'none'}")
+        raise InputError(f"cannot filter on {', '.join(map(repr, unknown))}: this model's tasks are "
+                         f"{', '.join(heads) or 'none'}")
+    for task, label in wanted.items():
+        if label == PREDICTED:
+            continue
+        by_case = {known.casefold(): known for known in heads[task]}
+        if label.casefold() not in by_case:
+            shown = ", ".join(list(heads[task])[:20]) + (" …" if len(heads[task]) > 20 else "")
+            raise InputError(f"no {task} is called {label!r}: the {task} labels are {shown} (or 'predicted')")
+        wanted[task] = by_case[label.casefold()]
     return wanted
 
 
@@ -79,7 +93,7 @@ def parse_filters(params: dict[str, Any], tasks: Sequence[str]) -> dict[str, str
 @dataclass(frozen=True)
 class ServingPair:
     embedder: Embedder
-    index: Any  # predictor.index.VectorIndex
+    index: VectorIndex
     model_version: str
     index_version: str
     source: str = ""
@@ -92,61 +106,51 @@ class ServingPair:
         return self.embedder.heads
 
     @classmethod
-    def assemble(cls, embedder: Embedder, index: Any, source: str = "") -> "ServingPair":
-        info = dict(getattr(index, "info", {}) or {})
-        built_with = info.get("model_version")
-        if built_with != embedder.model_version:
-            raise PairMismatch(f"index {_index_version(index)} was built with model {built_with!r}, not with "
+    def assemble(cls, embedder: Embedder, index: VectorIndex, source: str = "") -> ServingPair:
+        card = index.card
+        version = card.index_version or "unversioned"
+        if card.model_version != embedder.model_version:
+            raise PairMismatch(f"index {version} was built with model {card.model_version!r}, not with "
                                f"{embedder.model_version!r}: its vectors are not comparable with this model's "
                                f"embeddings. Serve the index built for this model (or rebuild it)")
-        dim = info.get("dim") or info.get("dimension")
-        if dim is not None and int(dim) != embedder.embedding_dim:
-            raise PairMismatch(f"index {_index_version(index)} holds {dim}-d vectors but the model embeds to "
+        if card.dim != embedder.embedding_dim:
+            raise PairMismatch(f"index {version} holds {card.dim}-d vectors but the model embeds to "
                                f"{embedder.embedding_dim}-d")
-        return cls(embedder, index, embedder.model_version, _index_version(index), source)
+        return cls(embedder, index, embedder.model_version, version, source)
 
     @classmethod
     def from_store(cls, store: ObjectStore, model_ref: str = DEFAULT_MODEL_REF, index_ref: str = "latest",
-                   backend: str = "auto") -> "ServingPair":
+                   backend: str = "auto", mmap: bool = False) -> ServingPair:
         """Resolve model and index refs (versions, aliases or 'latest'), fetch, verify and load them.
 
         A model ref of 'production' that no alias names yet falls back to the newest model version.
         """
-        from predictor.index import VectorIndex
-
-        models = model_repo(store)
         model_version = resolve_model(store, model_ref)
-        model_dir = models.fetch(model_version)
-        embedder = Embedder.load(model_dir, backend)
-        index = VectorIndex.fetch(store, model_version, ref=index_ref, dim=embedder.embedding_dim)
+        model_dir = model_repo(store).fetch(model_version)  # verified against its manifest on the way in
+        embedder = Embedder.load(ModelCard.read(model_dir, verify=False), backend)
+        index = VectorIndex.fetch(store, model_version, ref=index_ref, dim=embedder.embedding_dim, mmap=mmap)
         return cls.assemble(embedder, index, source=store.uri(f"models/{model_version}"))
 
     @classmethod
     def from_dir(cls, path: str | Path, store: ObjectStore | None = None, index_ref: str = "latest",
-                 backend: str = "auto") -> "ServingPair":
+                 backend: str = "auto", mmap: bool = False) -> ServingPair:
         """Load from a local folder, e.g. what KServe's storage initializer copied into /mnt/models.
 
         Layouts: `path/model/` + `path/index/` (both published version folders), or `path` itself a model
         version folder, whose index then comes from the store (`index_ref`).
         """
-        from predictor.index import VectorIndex
-
         path = Path(path)
-        model_dir = path / "model" if (path / "model" / "model.json").exists() else path
-        if not (model_dir / "model.json").exists():
-            raise ArtifactError(f"{path} holds no model.json (nor model/model.json): point --model_dir at a model "
-                                f"version folder, or at a folder with model/ and index/ inside")
-        if not (model_dir / MANIFEST).exists():
-            raise ArtifactError(f"{model_dir} has no {MANIFEST}: only published versions are served (their "
-                                f"checksums are verified)")
-        embedder = Embedder.load(model_dir, backend)  # verifies the manifest
+        if not ModelCard.is_published(path):
+            raise ArtifactError(f"{ModelCard.locate(path)} has no MANIFEST.json: only published versions are served "
+                                f"(their checksums are verified)")
+        embedder = Embedder.load(ModelCard.read(path), backend)  # the one verification of the model's files
         index_dir = path / "index"
-        if index_dir.is_dir():
-            if (index_dir / MANIFEST).exists():
-                verify_dir(index_dir)
-            index = VectorIndex.load(index_dir, model_version=embedder.model_version, dim=embedder.embedding_dim)
+        if index_dir.is_dir():  # verified once, by the load
+            index = VectorIndex.load(index_dir, model_version=embedder.model_version, dim=embedder.embedding_dim,
+                                     mmap=mmap)
         elif store is not None:
-            index = VectorIndex.fetch(store, embedder.model_version, ref=index_ref, dim=embedder.embedding_dim)
+            index = VectorIndex.fetch(store, embedder.model_version, ref=index_ref, dim=embedder.embedding_dim,
+                                      mmap=mmap)
         else:
             raise ArtifactError(f"{path} has no index/ folder and no store is configured to fetch the index of "
                                 f"model {embedder.model_version}")
@@ -164,16 +168,12 @@ def resolve_model(store: ObjectStore, model_ref: str) -> str:
         return repo.resolve(FALLBACK_MODEL_REF)
 
 
-def _index_version(index: Any) -> str:
-    info = dict(getattr(index, "info", {}) or {})
-    return str(getattr(index, "version", None) or info.get("index_version") or info.get("version") or "unversioned")
-
-
 # ---- answers -------------------------------------------------------------------------------------
 
 @dataclass
 class Matches:
-    """Per image: top-k listing ids and scores, and each head's predicted label and probability."""
+    """Per image: top-k listing ids (each once), the photo of each that matched, scores, and each head's
+    predicted label and probability."""
 
     listing_ids: list[list[str]]
     scores: np.ndarray  # [N, k] float32; padded with 0.0 where fewer than k listings matched
@@ -182,18 +182,28 @@ class Matches:
     model_version: str
     index_version: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    photo_ids: list[list[str]] = field(default_factory=list)  # beside listing_ids: the photo that matched
 
     @property
     def top_k(self) -> int:
         return int(self.scores.shape[1]) if self.scores.ndim == 2 else 0
 
     def ids_array(self) -> np.ndarray:
-        k = self.top_k
-        out = np.empty((len(self.listing_ids), k), dtype=object)
-        for i, row in enumerate(self.listing_ids):
-            padded = list(row) + [""] * (k - len(row))
-            out[i, :] = [s.encode() for s in padded[:k]]
-        return out
+        """listing_ids as a BYTES [N, k] array, "" where a row has fewer matches."""
+        return _bytes_table(self.listing_ids, len(self.listing_ids), self.top_k)
+
+    def photo_ids_array(self) -> np.ndarray:
+        """photo_ids as a BYTES [N, k] array, "" where a row has fewer matches."""
+        return _bytes_table(self.photo_ids, len(self.listing_ids), self.top_k)
+
+
+def _bytes_table(rows: list[list[str]], n: int, k: int) -> np.ndarray:
+    out = np.empty((n, k), dtype=object)
+    for i in range(n):
+        row = rows[i] if i < len(rows) else []
+        padded = list(row) + [""] * (k - len(row))
+        out[i, :] = [s.encode() for s in padded[:k]]
+    return out
 
 
 def _predicted(heads: dict[str, list[str]], probs: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -213,23 +223,23 @@ def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.n
     if not per_image:
         result = pair.index.search(embeddings, top_k=top_k, nprobe=nprobe, label_filter=filters or None)
         ids = [list(r) for r in result.listing_ids]
+        photos = [list(r) for r in result.photo_ids]
         scores = [np.asarray(s, np.float32) for s in result.scores]
     else:  # each image is restricted to its own predicted label
-        ids, scores = [], []
+        ids, photos, scores = [], [], []
         for i in range(len(embeddings)):
             wanted = {t: (labels[t][i] if v == PREDICTED else v) for t, v in filters.items()}
             result = pair.index.search(embeddings[i:i + 1], top_k=top_k, nprobe=nprobe, label_filter=wanted)
             ids.append(list(result.listing_ids[0]))
+            photos.append(list(result.photo_ids[0]))
             scores.append(np.asarray(result.scores[0], np.float32))
     timings["search"] = time.perf_counter() - start
     k = max([len(r) for r in ids] + [0])
     score_arr = np.zeros((len(ids), k), np.float32)
-    clean_ids = []
+    # listing_ids and photo_ids leave out the misses; the scores of the hits come first in each row
     for i, (row, srow) in enumerate(zip(ids, scores)):
-        keep = [j for j, lid in enumerate(row) if lid not in (None, "")]  # faiss pads misses with -1 / ""
-        clean_ids.append([str(row[j]) for j in keep])
-        score_arr[i, :len(keep)] = np.asarray(srow, np.float32)[keep]
-    return Matches(clean_ids, score_arr, labels, best, pair.model_version, pair.index_version, timings)
+        score_arr[i, :len(row)] = np.asarray(srow, np.float32)[:len(row)]
+    return Matches(ids, score_arr, labels, best, pair.model_version, pair.index_version, timings, photos)
 
 
 # ---- micro-batching ------------------------------------------------------------------------------

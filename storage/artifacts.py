@@ -20,10 +20,11 @@ import secrets
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
+from storage.errors import NotFoundError, UnavailableError
 from storage.s3 import ObjectStore, StoreError
 
 MANIFEST = "MANIFEST.json"
@@ -32,16 +33,18 @@ LATEST = "latest"
 VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also the names of aliases
 
 
-class ArtifactError(RuntimeError):
-    """A version is missing, incomplete, tampered with or not what was asked for."""
+class ArtifactError(UnavailableError):
+    """A version is missing, incomplete, tampered with or not what was asked for (a server cannot use it: 503)."""
 
 
 class ChecksumMismatch(ArtifactError):
-    pass
+    """A file of a version differs from what its manifest recorded."""
 
 
-class VersionNotFound(ArtifactError):
-    pass
+class VersionNotFound(ArtifactError, NotFoundError):
+    """No complete version or alias of that name."""
+
+    status = 404
 
 
 _last_version_ms = 0
@@ -56,7 +59,7 @@ def new_version() -> str:
     global _last_version_ms
     now_ms = max(int(time.time() * 1000), _last_version_ms + 1)
     _last_version_ms = now_ms
-    stamp = datetime.fromtimestamp(now_ms / 1000, timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.fromtimestamp(now_ms / 1000, UTC).strftime("%Y%m%dT%H%M%S")
     return f"{stamp}{now_ms % 1000:03d}Z-{secrets.token_hex(3)}"
 
 
@@ -79,7 +82,7 @@ def build_manifest(local_dir: Path, version: str, metadata: dict[str, Any] | Non
         raise ArtifactError(f"nothing to publish: {local_dir} holds no files")
     return {
         "version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "files": files,
         "metadata": metadata or {},
     }
@@ -99,7 +102,8 @@ def verify_dir(local_dir: str | Path, manifest: dict[str, Any] | None = None) ->
     for rel, entry in manifest["files"].items():
         path = local_dir / rel
         if not path.exists():
-            raise ArtifactError(f"{rel} is listed in the manifest of {manifest['version']} but missing from {local_dir}")
+            raise ArtifactError(f"{rel} is listed in the manifest of {manifest['version']} but missing from "
+                                f"{local_dir}")
         actual = sha256_file(path)
         if actual != entry["sha256"]:
             raise ChecksumMismatch(
@@ -128,6 +132,23 @@ class ArtifactRepo:
         return f"{self.prefix}/{version}/{rel}"
 
     # ---- writing ---------------------------------------------------------------------------
+    def next_version(self) -> str:
+        """A fresh version name that sorts after every version published here, so "latest" finds it.
+
+        Names sort by time to the millisecond; a version published by another process within the same
+        millisecond as the newest (or by a machine whose clock is behind) must still come after it.
+        """
+        newest = (self.versions() or [""])[0]
+        version = new_version()
+        for attempt in range(64):
+            if version > newest:
+                return version
+            if attempt == 32:
+                time.sleep(1.0)
+            version = new_version()
+        raise ArtifactError(f"cannot name a version after {newest!r} under {self.store.uri(self.prefix)}: "
+                            f"is this machine's clock far behind the one that published it?")
+
     def publish(self, local_dir: str | Path, version: str | None = None,
                 metadata: dict[str, Any] | None = None) -> str:
         """Upload every file of `local_dir` as a new version; return the version name.
@@ -153,12 +174,9 @@ class ArtifactRepo:
         if not VERSION_NAME_RE.match(alias) or alias == LATEST:
             raise ArtifactError(f"invalid alias name {alias!r}")
         self.manifest(version)  # refuses unknown or incomplete versions
-        body = {"version": version, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        body = {"version": version, "updated": datetime.now(UTC).isoformat(timespec="seconds")}
         self.store.put_bytes(f"{self.prefix}/{ALIASES}/{alias}.json", json.dumps(body).encode(),
                              content_type="application/json")
-
-    def delete_alias(self, alias: str) -> None:
-        self.store.delete(f"{self.prefix}/{ALIASES}/{alias}.json")
 
     # ---- reading ---------------------------------------------------------------------------
     def versions(self) -> list[str]:

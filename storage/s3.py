@@ -10,6 +10,8 @@ Settings (environment variables, all optional for the embedded defaults):
     LOOKALIKE_S3_SECURE      "true" for HTTPS                    (default false)
     LOOKALIKE_S3_BUCKET      bucket holding catalogs and artifacts (default lookalike)
     LOOKALIKE_S3_REGION      region                              (default us-east-1)
+    LOOKALIKE_S3_PUBLIC_ENDPOINT  URL apps fetch photos from, when it is not the endpoint above
+                             (presigned URLs are signed for the host they name; default: the endpoint)
 
 The same code talks to MinIO in a cluster: only these variables change.
 """
@@ -18,13 +20,16 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error
+
+from storage.errors import InputError, UnavailableError
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"
 DEFAULT_ACCESS_KEY = "lookalike"
@@ -32,7 +37,7 @@ DEFAULT_SECRET_KEY = "lookalike-secret"
 DEFAULT_BUCKET = "lookalike"
 
 
-class StoreError(RuntimeError):
+class StoreError(UnavailableError):
     """The object store cannot do what was asked; the message says what to do about it."""
 
 
@@ -45,9 +50,10 @@ class S3Settings:
     bucket: str = DEFAULT_BUCKET
     # A fixed region spares a "?location" round trip that some S3 servers (rclone) refuse.
     region: str = "us-east-1"
+    public_endpoint: str = ""  # a URL apps reach the store at, for presigned photo URLs ("": the endpoint)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "S3Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> S3Settings:
         env = os.environ if environ is None else environ
         endpoint = env.get("LOOKALIKE_S3_ENDPOINT", DEFAULT_ENDPOINT)
         secure = env.get("LOOKALIKE_S3_SECURE", "false").strip().lower() in ("1", "true", "yes")
@@ -61,6 +67,7 @@ class S3Settings:
             secure=secure,
             bucket=env.get("LOOKALIKE_S3_BUCKET", DEFAULT_BUCKET),
             region=env.get("LOOKALIKE_S3_REGION", "us-east-1"),
+            public_endpoint=env.get("LOOKALIKE_S3_PUBLIC_ENDPOINT", "").strip(),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -72,13 +79,14 @@ class S3Settings:
             "LOOKALIKE_S3_SECURE": "true" if self.secure else "false",
             "LOOKALIKE_S3_BUCKET": self.bucket,
             "LOOKALIKE_S3_REGION": self.region,
+            **({"LOOKALIKE_S3_PUBLIC_ENDPOINT": self.public_endpoint} if self.public_endpoint else {}),
         }
 
     @property
     def url(self) -> str:
         return f"{'https' if self.secure else 'http'}://{self.endpoint}"
 
-    def with_bucket(self, bucket: str) -> "S3Settings":
+    def with_bucket(self, bucket: str) -> S3Settings:
         return replace(self, bucket=bucket)
 
 
@@ -86,7 +94,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split `s3://bucket/key` into (bucket, key)."""
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an s3:// URI: {uri!r} (expected s3://BUCKET/KEY)")
+        raise InputError(f"not an s3:// URI: {uri!r} (expected s3://BUCKET/KEY)")
     return parsed.netloc, parsed.path.lstrip("/")
 
 
@@ -110,6 +118,7 @@ class ObjectStore:
             region=self.settings.region,
             http_client=http,
         )
+        self._public: Minio | None = None  # the client that signs URLs for LOOKALIKE_S3_PUBLIC_ENDPOINT
 
     # ---- health ----------------------------------------------------------------------------
     def check(self, create_bucket: bool = False) -> None:
@@ -179,6 +188,23 @@ class ObjectStore:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str:
+        """A URL anyone holding it can GET the object at for `expires_s` seconds (no credentials needed):
+        how an app shows a catalog photo. Signed offline (the region is fixed), for the public endpoint when
+        one is set. Raises InputError for a lifetime S3 does not accept (1 s to 7 days)."""
+        if not 1 <= int(expires_s) <= 7 * 24 * 3600:
+            raise InputError(f"a presigned URL lives 1 s to 7 days, not {expires_s} s")
+        client = self.client
+        if self.settings.public_endpoint:
+            if self._public is None:
+                parsed = urlparse(self.settings.public_endpoint if "://" in self.settings.public_endpoint
+                                  else f"http://{self.settings.public_endpoint}")
+                self._public = Minio(parsed.netloc, access_key=self.settings.access_key,
+                                     secret_key=self.settings.secret_key, secure=parsed.scheme == "https",
+                                     region=self.settings.region)
+            client = self._public
+        return client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=int(expires_s)))
 
     # ---- errors ----------------------------------------------------------------------------
     def _call(self, what: str, key: str, fn, *args, **kwargs):

@@ -19,6 +19,12 @@ from pathlib import Path
 from storage.s3 import DEFAULT_ACCESS_KEY, DEFAULT_BUCKET, DEFAULT_SECRET_KEY, ObjectStore, S3Settings, StoreError
 
 
+def lookalike_home() -> Path:
+    """Where the embedded store keeps its objects (`s3/`) and local runs their outputs: $LOOKALIKE_HOME,
+    default `.lookalike` in the working directory."""
+    return Path(os.environ.get("LOOKALIKE_HOME", ".lookalike"))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on `host`."""
     with socket.socket() as sock:
@@ -91,7 +97,8 @@ class EmbeddedS3Server:
             except StoreError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise StoreError(f"the S3 server did not answer within {timeout_s:.0f}s; see {self.log_file}")
+                    raise StoreError(f"the S3 server did not answer within {timeout_s:.0f}s; "
+                                     f"see {self.log_file}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
@@ -108,7 +115,7 @@ class EmbeddedS3Server:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def __enter__(self) -> "EmbeddedS3Server":
+    def __enter__(self) -> EmbeddedS3Server:
         self.start()
         return self
 

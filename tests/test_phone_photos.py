@@ -1,5 +1,6 @@
-"""The phone-photo simulator: seeded, the right size and mode, really different from the catalog image,
-and the query set built from a catalog."""
+"""The phone-photo simulator: seeded, the right size and mode, really different from the catalog image; two
+recipes that share no background, seed or cast model (the judge is never the coach); products cut out or
+pasted whole; colour casts that keep colour labels true or say so; and the query set built from a catalog."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ from PIL import Image
 
 from training.catalog import Catalog
 from training.importers import load_fashion_mnist
-from training.phone_photos import (SIMULATED_NOTE, PhonePhotoAugment, foreground_mask, make_phone_queries,
-                                   simulate_phone_photo)
+from training.phone_photos import (EVALUATION, SIMULATED_NOTE, STRONG_CAST, TRAINING, background_photos,
+                                   foreground_mask, make_phone_queries, recipe_of, simulate, simulate_phone_photo)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +73,47 @@ def test_foreground_mask_on_dark_and_on_white_backgrounds(products):
     assert np.asarray(foreground_mask(busy)).min() == 255  # no plain background: keep the whole picture
 
 
-def test_augment_probability(products):
-    rng = np.random.default_rng(0)
-    assert PhonePhotoAugment(p=0.0)(products[2], rng) is products[2]
-    out = PhonePhotoAugment(p=1.0, out_size=64)(products[2], rng)
-    assert out.size == (64, 64) and out.mode == "RGB"
+def _studio_shot() -> Image.Image:
+    """A red product on a white studio background, as a photo catalog has them."""
+    shot = Image.new("RGB", (120, 120), (252, 252, 252))
+    shot.paste((200, 30, 30), (30, 30, 90, 90))
+    return shot
+
+
+def test_the_two_recipes_share_no_background_and_no_photo():
+    assert not set(TRAINING.backgrounds) & set(EVALUATION.backgrounds)
+    assert TRAINING.seed_salt != EVALUATION.seed_salt
+    for recipe in ("training", "evaluation"):
+        photos = background_photos(256, recipe)
+        assert len(photos) == len(recipe_of(recipe).backgrounds) and all(max(p.size) <= 256 for p in photos)
+    shot = _studio_shot()
+    a = simulate_phone_photo(shot, 3, out_size=96, recipe=TRAINING)
+    b = simulate_phone_photo(shot, 3, out_size=96, recipe=EVALUATION)
+    assert np.abs(_pixels(a) - _pixels(b)).mean() > 10
+    with pytest.raises(ValueError, match="unknown phone-photo recipe"):
+        recipe_of("holiday")
+
+
+def test_the_product_is_cut_out_or_pasted_whole():
+    shot = _studio_shot()
+    white = []
+    for cutout in (True, False):
+        photo = _pixels(simulate_phone_photo(shot, 5, out_size=128, cutout=cutout, strength=0.5))
+        white.append(float((photo.min(axis=2) > 200).mean()))  # the studio background's near-white pixels
+    assert white[1] > white[0] + 0.05  # pasted whole, the white background comes along
+    photo, info = simulate(shot, 5, out_size=128, cutout=True)
+    assert info.cutout is True
+
+
+def test_colour_casts_are_mild_in_evaluation_and_reported_in_training():
+    shot = _studio_shot()
+    evaluation = [simulate(shot, k, out_size=64, recipe=EVALUATION)[1].cast for k in range(40)]
+    training = [simulate(shot, k, out_size=64, recipe=TRAINING)[1].cast for k in range(40)]
+    assert max(evaluation) <= STRONG_CAST  # an evaluation photo never turns a colour into another
+    assert max(training) > STRONG_CAST  # a training view may: training then drops its colour label
+    photo = _pixels(simulate_phone_photo(shot, 2, out_size=128, recipe=EVALUATION, cutout=True, strength=0.3))
+    red = photo[48:80, 48:80].reshape(-1, 3).mean(0)
+    assert red[0] > 1.8 * max(red[1], red[2])  # the red product is still red
 
 
 def test_phone_queries_from_a_catalog(tmp_path, products):
@@ -93,4 +130,19 @@ def test_phone_queries_from_a_catalog(tmp_path, products):
     again = make_phone_queries(catalog, 6, seed=5, out_size=96)
     assert [(lid, p.tobytes()) for lid, p in queries] == [(lid, p.tobytes()) for lid, p in again]
     assert len(make_phone_queries(catalog, 50, seed=5, out_size=64)) == len(products)  # at most every listing
-    assert "simulated" in SIMULATED_NOTE
+    assert "simulated" in SIMULATED_NOTE and "evaluation recipe" in SIMULATED_NOTE
+    # the queries are the evaluation recipe's: the training recipe makes other photos of the same listings
+    trained = make_phone_queries(catalog, 6, seed=5, out_size=96, recipe="training")
+    assert [lid for lid, _ in trained] != ids or all(a.tobytes() != b.tobytes()
+                                                      for (_, a), (_, b) in zip(queries, trained))
+
+
+def test_phone_queries_of_a_listing_with_several_photos_use_one_of_them(tmp_path, products):
+    photos = []
+    for k in range(3):
+        products[k].save(tmp_path / f"v{k}.png")
+        photos.append({"uri": f"v{k}.png", "photo_id": f"v{k}"})
+    (tmp_path / "catalog.jsonl").write_text(json.dumps({"listing_id": "L", "images": photos,
+                                                        "labels": {"category": "x"}}) + "\n")
+    queries = make_phone_queries(Catalog.open(tmp_path / "catalog.jsonl"), 5, seed=1, out_size=64)
+    assert [lid for lid, _ in queries] == ["L"]  # one query per listing, not per photo

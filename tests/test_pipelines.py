@@ -1,5 +1,6 @@
-"""The Kubeflow pipelines: compiled YAML current and valid, cluster settings where they belong, and local
-runs (real kfp.local, real S3 server) that fail at the right step with a clear message."""
+"""The Kubeflow pipelines: compiled YAML current and valid, cluster settings where they belong, parameters
+declared once (training defaults from TrainConfig), the steps' errors and alias messages, and local runs
+(real kfp.local, real S3 server) that fail at the right step with a clear message."""
 from __future__ import annotations
 
 import json
@@ -17,10 +18,12 @@ from pipelines.compile import COMPILED_DIR, compile_all
 from pipelines.definitions import PIPELINES
 from pipelines.local import PipelineFailed, run_local
 from storage.artifacts import model_repo
+from storage.errors import LookalikeError
 
 GPU_COMPONENTS = {"train-model", "embed-catalog", "build-index"}
 UNCACHED = {"prepare-catalog", "check-model-gates", "publish-model", "publish-index", "fetch-model", "update-index"}
-NO_RETRY = {"check-model-gates", "check-index-gates", "evaluate-model", "evaluate-index"}
+NO_RETRY = {"check-model-gates", "check-index-gates", "evaluate-model", "evaluate-index", "show-confusion-matrix"}
+NO_STORE = {"check-index-gates", "show-confusion-matrix", "shard-numbers"}
 
 
 def _base(name: str) -> str:
@@ -29,6 +32,13 @@ def _base(name: str) -> str:
         name = name.removeprefix(prefix)
     head, _, tail = name.rpartition("-")
     return head if tail.isdigit() else name
+
+
+def _tasks(spec_doc: dict) -> dict[str, dict]:
+    """Every task that runs a container: the root DAG's and those inside loops (not the loops themselves)."""
+    dags = [spec_doc["root"]["dag"]] + [c["dag"] for c in spec_doc["components"].values() if "dag" in c]
+    return {name: task for dag in dags for name, task in dag["tasks"].items()
+            if "dag" not in spec_doc["components"][task["componentRef"]["name"]]}
 
 
 def _load(name: str) -> tuple[dict, dict]:
@@ -78,19 +88,23 @@ def test_gpu_settings_on_gpu_tasks_only(name):
             seen_gpu.add(base)
             assert accelerator and accelerator["resourceType"] == GPU_RESOURCE and accelerator["resourceCount"] == "1"
             assert container["image"] == GPU_IMAGE
-            assert config["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "gpu_node_selector"
-            assert config["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "gpu_toleration"
+            # Inside a loop (the embedding fan-out) a pipeline parameter reaches a task as a pipeline channel.
+            selector = config["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]
+            toleration = config["tolerations"][0]["tolerationJson"]["componentInputParameter"]
+            assert selector.removeprefix("pipelinechannel--") == "gpu_node_selector"
+            assert toleration.removeprefix("pipelinechannel--") == "gpu_toleration"
         else:
             assert accelerator is None, f"{label} is a CPU task but requests an accelerator"
             assert container["image"] == CPU_IMAGE
             assert "nodeSelector" not in config and "tolerations" not in config
         # Nothing is installed at task start: the image carries the project.
         command = " ".join(container["command"] + container.get("args", []))
-        assert "pip install" not in command and "from pipelines import steps as work" in command
+        assert "pip install" not in command and "from pipelines.steps import" in command
         # S3 keys from the Secret (named by a parameter), settings from the ConfigMap: never literals.
-        if base != "check-index-gates":
+        if base not in NO_STORE:
             secret = config["secretAsEnv"][0]
-            assert secret["secretNameParameter"] == {"componentInputParameter": "s3_secret"}
+            named_by = secret["secretNameParameter"]["componentInputParameter"]
+            assert named_by.removeprefix("pipelinechannel--") == "s3_secret"
             assert {m["envVar"] for m in secret["keyToEnv"]} == set(S3_SECRET_KEYS.values())
             assert "LOOKALIKE_S3_SECRET_KEY" not in json.dumps(container.get("env", []))
     expected = {"train": {"train-model"}, "index": {"embed-catalog", "build-index"},
@@ -101,7 +115,7 @@ def test_gpu_settings_on_gpu_tasks_only(name):
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_caching_and_retries(name):
     spec_doc, _ = _load(name)
-    tasks = spec_doc["root"]["dag"]["tasks"]
+    tasks = _tasks(spec_doc)
     for task_name, task in tasks.items():
         base = _base(task_name)
         cached = task.get("cachingOptions", {}).get("enableCache", False)
@@ -118,16 +132,83 @@ def test_caching_and_retries(name):
 
 def test_cli_parses_params_by_type():
     from pipelines.commands.pipeline import describe_parameters, parse_params
+    from storage.errors import InputError, is_user_error
 
     params = parse_params("train-and-index", ["min_recall_at_10=0.5", "seed=3", "check_images=false",
-                                              'train_options={"max_steps": 4}', "catalog_uri=s3://b/c.jsonl"])
-    assert params == {"min_recall_at_10": 0.5, "seed": 3, "check_images": False, "train_options": {"max_steps": 4},
-                      "catalog_uri": "s3://b/c.jsonl"}
-    with pytest.raises(ValueError, match="no parameter 'epoch'"):
+                                              'train_options={"warmup_steps": 4}', "catalog_uri=fashion-mnist-test"])
+    assert params == {"min_recall_at_10": 0.5, "seed": 3, "check_images": False, "train_options": {"warmup_steps": 4},
+                      "catalog_uri": "fashion-mnist-test"}
+    with pytest.raises(InputError, match="no parameter 'epoch'") as bad:
         parse_params("train", ["epoch=1"])
-    with pytest.raises(ValueError, match="expected a integer"):
+    assert is_user_error(bad.value)
+    with pytest.raises(InputError, match="expected a integer"):
         parse_params("train", ["seed=three"])
     assert "min_recall_at_10 (Float, default 0.2)" in describe_parameters("train")
+
+
+def test_local_run_refuses_unknown_pipelines_and_parameters_as_input_errors(tmp_path):
+    from storage.errors import InputError
+
+    with pytest.raises(InputError, match="unknown pipeline 'retrain'"):
+        run_local("retrain", root=tmp_path)
+    with pytest.raises(InputError, match="no parameter epochs"):
+        run_local("train", {"epochs": 3}, root=tmp_path)
+    with pytest.raises(InputError, match="needs new_listings_uri"):
+        run_local("update", {}, root=tmp_path)
+    assert issubclass(PipelineFailed, LookalikeError)
+
+
+def test_training_defaults_have_one_source():
+    """`lookalike train` and the train / train-and-index pipelines default to TrainConfig's settings."""
+    from pipelines.cli import build_parser
+    from training.train import TrainConfig
+
+    config = TrainConfig()
+    # 0: chosen from the catalog (training/defaults.py: 80 px and ~1400 steps for Fashion-MNIST's thumbnails)
+    assert (config.image_size, config.trainable_blocks, config.steps, config.samples_per_task) == (0, -2, 0, 8)
+    cli = build_parser().parse_args(["train", "--catalog", "x"])
+    as_pipeline = {"architecture": config.architecture, "image_size": config.image_size,
+                   "embedding_dim": config.embedding_dim, "trainable_blocks": config.trainable_blocks,
+                   "steps": config.steps, "samples_per_task": config.samples_per_task,
+                   "learning_rate": config.lr, "device": config.device}
+    for key, value in as_pipeline.items():
+        assert getattr(cli, key if key != "learning_rate" else "lr") == value, key
+        for name in ("train", "train-and-index"):
+            assert PIPELINES[name].component_spec.inputs[key].default == value, (name, key)
+
+
+def test_train_and_index_takes_the_parameters_of_train_and_index():
+    inputs = {name: PIPELINES[name].component_spec.inputs for name in PIPELINES}
+    both = set(inputs["train"]) | (set(inputs["index"]) - {"model_ref"})  # it indexes the model it trains
+    assert set(inputs["train-and-index"]) == both
+    for key in inputs["train-and-index"]:
+        source = inputs["train"].get(key) or inputs["index"][key]
+        assert (inputs["train-and-index"][key].type, inputs["train-and-index"][key].default) == \
+            (source.type, source.default), key
+
+
+def test_a_user_error_is_one_marked_line_and_a_bug_gets_its_traceback(capsys):
+    from pipelines.steps import STEP_FAILED, GateFailed, StepError, run_step
+    from storage.errors import is_user_error
+
+    assert is_user_error(GateFailed("no")) and is_user_error(StepError("no"))
+
+    def refuse():
+        raise StepError("holdout_fraction must be in [0, 1)")
+
+    def bug():
+        raise ValueError("an index went out of range")
+
+    with pytest.raises(SystemExit):
+        run_step("prepare catalog", refuse)
+    captured = capsys.readouterr()
+    assert f"{STEP_FAILED} prepare catalog: holdout_fraction must be in [0, 1)" in captured.out
+    assert "Traceback" not in captured.out + captured.err
+    with pytest.raises(SystemExit):
+        run_step("train", bug)
+    captured = capsys.readouterr()
+    assert f"{STEP_FAILED} train: an index went out of range" in captured.out
+    assert "Traceback" in captured.err and "ValueError" in captured.err
 
 
 def test_submit_to_unreachable_endpoint_says_what_to_check():
@@ -138,6 +219,73 @@ def test_submit_to_unreachable_endpoint_says_what_to_check():
         kfp_cron("daily")
     with pytest.raises(SubmitError, match="cannot reach the Kubeflow Pipelines API"):
         submit("train", "http://127.0.0.1:9", {})
+
+
+# ---- steps, as plain functions against a real S3 server ------------------------------------------
+
+class _Artifact:
+    """What KFP hands a step: a path, a metadata dict, and log_metric."""
+
+    def __init__(self, path):
+        self.path, self.metadata = str(path), {}
+
+    def log_metric(self, key, value):
+        self.metadata[key] = value
+
+
+def _model_folder(folder: Path, version: str):
+    """A model folder as the train step leaves it (the weights do not matter to publishing)."""
+    from transformer.model_card import ONNX_FILE, WEIGHTS_FILE, ModelCard
+    from transformer.preprocessing import PreprocessSpec
+
+    card = ModelCard(model_version=version, architecture="tf_efficientnet_lite0", embedding_dim=4,
+                     preprocessing=PreprocessSpec(size=32, resize=32, crop="none"), heads={"category": ["a", "b"]},
+                     metrics={"train": {"steps": 1}})
+    card.write(folder)
+    (folder / WEIGHTS_FILE).write_bytes(b"weights")
+    (folder / ONNX_FILE).write_bytes(b"graph")
+    return card
+
+
+def test_prepare_takes_a_catalog_by_name(store, tmp_path):
+    from pipelines.steps.catalog import prepare_catalog
+    from training.importers import import_fashion_mnist
+
+    import_fashion_mnist(store, split_names=("test",), limit=20, progress=False)
+    parts = {part: _Artifact(tmp_path / f"{part}.jsonl") for part in ("catalog", "train_set", "eval_set")}
+    summary = prepare_catalog("fashion-mnist-test", 0.2, 0, False, **parts)
+    assert summary["catalog"] == store.uri("catalogs/fashion-mnist-test/catalog.jsonl")
+    assert summary["rows"] == 20 == summary["train_rows"] + summary["eval_rows"]
+    assert parts["catalog"].metadata["source"] == summary["catalog"]
+
+
+def test_publish_steps_say_whose_alias_moved_and_never_edit_their_input(store, tmp_path, capsys):
+    import numpy as np
+
+    from pipelines.steps.index import publish_index
+    from pipelines.steps.model import publish_model
+    from predictor.index import VectorIndex
+    from storage.artifacts import new_version
+    from transformer.model_card import CARD_FILE, ModelCard
+
+    version = new_version()
+    _model_folder(tmp_path / "model", version)
+    before = (tmp_path / "model" / CARD_FILE).read_bytes()
+    (tmp_path / "evaluation.json").write_text(json.dumps({"phone_recall@10": 0.5}))
+    assert publish_model(_Artifact(tmp_path / "model"), "candidate",
+                         evaluation=_Artifact(tmp_path / "evaluation.json")) == version
+    assert (tmp_path / "model" / CARD_FILE).read_bytes() == before  # the input artifact is untouched
+    published = ModelCard.read(model_repo(store).fetch("candidate"))
+    assert published.model_version == version
+    assert published.metrics == {"train": {"steps": 1}, "evaluation": {"phone_recall@10": 0.5}}
+    assert f"model alias candidate → {version}" in capsys.readouterr().out
+
+    vectors = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    VectorIndex.build(vectors, [f"l{i}" for i in range(20)], model_version=version).save(tmp_path / "index")
+    index_version = publish_index(_Artifact(tmp_path / "index"), "candidate")
+    said = capsys.readouterr().out
+    assert f"index alias candidate of model {version} → {index_version}" in said and "production" not in said
 
 
 # ---- local runs: bad input fails at the right step, nothing published ----------------------------

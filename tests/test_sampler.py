@@ -1,4 +1,5 @@
-"""The balanced multitask sampler: exact per-task counts, coverage of sparse tasks, determinism."""
+"""The balanced multitask sampler: exact per-task counts, coverage of sparse tasks, determinism, and classes
+balanced within a task by square-root sampling."""
 from __future__ import annotations
 
 import numpy as np
@@ -48,3 +49,43 @@ def test_refuses_empty_tasks_and_bad_sizes():
         BalancedTaskSampler({}, 4)
     with pytest.raises(ValueError, match="positive"):
         BalancedTaskSampler({"x": 10}, 0)
+
+
+# ---- classes balanced within a task ---------------------------------------------------------------
+
+def test_square_root_sampling_gives_a_minority_class_its_square_root_share():
+    from training.sampler import class_balanced_weights
+
+    targets = np.array([0] * 900 + [1] * 100)  # a colour on 10% of the listings
+    weights = class_balanced_weights(targets, power=0.5)
+    assert weights is not None and np.isclose(weights.sum(), 1.0)
+    assert np.isclose(weights[targets == 1].sum(), 10 / (30 + 10))  # sqrt(100) / (sqrt(900) + sqrt(100))
+    sampler = BalancedTaskSampler({"color": 1000}, 8, seed=0, weights={"color": weights})
+    drawn = np.concatenate([sampler.plan(s).position for s in range(500)])
+    share = (targets[drawn] == 1).mean()
+    assert 0.22 < share < 0.28  # 25% instead of the catalog's 10%
+    for s in range(20):
+        assert len(set(sampler.plan(s).position.tolist())) == 8  # no listing twice in one batch
+    again = BalancedTaskSampler({"color": 1000}, 8, seed=0, weights={"color": weights})
+    assert all(np.array_equal(sampler.plan(s).position, again.plan(s).position) for s in range(10))
+
+
+def test_class_weights_are_skipped_when_they_change_nothing_and_checked():
+    from training.sampler import class_balanced_weights
+
+    assert class_balanced_weights(np.array([0, 0, 1, 1]), 0.5) is None  # classes already equal
+    assert class_balanced_weights(np.array([0, 0, 0, 1]), 1.0) is None  # the catalog's own mix
+    uniform = class_balanced_weights(np.array([0, 0, 0, 1]), 0.0)
+    assert np.isclose(uniform[3], 0.5)  # power 0: every class equally often
+    with pytest.raises(ValueError, match="class_power"):
+        class_balanced_weights(np.array([0, 1]), 1.5)
+    with pytest.raises(ValueError, match="weights for"):
+        BalancedTaskSampler({"x": 3}, 2, weights={"x": np.ones(5) / 5})
+
+
+def test_a_weighted_task_smaller_than_a_batch_comes_round_again():
+    from training.sampler import class_balanced_weights
+
+    weights = class_balanced_weights(np.array([0, 0, 1]), 0.5)
+    plan = BalancedTaskSampler({"color": 3}, 5, seed=0, weights={"color": weights}).plan(0)
+    assert len(plan) == 5 and set(plan.position.tolist()) == {0, 1, 2}

@@ -47,15 +47,18 @@ PREDICTOR_TIMEOUT_S = 2.0
 def test_filter_parameters_are_parsed_and_checked():
     from predictor.service import parse_filters
 
-    tasks = ["category", "fine_category"]
+    tasks = {"category": ["bags", "footwear", "tops"], "fine_category": ["Sandal", "Sneaker"]}
     assert parse_filters({"filter": "category=footwear"}, tasks) == {"category": "footwear"}
     assert parse_filters({"filter": "predicted:category, fine_category=Sneaker"}, tasks) == {
         "category": "predicted", "fine_category": "Sneaker"}
     assert parse_filters({"filter_category": "bags"}, tasks) == {"category": "bags"}
+    assert parse_filters({"filter": "category=Tops"}, tasks) == {"category": "tops"}  # case does not matter
     with pytest.raises(ValueError, match="this model's tasks are category, fine_category"):
         parse_filters({"filter": "colour=red"}, tasks)
     with pytest.raises(ValueError, match="not understood"):
         parse_filters({"filter": "category"}, tasks)
+    with pytest.raises(ValueError, match="no category is called 'spaceships': the category labels are bags"):
+        parse_filters({"filter": "category=spaceships"}, tasks)
 
 
 def test_base64_photos_are_recognised_and_raw_photos_left_alone():
@@ -81,6 +84,57 @@ def test_listing_metadata_reads_catalog_rows_and_skips_bad_ones(tmp_path):
     assert meta.get("b").title == "b"  # no title: the id stands in
     assert meta.get("zzz").title == "zzz"
     assert catalogs_named_in({"lineage": {"catalog": "s3://c/1"}, "catalogs": ["s3://c/2"]}) == ["s3://c/2", "s3://c/1"]
+
+
+def test_listing_metadata_of_multi_photo_listings_and_the_answer_an_app_displays(tmp_path):
+    from transformer.answers import join
+    from transformer.metadata import ListingMetadata, PhotoUrls
+
+    build, update = tmp_path / "build.jsonl", tmp_path / "update.jsonl"
+    build.write_text(json.dumps({"listing_id": "a", "title": "Red bag", "labels": {"category": "bags", "color": "red"},
+                                 "metadata": {"url": "https://shop.example/a", "price": "9.50", "stock": 3},
+                                 "images": [{"uri": "https://cdn.example/a-front.jpg", "photo_id": "front"},
+                                            {"uri": "https://cdn.example/a-back.jpg", "photo_id": "back"},
+                                            "img/a-side.png"]}) + "\n" +
+                     json.dumps({"listing_id": "b", "image": "https://cdn.example/b.jpg", "title": "Old"}) + "\n")
+    update.write_text(json.dumps({"listing_id": "b", "title": "New", "images": ["https://cdn.example/b2.jpg"]}) + "\n")
+    meta = ListingMetadata(None, [str(build), str(update)])  # an update's catalog after the build's: it wins
+    a = meta.get("a")
+    assert a.title == "Red bag" and a.labels == {"category": "bags", "color": "red"} and a.metadata["stock"] == 3
+    assert [p for p, _ in a.photos] == ["front", "back", "2"] and a.photo("back") == "https://cdn.example/a-back.jpg"
+    assert a.photo("2") == str(tmp_path.resolve() / "img" / "a-side.png") and a.photo(None) == a.image
+    assert meta.get("b").title == "New"
+
+    ids = np.array([[b"a", b"b", b""]], dtype=object)
+    photos = np.array([[b"back", b"0", b""]], dtype=object)
+    joined = join(ids, photos, np.array([[0.9, 0.5, 0.0]], np.float32), {"category": ["bags"]},
+                  {"category": np.array([0.8], np.float32)}, meta, PhotoUrls(None))
+    doc = json.loads(joined.documents[0])
+    first, second = doc["matches"]
+    assert len(doc["matches"]) == 2 and doc["labels"] == {"category": {"label": "bags", "probability": 0.8}}
+    assert first == {"listing_id": "a", "title": "Red bag", "score": 0.9,
+                     "labels": {"category": "bags", "color": "red"},
+                     "metadata": {"url": "https://shop.example/a", "price": "9.50", "stock": 3}, "photo_id": "back",
+                     "image_url": "https://cdn.example/a-back.jpg",
+                     # a photo on the server's disk is no URL an app can fetch: left out
+                     "image_urls": ["https://cdn.example/a-front.jpg", "https://cdn.example/a-back.jpg"],
+                     "category": "bags", "image": "https://cdn.example/a-back.jpg"}
+    assert second["image_url"] == "https://cdn.example/b2.jpg" and second["title"] == "New"
+    assert joined.image_uris.tolist() == [[b"https://cdn.example/a-back.jpg", b"https://cdn.example/b2.jpg", b""]]
+    assert joined.photo_ids.tolist() == [[b"back", b"0", b""]] and joined.titles[0, 0] == b"Red bag"
+
+
+def test_store_photos_are_answered_as_presigned_urls_never_s3_uris(store):
+    from transformer.metadata import PhotoUrls
+
+    store.put_bytes("catalogs/c/images/a.png", b"\x89PNG not really")
+    urls = PhotoUrls(store, lifetime_s=120)
+    url = urls.url(store.uri("catalogs/c/images/a.png"))
+    assert url.startswith("http") and "X-Amz-Signature=" in url and "X-Amz-Expires=120" in url
+    assert urls.url(store.uri("catalogs/c/images/a.png")) == url  # signed once, reused while young
+    assert httpx.get(url, timeout=10).content == b"\x89PNG not really"
+    assert httpx.get(url.split("?")[0], timeout=10).status_code in (400, 403)  # the bare object is not public
+    assert urls.url("/srv/photos/a.png") == "" and urls.url("https://cdn.example/a.jpg") == "https://cdn.example/a.jpg"
 
 
 def test_binary_rest_inputs_stay_binary_and_errors_carry_their_status():
@@ -143,7 +197,7 @@ def _embed_catalog(store, catalog_uri, model_version):
 
     model_dir = model_repo(store).fetch(model_version)
     embedder = Embedder.load(model_dir)
-    spec = PreprocessSpec.from_dict(embedder.meta["preprocessing"])
+    spec = embedder.preprocessing
     catalog = Catalog.open(catalog_uri, store)
     photos = {row.listing_id: catalog.image_bytes(row) for row in catalog.rows}
     batch = preprocess_batch([decode_image(photos[r.listing_id]) for r in catalog.rows], spec)
@@ -165,7 +219,7 @@ def _publish_index(store, catalog, vectors, model_version, skip: int = 0) -> str
 @pytest.fixture(scope="module")
 def pair(s3_server, tmp_path_factory):
     """A model version (alias production) and an index version, published to a fresh bucket."""
-    from storage.artifacts import model_repo
+    from storage.artifacts import model_repo, new_version
     from training.export import export_model, publish_model
     from training.importers import import_fashion_mnist
     from training.model import ModelConfig, create_model
@@ -184,7 +238,7 @@ def pair(s3_server, tmp_path_factory):
         config = ModelConfig(embedding_dim=32, heads={t: tasks[t] for t in ("category", "fine_category")},
                              preprocessing=PreprocessSpec(size=SIZE, resize=72, interpolation="bilinear"))
         out = tmp_path_factory.mktemp("model")
-        export_model(create_model(config), config, out, lineage={"catalog": catalog_uri})
+        export_model(create_model(config), config, out, model_version=new_version(), lineage={"catalog": catalog_uri})
         model_version = publish_model(store, out, alias="production")
         catalog, photos, vectors = _embed_catalog(store, catalog_uri, model_version)
         index_version = _publish_index(store, catalog, vectors, model_version)
@@ -201,10 +255,11 @@ def _server_env(pair) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def stack(pair, tmp_path_factory):
     """Predictor + transformer processes for the whole module; always stopped, also when a test fails."""
-    from pipelines.commands.serve import ServingStack
+    from pipelines.serving_stack import ServingStack
 
     stack = ServingStack(_server_env(pair), log_dir=tmp_path_factory.mktemp("logs"),
-                         predictor_timeout_s=PREDICTOR_TIMEOUT_S, predictor_args=["--batching", "on", "--refresh_seconds", "1"],
+                         predictor_timeout_s=PREDICTOR_TIMEOUT_S,
+                         predictor_args=["--batching", "on", "--refresh_seconds", "1"],
                          transformer_args=["--max_images", str(MAX_IMAGES), "--max_image_bytes", str(MAX_IMAGE_BYTES)])
     try:
         stack.start()
@@ -250,11 +305,12 @@ def test_health_and_truthful_metadata(stack, pair):
     p = httpx.get(f"{stack.endpoints['predictor_rest']}/v2/models/{MODEL}").json()
     assert p["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 3, SIZE, SIZE]}]
     names = {o["name"]: o["datatype"] for o in p["outputs"]}
-    assert names == {"listing_ids": "BYTES", "scores": "FP32", "label_category": "BYTES", "prob_category": "FP32",
-                     "label_fine_category": "BYTES", "prob_fine_category": "FP32"}
+    assert names == {"listing_ids": "BYTES", "photo_ids": "BYTES", "scores": "FP32", "label_category": "BYTES",
+                     "prob_category": "FP32", "label_fine_category": "BYTES", "prob_fine_category": "FP32"}
     t = httpx.get(f"{stack.endpoints['transformer_rest']}/v2/models/{MODEL}").json()
     assert t["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
-    assert {"listing_ids", "scores", "titles", "categories", "image_uris", "matches", "label_category"} <= {
+    assert {"listing_ids", "photo_ids", "scores", "titles", "categories", "image_uris", "matches",
+            "label_category"} <= {
         o["name"] for o in t["outputs"]}
     for endpoint, name in (("transformer_grpc", "image"), ("predictor_grpc", "images")):
         got = triton_grpc(stack.endpoints[endpoint], [])
@@ -324,6 +380,13 @@ out = {"live": client.is_server_live(), "ready": client.is_server_ready(),
        "model_ready": client.is_model_ready(spec["model"]),
        "metadata": client.get_model_metadata(spec["model"], as_json=True), "calls": []}
 for call in spec["calls"]:
+    if "unload" in call:
+        try:
+            client.unload_model(call["unload"])
+            out["calls"].append({"ok": True})
+        except InferenceServerException as exc:
+            out["calls"].append({"ok": False, "status": str(exc.status()), "message": exc.message()})
+        continue
     if "fp32" in call:
         arr = np.asarray(call["fp32"]["data"], np.float32).reshape(call["fp32"]["shape"])
         tensor = g.InferInput(call.get("name", "images"), list(arr.shape), "FP32")
@@ -332,7 +395,9 @@ for call in spec["calls"]:
         tensor = g.InferInput(call.get("name", "image"), [len(arr)], "BYTES")
     tensor.set_data_from_numpy(arr)
     try:
-        result = client.infer(call.get("model", spec["model"]), [tensor], parameters=call.get("parameters") or {})
+        wanted = [g.InferRequestedOutput(name) for name in call.get("outputs", [])] or None
+        result = client.infer(call.get("model", spec["model"]), [tensor], parameters=call.get("parameters") or {},
+                              outputs=wanted)
     except InferenceServerException as exc:
         out["calls"].append({"ok": False, "status": str(exc.status()), "message": exc.message()})
         continue
@@ -340,7 +405,8 @@ for call in spec["calls"]:
     outputs = {o.name: result.as_numpy(o.name) for o in response.outputs}
     out["calls"].append({"ok": True, "id": response.id,
                          "parameters": {k: v.string_param for k, v in response.parameters.items()},
-                         "outputs": {k: [[x.decode() if isinstance(x, bytes) else float(x) for x in np.ravel(v)], list(v.shape)]
+                         "outputs": {k: [[x.decode() if isinstance(x, bytes) else float(x) for x in np.ravel(v)],
+                                         list(v.shape)]
                                      for k, v in outputs.items()}})
 print(json.dumps(out))
 """
@@ -397,6 +463,7 @@ def test_tritonclient_http_and_grpc_binary_and_json(stack, pair):
 @pytest.mark.slow
 def test_predictor_directly_with_filters(stack, pair):
     import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     rows = pair["catalog"].rows[:2]
     spec = PreprocessSpec(size=SIZE, resize=72, interpolation="bilinear")
@@ -418,9 +485,10 @@ def test_predictor_directly_with_filters(stack, pair):
     for row, label in zip(result.as_numpy("listing_ids"), predicted):
         assert all(by_id[_text(x)]["category"] == label for x in row if _text(x))
 
-    result = client.infer(MODEL, [tensor], parameters={"top_k": 5, "filter_category": "no-such-category"})
-    assert result.as_numpy("listing_ids").shape == (2, 0)  # nothing passes the filter: no matches, no error
-    assert result.as_numpy("label_category").shape == (2,)
+    # A label no listing can carry is the client's mistake, said with the labels there are (not an empty 200).
+    with pytest.raises(InferenceServerException, match=r"\[400\] no category is called 'no-such-category': "
+                                                       r"the category labels are bags"):
+        client.infer(MODEL, [tensor], parameters={"top_k": 5, "filter_category": "no-such-category"})
 
     # FP16, as the transformer sends it: the same matches, scores within FP16's rounding.
     half = httpclient.InferInput("images", list(batch.shape), "FP16")
@@ -479,7 +547,7 @@ def test_bad_input_gets_clear_status_and_server_keeps_serving(stack, pair):
         ("corrupt", [b"\xff\xd8\xff\xe0" + os.urandom(300)], {}, 400, "corrupt"),
         ("truncated", [good[: len(good) // 2]], {}, 400, "corrupt or truncated"),
         ("empty", [b""], {}, 400, "empty"),
-        ("not an image", [b"%PDF-1.4 this is a document, not a photo"], {}, 400, "not an image"),
+        ("not an image", [b"%PDF-1.4 this is a document, not a photo"], {}, 400, "send one of JPEG, PNG"),
         ("decompression bomb", [_bomb_png(30_000, 30_000)], {}, 413, "pixels"),
         ("huge side", [_bomb_png(13_000, 10)], {}, 413, "per side"),
         ("too many bytes", [_noise_png(300)], {}, 413, "bytes; the limit"),
@@ -543,8 +611,66 @@ def test_bad_input_gets_clear_status_and_server_keeps_serving(stack, pair):
 
 
 @pytest.mark.slow
+def test_hostile_clients_find_only_inference_and_health(stack, pair):
+    """The findings of a hostile-client pass: each gets a clean v2 answer and the server keeps serving."""
+    url, good = stack.endpoints["transformer_rest"], pair["photos"][_ids(pair, 1)[0]]
+    infer = f"{url}/v2/models/{MODEL}/infer"
+    # The model-repository extension is not public: nobody can unload (or list, or load) the model.
+    for route in ("/v2/repository/models/lookalike/unload", "/v2/repository/models/lookalike/load",
+                  "/v2/repository/index", "/v1/models/lookalike:predict", "/docs", "/openapi.json"):
+        response = httpx.post(f"{url}{route}", timeout=30)
+        assert response.status_code == 404 and "not a route of this server" in response.json()["error"], route
+    unload = httpx.post(f"{stack.endpoints['predictor_rest']}/v2/repository/models/{MODEL}/unload", timeout=30)
+    assert unload.status_code == 404  # not even on the predictor's cluster-internal port
+    got = triton_grpc(stack.endpoints["transformer_grpc"], [{"unload": MODEL}, {"photos": [good]}])
+    assert not got["calls"][0]["ok"] and "not available on this server" in got["calls"][0]["message"]
+    assert got["calls"][1]["ok"] and httpx.get(f"{url}/v2/health/ready").status_code == 200
+    # Wrong method on a known route: a v2 error, not FastAPI's {"detail": ...}.
+    response = httpx.get(infer, timeout=30)
+    assert response.status_code == 405 and "error" in response.json()
+    # Ids a client chooses travel on as gRPC metadata: anything but plain ASCII is replaced, not a 500.
+    for rid in ("caf\u00e9-\u2603", "x" * 5000, "a\tb"):
+        body = {"id": rid, "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                       "data": [base64.b64encode(good).decode()]}]}
+        response = httpx.post(infer, json=body, timeout=30)
+        assert response.status_code == 200, (rid[:20], response.text)
+    response = httpx.post(infer, json={"inputs": []}, headers={"x-request-id": "trace-42"}, timeout=30)
+    assert response.status_code == 400 and response.json()["request_id"] == "trace-42"
+    # A binary header whose shape is not a list, then a good request on the same keep-alive connection.
+    with httpx.Client(timeout=30) as client:
+        head = json.dumps({"inputs": [{"name": "image", "shape": 1, "datatype": "BYTES",
+                                       "parameters": {"binary_data_size": 4 + len(good)}}]}).encode()
+        response = client.post(infer, content=head + struct.pack("<I", len(good)) + good, headers={
+            "Inference-Header-Content-Length": str(len(head)), "content-type": "application/octet-stream"})
+        assert response.status_code == 400 and "shape" in response.json()["error"]
+        body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                            "data": [base64.b64encode(good).decode()]}], "parameters": {"top_k": 3}}
+        # A JSON body without Content-Type (tritonclient.http with binary_data=False sends this) is JSON.
+        response = client.post(infer, content=json.dumps(body).encode())
+        assert len(_matches(response)[0]["matches"]) == 3
+    # Requested outputs are honoured, and an unknown one is refused, over REST as over gRPC.
+    body["outputs"] = [{"name": "listing_ids"}]
+    assert [o["name"] for o in httpx.post(infer, json=body, timeout=30).json()["outputs"]] == ["listing_ids"]
+    body["outputs"] = [{"name": "nonsense"}]
+    assert httpx.post(infer, json=body, timeout=30).status_code == 400
+    got = triton_grpc(stack.endpoints["transformer_grpc"], [{"photos": [good], "outputs": ["scores"]},
+                                                             {"photos": [good], "parameters": {"top_k": 2.0}}])
+    assert got["calls"][0]["ok"] and list(got["calls"][0]["outputs"]) == ["scores"], got["calls"][0]
+    assert got["calls"][1]["outputs"]["listing_ids"][1] == [1, 2], got["calls"][1]  # a double top_k is read
+    # An unknown filter value says which labels there are; a label in another case is the same label.
+    response = _rest_infer(url, [good], parameters={"filter": "category=spaceships"})
+    assert response.status_code == 400 and "the category labels are" in response.json()["error"]
+    assert _matches(_rest_infer(url, [good], parameters={"filter": "category=TOPS"}))[0]["matches"]
+    # Every answer above is counted by status, and the pair served is a metric.
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'lookalike_responses_total{status="400",unit="transformer"}' in metrics
+    assert f'lookalike_serving_info{{index_version="{pair["index_version"]}",model_version="{pair["model_version"]}"' \
+           in metrics
+
+
+@pytest.mark.slow
 def test_predictor_slow_is_504_and_down_is_503(stack, pair, tmp_path):
-    from pipelines.commands.serve import ServingStack
+    from pipelines.serving_stack import ServingStack
     from storage.server import free_port
 
     url = stack.endpoints["transformer_rest"]
@@ -581,7 +707,7 @@ def test_micro_batched_answers_equal_direct_ones_and_survive_a_swap(pair):
 
     first = ServingPair.from_store(pair["store"], pair["model_version"], pair["index_version"])
     service = SearchService(first, max_batch=4, batching=True)
-    spec = PreprocessSpec.from_dict(first.embedder.meta["preprocessing"])
+    spec = first.embedder.preprocessing
     rows = pair["catalog"].rows[:12]
     batches = [preprocess_batch([decode_image(pair["photos"][r.listing_id])], spec) for r in rows]
     direct = [service.search(b, top_k=3) for b in batches]
@@ -615,7 +741,7 @@ def test_onnx_requests_side_by_side_answer_like_one_at_a_time(pair):
     from storage.artifacts import model_repo
 
     embedder = Embedder.load(model_repo(pair["store"]).fetch(pair["model_version"]), "onnxruntime", threads=2)
-    spec = PreprocessSpec.from_dict(embedder.meta["preprocessing"])
+    spec = embedder.preprocessing
     batches = [preprocess_batch([decode_image(pair["photos"][r.listing_id])], spec) for r in pair["catalog"].rows[:8]]
     alone = [embedder.embed(b) for b in batches]
     assert embedder._run.runs == {"wide": len(batches), "narrow": 0}
@@ -635,7 +761,7 @@ def test_torch_fallback_embeds_like_onnx_runtime(pair):
     model_dir = model_repo(pair["store"]).fetch(pair["model_version"])
     onnx, torch_ = Embedder.load(model_dir, "onnxruntime"), Embedder.load(model_dir, "torch")
     assert (onnx.backend, torch_.backend) == ("onnxruntime", "torch")
-    spec = PreprocessSpec.from_dict(onnx.meta["preprocessing"])
+    spec = onnx.preprocessing
     batch = preprocess_batch([decode_image(pair["photos"][r.listing_id]) for r in pair["catalog"].rows[:3]], spec)
     (e1, p1), (e2, p2) = onnx.embed(batch), torch_.embed(batch)
     assert np.abs(e1 - e2).max() < 1e-4 and all(np.abs(p1[t] - p2[t]).max() < 1e-4 for t in p1)
@@ -656,7 +782,7 @@ def test_local_model_dir_like_mnt_models_is_verified_and_matched(pair, tmp_path)
     served = ServingPair.from_dir(mnt)
     assert (served.model_version, served.index_version) == (pair["model_version"], pair["index_version"])
     row = pair["catalog"].rows[5]
-    spec = PreprocessSpec.from_dict(served.embedder.meta["preprocessing"])
+    spec = served.embedder.preprocessing
     found = SearchService(served, batching=False).search(
         preprocess_batch([decode_image(pair["photos"][row.listing_id])], spec), top_k=2)
     assert found.listing_ids[0][0] == row.listing_id
@@ -744,13 +870,14 @@ def test_model_swap_to_another_input_size_is_followed_by_the_transformer(stack, 
     """A new model version (48 px, other preprocessing) and its index replace the pair under load when the
     production alias moves; the transformer learns the new preprocessing from the new model's model.json
     and no request fails."""
-    from storage.artifacts import model_repo
+    from storage.artifacts import model_repo, new_version
     from training.export import export_model, publish_model
     from training.model import ModelConfig, create_model
 
     config = ModelConfig(embedding_dim=24, heads={"category": pair["catalog"].tasks()["category"]},
                          preprocessing=PreprocessSpec(size=48, resize=48, crop="none", interpolation="bicubic"))
-    export_model(create_model(config), config, tmp_path, lineage={"catalog": pair["catalog"].uri})
+    export_model(create_model(config), config, tmp_path, model_version=new_version(),
+                 lineage={"catalog": pair["catalog"].uri})
     new_model = publish_model(pair["store"], tmp_path)  # not yet production
     catalog, _, vectors = _embed_catalog(pair["store"], pair["catalog"].uri, new_model)
     _publish_index(pair["store"], catalog, vectors, new_model)
@@ -762,7 +889,8 @@ def test_model_swap_to_another_input_size_is_followed_by_the_transformer(stack, 
     assert pair["model_version"] in seen
     meta = httpx.get(f"{stack.endpoints['predictor_rest']}/v2/models/{MODEL}").json()
     assert meta["inputs"][0]["shape"] == [-1, 3, 48, 48]
-    assert {o["name"] for o in meta["outputs"]} == {"listing_ids", "scores", "label_category", "prob_category"}
+    assert {o["name"] for o in meta["outputs"]} == {"listing_ids", "photo_ids", "scores", "label_category",
+                                                    "prob_category"}
 
 
 # ---- the command line: lookalike query and lookalike serve -----------------------------------------
@@ -791,6 +919,18 @@ def test_lookalike_query_prints_matches_and_writes_html(stack, pair, tmp_path):
     assert pair["catalog"].rows[0].title in lines[first]
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 4  # the photo and its three matches, inlined
+
+    # --json for programs; --box searches only part of the photo (the whole of it here: the same answer,
+    # a corner of it: another one), and a box that is not four fractions is the client's mistake.
+    url = stack.endpoints["transformer_rest"]
+    runs = {box: _lookalike("query", str(photo), "--top-k", "3", "--url", url, "--json", *(["--box", box] if box
+                            else []), env=_server_env(pair)) for box in ("", "0,0,1,1", "0,0,0.3,0.3")}
+    got = {box: json.loads(done.stdout) for box, done in runs.items()}
+    ids = {box: [m["listing_id"] for m in docs[0]["matches"]] for box, docs in got.items()}
+    assert got[""][0]["photo"] == str(photo) and ids[""][0] == lid and ids["0,0,1,1"] == ids[""]
+    assert ids["0,0,0.3,0.3"] != ids[""]
+    done = _lookalike("query", str(photo), "--url", url, "--box", "0.5,0.5,0.2,0.9", env=_server_env(pair))
+    assert done.returncode == 1 and "answered 400" in done.stderr and "box" in done.stderr
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -821,6 +961,16 @@ def test_lookalike_serve_starts_both_servers_and_stops_them(pair, tmp_path):
         text = "".join(lines)
         assert f"transformer  REST http://127.0.0.1:{base}/v2/models/lookalike/infer" in text, text
         assert f"predictor    REST http://127.0.0.1:{base + 5}" in text
+        got = _matches(_rest_infer(f"http://127.0.0.1:{base}", [pair["photos"][_ids(pair, 1)[0]]]))
+        assert got[0]["matches"][0]["listing_id"] == _ids(pair, 1)[0]
+        # A predictor that dies is started again, and says so; queries work again afterwards.
+        pids = json.loads((tmp_path / "home" / "serve.json").read_text())["pids"]
+        os.kill(pids["predictor"], signal.SIGKILL)
+        while time.monotonic() < deadline + 120:
+            line = proc.stdout.readline()
+            assert line, "lookalike serve ended instead of restarting the predictor"
+            if "restarted the predictor" in line:
+                break
         got = _matches(_rest_infer(f"http://127.0.0.1:{base}", [pair["photos"][_ids(pair, 1)[0]]]))
         assert got[0]["matches"][0]["listing_id"] == _ids(pair, 1)[0]
         proc.send_signal(signal.SIGINT)  # Ctrl-C

@@ -1,7 +1,6 @@
 """The embedded S3 server, the store's error messages, and versioned artifacts."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

@@ -1,14 +1,21 @@
-"""The catalog: one JSON object per line describing a listing's image and its (optional) labels.
+"""The catalog: one JSON line per listing, each with one or more photos, labels and metadata an app shows.
 
-    {"listing_id": "fmnist-train-00042", "image": "s3://lookalike/catalogs/…/00042.png",
-     "title": "Sneaker #42", "labels": {"category": "footwear", "fine_category": "Sneaker"},
-     "source": "catalog"}
+    {"listing_id": "L1", "title": "Red apple", "labels": {"category": "fruit", "color": "red"},
+     "metadata": {"url": "https://shop.example/l1", "price": "3.20"},
+     "images": [{"uri": "s3://lookalike/catalogs/fruit/images/l1-front.webp", "photo_id": "front"},
+                {"uri": "s3://lookalike/catalogs/fruit/images/l1-back.webp", "photo_id": "back",
+                 "source": "user_photo"}]}
 
-`image` is an `s3://` URI or a path (relative paths are relative to the catalog file). Any label may be
-missing; a task's dataset is the rows that carry its label. `source` is `catalog` (the seller's photo)
-or `user_photo` (a shopper's photo of a purchased item, trained on like any other row).
+The line format (and the old one-photo rows it still reads) is `transformer.catalog_format`'s. In memory a
+`CatalogRow` is ONE PHOTO: training, embedding and indexing iterate photos, and each row carries its
+listing's title, labels and metadata (copied from the listing's line). `Catalog.listings()` groups them
+back; `write_catalog` writes one line per listing. Any label may be missing; a task's dataset is the photos
+whose listing carries its label. `source` is `catalog` (the seller's photo) or `user_photo` (a shopper's
+photo of a purchased item, trained on like any other).
 
-`validate_catalog` reports every bad row with its line number instead of stopping at the first.
+`validate_catalog` reports every problem with its line, per photo (missing, unreadable, listed twice) and
+per listing (no readable photo, an id on two lines, conflicting labels, metadata that is not a string,
+number or boolean), instead of stopping at the first.
 """
 from __future__ import annotations
 
@@ -19,64 +26,86 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from PIL import Image
 
+from storage.errors import InputError
 from storage.s3 import ObjectStore, S3Settings, parse_s3_uri
+from transformer.catalog_format import SOURCES, LineProblem, Listing, Photo, read_listings
 from transformer.decoding import ImageError, ImageLimits, decode_image
 
-SOURCES = ("catalog", "user_photo")
+__all__ = ["SOURCES", "CatalogError", "CatalogRow", "RowProblem", "ValidationReport", "Catalog", "validate_catalog",
+           "write_catalog", "rows_of", "image_to_png_bytes"]
+
+RowProblem = LineProblem  # a problem with its line (0: of the whole catalog)
 
 
-class CatalogError(ValueError):
+class CatalogError(InputError):
     """The catalog cannot be used; the message lists what is wrong and where."""
 
 
 @dataclass(frozen=True)
 class CatalogRow:
+    """One photo of a listing, with the listing's title, labels and metadata."""
+
     listing_id: str
     image: str
     labels: dict[str, str] = field(default_factory=dict)
     source: str = "catalog"
     title: str | None = None
     line: int = 0  # 1-based line in the catalog file, for error messages
+    photo_id: str = "0"
+    metadata: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"listing_id": self.listing_id, "image": self.image, "labels": self.labels,
-                               "source": self.source}
-        if self.title:
-            out["title"] = self.title
-        return out
+    @property
+    def photo(self) -> str:
+        """`listing_id/photo_id`: how messages name one photo."""
+        return f"{self.listing_id}/{self.photo_id}"
+
+    def with_image(self, image: str) -> CatalogRow:
+        """The same photo at another location (e.g. made absolute)."""
+        return CatalogRow(self.listing_id, image, self.labels, self.source, self.title, self.line, self.photo_id,
+                          self.metadata)
 
 
-@dataclass(frozen=True)
-class RowProblem:
-    line: int
-    listing_id: str | None
-    message: str
+def rows_of(listing: Listing) -> list[CatalogRow]:
+    """A listing's photos as rows, each with the listing's fields."""
+    return [CatalogRow(listing.listing_id, p.uri, dict(listing.labels), p.source, listing.title, p.line or listing.line,
+                       p.photo_id, dict(listing.metadata)) for p in listing.photos]
 
-    def __str__(self) -> str:
-        if self.line == 0:  # a problem of the whole catalog, not of one row
-            return f"catalog: {self.message}"
-        who = f" ({self.listing_id})" if self.listing_id else ""
-        return f"line {self.line}{who}: {self.message}"
+
+def listings_of(rows: Iterable[CatalogRow]) -> list[Listing]:
+    """Rows grouped back into listings (in the order of each listing's first row); listing-level fields
+    are the first row's."""
+    out: dict[str, Listing] = {}
+    for row in rows:
+        listing = out.get(row.listing_id)
+        if listing is None:
+            listing = out[row.listing_id] = Listing(row.listing_id, [], row.title, dict(row.labels),
+                                                    dict(row.metadata), row.line)
+        listing.photos.append(Photo(row.image, row.photo_id, row.source, row.line))
+    return list(out.values())
 
 
 @dataclass
 class ValidationReport:
-    rows: int = 0
+    rows: int = 0          # lines read (each a listing, or an old one-photo row)
+    listings: int = 0      # listings read without a problem
+    photos: int = 0        # their photos
     problems: list[RowProblem] = field(default_factory=list)
-    label_counts: dict[str, Counter] = field(default_factory=dict)
+    label_counts: dict[str, Counter] = field(default_factory=dict)  # per task: photos per label
 
     @property
     def ok(self) -> bool:
         return not self.problems and self.rows > 0
 
     def summary(self, max_problems: int = 50) -> str:
-        lines = [f"{self.rows} rows, {len(self.problems)} problems"]
+        lines = [f"{self.rows} lines: {self.listings} listings with {self.photos} photos, "
+                 f"{len(self.problems)} problems"]
         for task, counts in sorted(self.label_counts.items()):
-            lines.append(f"  task {task}: {sum(counts.values())} labelled rows, {len(counts)} classes")
+            lines.append(f"  task {task}: {sum(counts.values())} labelled photos, {len(counts)} classes")
         for problem in self.problems[:max_problems]:
             lines.append(f"  {problem}")
         if len(self.problems) > max_problems:
@@ -86,45 +115,8 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def parse_row(obj: Any, line: int) -> tuple[CatalogRow | None, list[str]]:
-    """One decoded JSON value → a row, or the list of what is wrong with it."""
-    if not isinstance(obj, dict):
-        return None, [f"expected a JSON object, got {type(obj).__name__}"]
-    errors = []
-    listing_id = obj.get("listing_id")
-    if not isinstance(listing_id, (str, int)) or isinstance(listing_id, bool) or str(listing_id) == "":
-        errors.append("listing_id is missing or not a string")
-    image = obj.get("image")
-    if not isinstance(image, str) or not image:
-        errors.append("image is missing (an s3:// URI or a path)")
-    labels = obj.get("labels", {})
-    if labels is None:
-        labels = {}
-    if not isinstance(labels, dict):
-        errors.append(f"labels must be an object of task -> label, got {type(labels).__name__}")
-        labels = {}
-    clean_labels = {}
-    for task, value in labels.items():
-        if value is None:
-            continue  # an explicitly missing label
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            errors.append(f"label {task!r} has a value of type {type(value).__name__}; labels are strings")
-            continue
-        clean_labels[str(task)] = str(value)
-    source = obj.get("source", "catalog")
-    if source not in SOURCES:
-        errors.append(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-    title = obj.get("title")
-    if title is not None and not isinstance(title, str):
-        errors.append("title must be a string")
-        title = None
-    if errors:
-        return None, errors
-    return CatalogRow(str(listing_id), image, clean_labels, source, title, line), []
-
-
 class Catalog:
-    """Rows of one catalog file plus the means to read their images (from S3 or local paths)."""
+    """The photos (rows) of one catalog file plus the means to read them (from S3, http(s) or local paths)."""
 
     def __init__(self, rows: list[CatalogRow], uri: str = "", store: ObjectStore | None = None,
                  base_dir: Path | None = None):
@@ -138,31 +130,38 @@ class Catalog:
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return f"Catalog({self.uri!r}, {len(self.rows)} rows)"
+        return f"Catalog({self.uri!r}, {len(self.listings())} listings, {len(self.rows)} photos)"
+
+    def listings(self) -> dict[str, list[CatalogRow]]:
+        """Listing id → its rows (photos), in order; listings in the order of their first row."""
+        out: dict[str, list[CatalogRow]] = {}
+        for row in self.rows:
+            out.setdefault(row.listing_id, []).append(row)
+        return out
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, uri: str | Path, store: ObjectStore | None = None, *, strict: bool = True) -> "Catalog":
+    def open(cls, uri: str | Path, store: ObjectStore | None = None, *, strict: bool = True) -> Catalog:
         """Read a catalog from `s3://bucket/key.jsonl` or a local path.
 
-        With strict=True (the default) any bad row raises CatalogError listing every problem; with
-        strict=False bad rows are skipped (validate_catalog reports them).
+        With strict=True (the default) any bad line raises CatalogError listing every problem; with
+        strict=False bad lines are skipped (validate_catalog reports them).
         """
         text, store, base_dir = _read_text(str(uri), store)
-        rows, problems = _parse_lines(text.splitlines())
+        listings, problems, _ = read_listings(text.splitlines())
         if strict and problems:
-            raise CatalogError(f"catalog {uri} has {len(problems)} bad rows:\n" +
+            raise CatalogError(f"catalog {uri} has {len(problems)} problems:\n" +
                                "\n".join(f"  {p}" for p in problems[:20]))
-        if strict and not rows:
-            raise CatalogError(f"catalog {uri} is empty: it needs at least one row")
-        return cls(rows, str(uri), store, base_dir)
+        if strict and not listings:
+            raise CatalogError(f"catalog {uri} is empty: it needs at least one listing")
+        return cls([row for listing in listings for row in rows_of(listing)], str(uri), store, base_dir)
 
     @classmethod
     def from_rows(cls, rows: Iterable[CatalogRow], uri: str = "", store: ObjectStore | None = None,
-                  base_dir: Path | None = None) -> "Catalog":
+                  base_dir: Path | None = None) -> Catalog:
         return cls(list(rows), uri, store, base_dir)
 
-    def subset(self, rows: Iterable[CatalogRow]) -> "Catalog":
+    def subset(self, rows: Iterable[CatalogRow]) -> Catalog:
         """Another catalog over some of these rows, reading images the same way."""
         sub = Catalog(list(rows), self.uri, self._store, self._base_dir)
         sub._cache_dir = self._cache_dir
@@ -182,8 +181,8 @@ class Catalog:
 
     # ---- images ----------------------------------------------------------------------------
     def resolve_image(self, row: CatalogRow) -> str:
-        """The row's image as an s3:// URI or an absolute path."""
-        if row.image.startswith("s3://") or os.path.isabs(row.image) or self._base_dir is None:
+        """The row's image as an s3:// URI, an http(s) URL or an absolute path."""
+        if _is_remote(row.image) or os.path.isabs(row.image) or self._base_dir is None:
             return row.image
         return str(self._base_dir / row.image)
 
@@ -195,11 +194,19 @@ class Catalog:
                 return cached.read_bytes()
             bucket, key = parse_s3_uri(location)
             return self._store_for(bucket).get_bytes(key)
+        if location.startswith(("http://", "https://")):
+            return _http_get(location)
         return Path(location).read_bytes()
 
-    def load_image(self, row: CatalogRow, limits: ImageLimits = ImageLimits()) -> Image.Image:
-        """The row's image as RGB, decoded with the same checks the transformer applies."""
-        return decode_image(self.image_bytes(row), limits, name=f"image of {row.listing_id}")
+    def load_image(self, row: CatalogRow, limits: ImageLimits | None = None, *,
+                   min_side: int | None = None) -> Image.Image:
+        """The row's image as upright sRGB, decoded as the transformer decodes it (same checks, same pixels).
+
+        `min_side`: the shorter side the model's preprocessing resizes to (`PreprocessSpec.resize`), to decode
+        as serving does (JPEG draft, integer reduction); None decodes at full resolution.
+        """
+        return decode_image(self.image_bytes(row), limits or ImageLimits(), name=f"photo {row.photo}",
+                            min_side=min_side)
 
     def prefetch(self, cache_dir: str | Path, workers: int = 16, progress: bool = True) -> None:
         """Download every s3:// image once into `cache_dir`, in parallel; later reads come from disk."""
@@ -236,39 +243,49 @@ class Catalog:
             self._store = ObjectStore(settings)
         return self._store
 
-    # ---- writing ---------------------------------------------------------------------------
-    def to_jsonl(self) -> str:
-        return "".join(json.dumps(row.to_json()) + "\n" for row in self.rows)
-
 
 def validate_catalog(uri: str | Path, store: ObjectStore | None = None, *, check_images: bool = True,
                      workers: int = 8) -> ValidationReport:
-    """Every problem of a catalog, each with its line: bad JSON, missing fields, wrong label types,
-    duplicate listing ids, missing or unreadable images."""
+    """Every problem of a catalog, each with its line.
+
+    Per line: bad JSON, missing fields, wrong label types, metadata values that are not strings, numbers or
+    booleans, a photo listed twice, a listing id on two lines, old one-photo rows of one listing whose
+    labels or titles conflict. Per photo (with `check_images`): missing or unreadable. Per listing: no
+    readable photo at all. Per task: a single class (it cannot be trained).
+    """
     text, store, base_dir = _read_text(str(uri), store)
-    rows, problems = _parse_lines(text.splitlines())
-    report = ValidationReport(rows=len(rows) + len({p.line for p in problems}), problems=problems)
+    listings, problems, count = read_listings(text.splitlines())
+    rows = [row for listing in listings for row in rows_of(listing)]
+    report = ValidationReport(rows=count, listings=len(listings), photos=len(rows), problems=problems)
     catalog = Catalog(rows, str(uri), store, base_dir)
     for row in rows:
         for task, value in row.labels.items():
             report.label_counts.setdefault(task, Counter())[value] += 1
     if check_images and rows:
         def check(row: CatalogRow) -> RowProblem | None:
+            what = f"photo {row.photo_id!r} ({row.image})"
             try:
                 catalog.load_image(row)
                 return None
             except ImageError as exc:
-                return RowProblem(row.line, row.listing_id, f"image {row.image} is unreadable: {exc}")
+                return RowProblem(row.line, row.listing_id, f"{what} is unreadable: {exc}")
             except (FileNotFoundError, IsADirectoryError):
-                return RowProblem(row.line, row.listing_id, f"image {row.image} does not exist")
+                return RowProblem(row.line, row.listing_id, f"{what} does not exist")
             except Exception as exc:  # noqa: BLE001 - the store's own message says what to do
                 text = str(exc)
-                if "no such object" in text:
-                    return RowProblem(row.line, row.listing_id, f"image {row.image} does not exist")
-                return RowProblem(row.line, row.listing_id, f"image {row.image} cannot be read: {text}")
+                if "no such object" in text or "404" in text:
+                    return RowProblem(row.line, row.listing_id, f"{what} does not exist")
+                return RowProblem(row.line, row.listing_id, f"{what} cannot be read: {text}")
 
         with ThreadPoolExecutor(workers) as pool:
-            report.problems.extend(p for p in pool.map(check, rows) if p is not None)
+            bad = dict(zip(range(len(rows)), pool.map(check, rows)))
+        report.problems.extend(p for p in bad.values() if p is not None)
+        broken: dict[str, int] = Counter(rows[i].listing_id for i, p in bad.items() if p is not None)
+        for listing in listings:
+            if broken.get(listing.listing_id, 0) == len(listing.photos) > 1:
+                report.problems.append(RowProblem(listing.line, listing.listing_id,
+                                                  f"the listing has no readable photo (all {len(listing.photos)} "
+                                                  f"photos above fail): fix them or drop the listing"))
     for task, counts in report.label_counts.items():
         if len(counts) == 1:
             report.problems.append(RowProblem(0, None, f"task {task!r} has a single class "
@@ -278,8 +295,9 @@ def validate_catalog(uri: str | Path, store: ObjectStore | None = None, *, check
 
 
 def write_catalog(rows: Iterable[CatalogRow], uri: str | Path, store: ObjectStore | None = None) -> None:
-    """Write rows as JSONL to an s3:// URI or a local path (atomically for local files)."""
-    body = "".join(json.dumps(row.to_json()) + "\n" for row in rows)
+    """Write rows as JSONL, one line per listing (its photos in `images`), to an s3:// URI or a local path
+    (atomically for local files). A listing's title, labels and metadata are its first row's."""
+    body = "".join(json.dumps(listing.to_json(), ensure_ascii=False) + "\n" for listing in listings_of(rows))
     uri = str(uri)
     if uri.startswith("s3://"):
         bucket, key = parse_s3_uri(uri)
@@ -290,8 +308,28 @@ def write_catalog(rows: Iterable[CatalogRow], uri: str | Path, store: ObjectStor
         path = Path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(body)
+        tmp.write_text(body, encoding="utf-8")
         tmp.replace(path)
+
+
+def _is_remote(location: str) -> bool:
+    return location.startswith(("s3://", "http://", "https://"))
+
+
+def _http_get(url: str, timeout_s: float = 20.0) -> bytes:
+    """A photo the catalog names by an http(s) URL; a 4xx/5xx is a FileNotFoundError or an OSError."""
+    import urllib3
+
+    try:
+        response = urllib3.request("GET", url, timeout=urllib3.Timeout(connect=5.0, read=timeout_s),
+                                   retries=urllib3.Retry(total=2, backoff_factor=0.2), preload_content=True)
+    except urllib3.exceptions.HTTPError as exc:
+        raise OSError(f"cannot fetch {url}: {exc}") from exc
+    if response.status == 404:
+        raise FileNotFoundError(url)
+    if response.status >= 400:
+        raise OSError(f"fetching {url} answered {response.status}")
+    return response.data
 
 
 def _read_text(uri: str, store: ObjectStore | None) -> tuple[str, ObjectStore | None, Path | None]:
@@ -307,30 +345,6 @@ def _read_text(uri: str, store: ObjectStore | None) -> tuple[str, ObjectStore | 
     if not path.is_file():
         raise CatalogError(f"catalog {uri} does not exist or is not a file")
     return path.read_text(encoding="utf-8"), store, path.resolve().parent
-
-
-def _parse_lines(lines: list[str]) -> tuple[list[CatalogRow], list[RowProblem]]:
-    rows, problems, seen = [], [], {}
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.append(RowProblem(number, None, f"not valid JSON: {exc.msg}"))
-            continue
-        row, errors = parse_row(obj, number)
-        if errors:
-            lid = obj.get("listing_id") if isinstance(obj, dict) else None
-            problems.extend(RowProblem(number, str(lid) if lid is not None else None, e) for e in errors)
-            continue
-        if row.listing_id in seen:
-            problems.append(RowProblem(number, row.listing_id,
-                                       f"duplicate listing_id (first on line {seen[row.listing_id]})"))
-            continue
-        seen[row.listing_id] = number
-        rows.append(row)
-    return rows, problems
 
 
 def image_to_png_bytes(img: Image.Image) -> bytes:

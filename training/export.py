@@ -10,7 +10,6 @@ export fails rather than write a graph that serves different numbers than were e
 """
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import warnings
@@ -21,19 +20,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from storage.artifacts import MANIFEST, model_repo, new_version, verify_dir, write_json
+from storage.errors import LookalikeError
 from training.model import LookalikeModel, ModelConfig, create_model
+from transformer.model_card import (CARD_FILE, ONNX_FILE, ONNX_INPUT, WEIGHTS_FILE, ModelCard, ModelCardError,
+                                    output_names)
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-WEIGHTS_FILE, ONNX_FILE, META_FILE = "model.safetensors", "model.onnx", "model.json"
-ONNX_INPUT = "images"
 ONNX_TOLERANCE = 1e-4
 ONNX_OPSET = 18
 
 
-class ExportError(RuntimeError):
+class ExportError(LookalikeError):
     """The export would not serve what was trained (e.g. ONNX disagrees with PyTorch)."""
 
 
@@ -51,10 +49,6 @@ class ServingGraph(nn.Module):
         return (out["embedding"], *(out["logits"][t].float().softmax(-1) for t in self.tasks))
 
 
-def output_names(tasks: list[str]) -> list[str]:
-    return ["embedding"] + [f"probs_{task}" for task in tasks]
-
-
 def code_version() -> str:
     """The git commit of this code (with -dirty when modified), or 'unknown' outside a checkout."""
     root = Path(__file__).resolve().parent.parent
@@ -68,13 +62,13 @@ def code_version() -> str:
         return "unknown"
 
 
-def export_model(model: LookalikeModel, config: ModelConfig, out_dir: str | Path, *,
+def export_model(model: LookalikeModel, config: ModelConfig, out_dir: str | Path, *, model_version: str,
                  metrics: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None,
-                 check_batch: torch.Tensor | None = None, model_version: str | None = None) -> Path:
+                 check_batch: torch.Tensor | None = None) -> Path:
     """Write model.safetensors, model.onnx (checked against PyTorch) and model.json into `out_dir`.
 
-    The folder gets its version name now (`model_version`, default a fresh time-sorted one), so a
-    pipeline can publish it later under the name its metrics were recorded with.
+    `model_version` is the name the training run minted when it started (storage.artifacts.new_version),
+    so the folder, its card, its metrics and the published version all carry the one name.
     """
     from safetensors.torch import save_file
 
@@ -84,8 +78,7 @@ def export_model(model: LookalikeModel, config: ModelConfig, out_dir: str | Path
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "architecture": config.architecture})
 
-    tasks = list(config.heads)
-    names = output_names(tasks)
+    names = output_names(list(config.heads))
     onnx_path = out_dir / ONNX_FILE
     _export_onnx(ServingGraph(model), config, onnx_path, names)
     _check_onnx(model, onnx_path, config, names, check_batch)
@@ -93,20 +86,13 @@ def export_model(model: LookalikeModel, config: ModelConfig, out_dir: str | Path
     lineage = dict(lineage or {})
     lineage.setdefault("base_weights", model.base_weights)
     lineage.setdefault("code_version", code_version())
-    meta = {
-        "format": FORMAT,
-        "model_version": model_version or new_version(),
-        "architecture": config.architecture,
-        "embedding_dim": config.embedding_dim,
-        "preprocessing": config.preprocessing.to_dict(),
-        "heads": {task: list(labels) for task, labels in config.heads.items()},
-        "trainable_blocks": config.trainable_blocks,
-        "onnx": {"input": ONNX_INPUT, "outputs": names, "opset": ONNX_OPSET, "tolerance": ONNX_TOLERANCE},
-        "metrics": metrics or {},
-        "lineage": lineage,
-        "config": {**config.to_dict(), "pretrained": None},
-    }
-    write_json(out_dir / META_FILE, meta)
+    card = ModelCard(
+        model_version=model_version, architecture=config.architecture, embedding_dim=config.embedding_dim,
+        preprocessing=config.preprocessing, heads={task: list(labels) for task, labels in config.heads.items()},
+        trainable_blocks=config.trainable_blocks,
+        onnx={"input": ONNX_INPUT, "outputs": names, "opset": ONNX_OPSET, "tolerance": ONNX_TOLERANCE},
+        metrics=metrics or {}, lineage=lineage, config={**config.to_dict(), "pretrained": None})
+    card.write(out_dir)
     return out_dir
 
 
@@ -142,53 +128,40 @@ def _check_onnx(model: LookalikeModel, path: Path, config: ModelConfig, names: l
                               f"the model was not exported")
 
 
-def load_model(model_dir: str | Path) -> tuple[LookalikeModel, dict[str, Any]]:
-    """Rebuild the model from model.json + model.safetensors (no pretrained weights are read).
+def load_model(model: ModelCard | str | Path) -> tuple[LookalikeModel, ModelCard]:
+    """Rebuild the network a model card describes from its model.safetensors (no pretrained weights read).
 
-    When the folder holds a MANIFEST.json (a published version) every file is checked against it first.
+    Give the card (already verified) or a folder; a folder's card is read, and verified once, here.
     """
     from safetensors.torch import load_file
 
-    model_dir = Path(model_dir)
-    meta_path = model_dir / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no {META_FILE}: it is not a model version folder")
-    if (model_dir / MANIFEST).exists():
-        verify_dir(model_dir)
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this code reads format {FORMAT}")
-    config_dict = dict(meta.get("config") or {})
-    for key in ("architecture", "embedding_dim", "heads", "trainable_blocks", "preprocessing"):
-        config_dict[key] = meta[key]  # the top-level contract wins over the saved config
-    config = ModelConfig.from_dict({**config_dict, "pretrained": None})
-    model = create_model(config)
-    state = load_file(str(model_dir / WEIGHTS_FILE))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    card = model if isinstance(model, ModelCard) else ModelCard.read(model)
+    config_dict = dict(card.config)
+    # The card's contract wins over the saved config.
+    config_dict.update(architecture=card.architecture, embedding_dim=card.embedding_dim, heads=card.heads,
+                       trainable_blocks=card.trainable_blocks, preprocessing=card.preprocessing.to_dict())
+    net = create_model(ModelConfig.from_dict({**config_dict, "pretrained": None}))
+    state = load_file(str(card.file(WEIGHTS_FILE)))
+    missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{model_dir / WEIGHTS_FILE} does not match model.json: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    model.base_weights = meta.get("lineage", {}).get("base_weights", "none")
-    return model.eval(), meta
+        raise ModelCardError(f"{card.file(WEIGHTS_FILE)} does not match {CARD_FILE}: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}; republish the model")
+    net.base_weights = card.lineage.get("base_weights", "none")
+    return net.eval(), card
 
 
-def publish_model(store, out_dir: str | Path, *, alias: str | None = None, version: str | None = None) -> str:
-    """Publish a model folder as a new version of `models/` (whole or not at all); return the version.
+def publish_model(store, out_dir: str | Path, *, alias: str | None = None) -> str:
+    """Publish an exported model folder as a new version of `models/` (whole or not at all), under the
+    version its card was exported with; point `alias` at it. The folder is not edited."""
+    from storage.artifacts import model_repo
 
-    The version is `version`, else the one model.json was exported with; model.json is rewritten to
-    say it before upload, so a downloaded folder knows what it is.
-    """
-    out_dir = Path(out_dir)
-    for name in (WEIGHTS_FILE, ONNX_FILE, META_FILE):
-        if not (out_dir / name).is_file():
-            raise FileNotFoundError(f"{out_dir} has no {name}: export the model before publishing")
-    meta = json.loads((out_dir / META_FILE).read_text())
-    version = version or meta.get("model_version") or new_version()
-    meta["model_version"] = version
-    write_json(out_dir / META_FILE, meta)
+    card = ModelCard.read(out_dir)
+    for name in (WEIGHTS_FILE, ONNX_FILE):
+        if not card.file(name).is_file():
+            raise ModelCardError(f"{card.folder} has no {name}: export the model before publishing")
     repo = model_repo(store)
-    repo.publish(out_dir, version=version, metadata={"architecture": meta["architecture"],
-                                                     "heads": list(meta["heads"])})
+    repo.publish(card.folder, version=card.model_version,
+                 metadata={"architecture": card.architecture, "heads": card.tasks})
     if alias:
-        repo.set_alias(alias, version)
-    return version
+        repo.set_alias(alias, card.model_version)
+    return card.model_version

@@ -2,15 +2,15 @@
 
 Both write the same layout into the store::
 
-    catalogs/<name>/images/<listing_id>.<ext>   uploaded first, in parallel
-    catalogs/<name>/catalog.jsonl               written last
+    catalogs/<name>/images/<listing_id>.<ext>              a listing's only photo  } uploaded first,
+    catalogs/<name>/images/<listing_id>/<photo_id>.<ext>   each of several photos  } in parallel
+    catalogs/<name>/catalog.jsonl                          written last, one line per listing
 
 so a catalog is never visible with images still missing. Image URIs in the rows are absolute
 `s3://bucket/key` URIs, so the catalog file can be copied or read from anywhere.
 """
 from __future__ import annotations
 
-import csv
 import gzip
 import logging
 import re
@@ -18,12 +18,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from storage.s3 import ObjectStore
 from training.catalog import CatalogError, CatalogRow, image_to_png_bytes, write_catalog
+from training.listing_csv import CsvListing, read_listing_csv
 from transformer.decoding import ImageError, ImageLimits, decode_image
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ SHADE_LIGHT_BELOW = 140.0
 SHADE_DARK_ABOVE = 185.0
 SHADE_FRACTION = 0.15
 
-IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+                  ".heic": "image/heic", ".heif": "image/heif", ".avif": "image/avif"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -182,7 +184,7 @@ def import_fashion_mnist(store: ObjectStore, *, split_names: Sequence[str] = ("t
             rows.append(CatalogRow(lid, store.uri(f"catalogs/{name}/images/{lid}.png"), lab, "catalog",
                                    f"{fine} #{i}"))
 
-        def encode(k: int, idx=keep) -> tuple[str, bytes, str]:
+        def encode(k: int, idx=keep, name=name, rows=rows, images=images) -> tuple[str, bytes, str]:
             from PIL import Image
 
             return (f"catalogs/{name}/images/{rows[k].listing_id}.png",
@@ -204,84 +206,122 @@ def import_fashion_mnist(store: ObjectStore, *, split_names: Sequence[str] = ("t
 @dataclass
 class ImportResult:
     uri: str
-    rows: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    rows: int                  # photos imported
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or listing, why)
+    listings: int = 0
+    left_out: list[str] = field(default_factory=list)  # CSV columns that are neither labels nor metadata
 
     def __str__(self) -> str:
-        text = f"imported {self.rows} rows into {self.uri}"
+        text = f"imported {self.listings} listings with {self.rows} photos into {self.uri}"
+        if self.left_out:
+            text += f"; columns not imported (neither labels nor metadata): {', '.join(self.left_out)}"
         if self.skipped:
-            text += f"; skipped {len(self.skipped)} files:\n" + "\n".join(f"  {f}: {why}" for f, why in self.skipped)
+            text += f"; skipped {len(self.skipped)}:\n" + "\n".join(f"  {f}: {why}" for f, why in self.skipped)
         return text
 
 
 def import_folder(store: ObjectStore, directory: str | Path, name: str, *, labels_csv: Path | None = None,
-                  task: str = "category", source: str = "catalog", workers: int = 16,
+                  task: str = "category", source: str = "catalog", label_columns: Sequence[str] | None = None,
+                  metadata_columns: Sequence[str] | None = None, workers: int = 16,
                   progress: bool = True) -> ImportResult:
-    """Import a folder of JPEG/PNG/WebP images as catalog `name`.
+    """Import a folder of JPEG/PNG/WebP/HEIC/AVIF photos as catalog `name`.
 
-    Labels come from one of:
-    - sub-folder names (`DIR/<label>/<file>`), as task `task`; files directly in DIR have no label;
-    - a CSV (`labels_csv`) whose first column is `filename` (a path relative to DIR) or `listing_id`
-      (a file in DIR whose name without extension is that id), then one column per task; an empty cell
-      is a missing label. Only the files the CSV names are imported.
+    Listings and labels come from one of:
+    - sub-folder names (`DIR/<label>/<file>`), as task `task`: each file is a listing with one photo;
+      files directly in DIR have no label;
+    - a CSV (`labels_csv`, see `training.listing_csv`): one row per photo (`listing_id,filename,…`) or a
+      `filenames` column of `;`-separated files, so a listing may have several photos; a `title` column is
+      the title; `label_columns` / `metadata_columns` say which other columns are labels to learn and which
+      are metadata to show (default: every other column is a label). Only the files the CSV names are
+      imported.
 
-    Every image is decoded with the serving checks first; unreadable ones are skipped, each reported by
-    name in the result and in a warning. The image bytes are uploaded unchanged.
+    Every photo is decoded with the serving checks first; unreadable ones are skipped, and a listing left
+    without a photo is skipped too, each reported in the result and in a warning. The bytes are uploaded
+    unchanged, then catalog.jsonl (one line per listing) last.
     """
     directory = Path(directory)
     if not _NAME_RE.match(name):
         raise CatalogError(f"catalog name {name!r} is not valid: use letters, digits, '.', '_' or '-'")
     if not directory.is_dir():
         raise CatalogError(f"{directory} is not a folder of images")
+    if labels_csv is None and (label_columns or metadata_columns):
+        raise CatalogError("--label-columns and --metadata-columns describe the columns of --labels-csv: give the CSV")
     files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     csv_resolved = Path(labels_csv).resolve() if labels_csv is not None else None
     ignored = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES and p.resolve() != csv_resolved]
     skipped: list[tuple[str, str]] = [(p.relative_to(directory).as_posix(),
-                                       "not a .jpg, .jpeg, .png or .webp file") for p in ignored]
-
+                                       "not a .jpg, .jpeg, .png, .webp, .heic, .heif or .avif file") for p in ignored]
+    left_out: list[str] = []
     if labels_csv is not None:
-        entries, csv_skipped = _entries_from_csv(Path(labels_csv), directory, images)
+        listings, csv_skipped, left_out = read_listing_csv(Path(labels_csv), directory, images,
+                                                           label_columns=label_columns,
+                                                           metadata_columns=metadata_columns)
         skipped += csv_skipped
+        named = {path for listing in listings for _, path in listing.photos}
+        missing = [p for p in images if p not in named]
+        if missing:
+            log.warning("%d images in %s are not in %s and were not imported (e.g. %s)", len(missing), directory,
+                        Path(labels_csv).name, missing[0].relative_to(directory))
     else:
-        entries = []
         ids = _listing_ids(images, directory)
-        for path in images:
+        listings = []
+        for line, path in enumerate(images, start=1):
             rel = path.relative_to(directory)
-            labels = {task: rel.parts[0]} if len(rel.parts) > 1 else {}
-            entries.append((ids[path], path, labels))
+            listings.append(CsvListing(ids[path], line, [("0", path)],
+                                       labels={task: rel.parts[0]} if len(rel.parts) > 1 else {}))
 
     store.check()  # nothing is uploaded to a store that is down or refuses us
     limits = ImageLimits()
-    good: list[tuple[str, Path, dict[str, str]]] = []
-    for lid, path, labels in entries:
-        try:
-            decode_image(path.read_bytes(), limits, name=path.name)
-        except (ImageError, OSError) as exc:
-            skipped.append((path.relative_to(directory).as_posix(), str(exc)))
+    rows: list[CatalogRow] = []
+    uploads: list[tuple[str, Path]] = []
+    for listing in listings:
+        kept = []
+        for photo_id, path in listing.photos:
+            try:
+                decode_image(path.read_bytes(), limits, name=path.name)
+            except (ImageError, OSError) as exc:
+                skipped.append((path.relative_to(directory).as_posix(), str(exc)))
+                continue
+            kept.append((photo_id, path))
+        if not kept:
+            if len(listing.photos) > 1:
+                skipped.append((listing.listing_id, f"no readable photo among its {len(listing.photos)}: the "
+                                                    f"listing was not imported"))
             continue
-        good.append((lid, path, labels))
+        for photo_id, path in kept:
+            key = _image_key(name, listing.listing_id, photo_id if len(kept) > 1 else None, path.suffix.lower())
+            uploads.append((key, path))
+            rows.append(CatalogRow(listing.listing_id, store.uri(key), listing.labels, source, listing.title,
+                                   listing.line, photo_id, listing.metadata))
     for rel, why in skipped:
         log.warning("skipped %s: %s", rel, why)
-    if not good:
+    if not rows:
         raise CatalogError(f"no readable images to import from {directory}" +
                            (f" ({len(skipped)} files skipped)" if skipped else ""))
 
-    rows = [CatalogRow(lid, store.uri(f"catalogs/{name}/images/{lid}{path.suffix.lower()}"), labels, source,
-                       path.stem) for lid, path, labels in good]
-
     def job(k: int) -> tuple[str, bytes, str]:
-        _, path, _ = good[k]
-        return (f"catalogs/{name}/images/{rows[k].listing_id}{path.suffix.lower()}", path.read_bytes(),
-                IMAGE_SUFFIXES[path.suffix.lower()])
+        key, path = uploads[k]
+        return key, path.read_bytes(), IMAGE_SUFFIXES[path.suffix.lower()]
 
-    _upload(store, (lambda k=k: job(k) for k in range(len(rows))), len(rows), workers, progress,
+    _upload(store, (lambda k=k: job(k) for k in range(len(uploads))), len(uploads), workers, progress,
             desc=f"upload {name}")
     uri = store.uri(catalog_key(name))
     write_catalog(rows, uri, store)
     if skipped:
-        log.warning("%d files were skipped (listed above)", len(skipped))
-    return ImportResult(uri, len(rows), skipped)
+        log.warning("%d files or listings were skipped (listed above)", len(skipped))
+    return ImportResult(uri, len(rows), skipped, len({r.listing_id for r in rows}), left_out)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _image_key(name: str, listing_id: str, photo_id: str | None, suffix: str) -> str:
+    """catalogs/<name>/images/<listing>.<ext> for a listing's only photo, <listing>/<photo>.<ext> otherwise."""
+    listing = _UNSAFE.sub("_", listing_id)
+    if photo_id is None:
+        return f"catalogs/{name}/images/{listing}{suffix}"
+    return f"catalogs/{name}/images/{listing}/{_UNSAFE.sub('_', photo_id)}{suffix}"
 
 
 def _listing_ids(images: list[Path], directory: Path) -> dict[Path, str]:
@@ -293,55 +333,6 @@ def _listing_ids(images: list[Path], directory: Path) -> dict[Path, str]:
         rel = p.relative_to(directory).with_suffix("").as_posix()
         ids[p] = p.stem if unique else rel.replace("/", "-")
     return ids
-
-
-def _entries_from_csv(csv_path: Path, directory: Path, images: list[Path]
-                      ) -> tuple[list[tuple[str, Path, dict[str, str]]], list[tuple[str, str]]]:
-    if not csv_path.is_file():
-        raise CatalogError(f"labels CSV {csv_path} does not exist")
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header or header[0].strip() not in ("filename", "listing_id") or len(header) < 2:
-            raise CatalogError(f"{csv_path}: the first line must be a header `filename,<task>,…` or "
-                               f"`listing_id,<task>,…`, got {header!r}")
-        key, tasks = header[0].strip(), [t.strip() for t in header[1:]]
-        if any(not t for t in tasks) or len(set(tasks)) != len(tasks):
-            raise CatalogError(f"{csv_path}: task columns must have distinct, non-empty names: {tasks}")
-        by_stem: dict[str, list[Path]] = {}
-        for p in images:
-            by_stem.setdefault(p.stem, []).append(p)
-        entries, skipped, seen = [], [], {}
-        for line, cells in enumerate(reader, start=2):
-            if not cells or not any(c.strip() for c in cells):
-                continue
-            ref = cells[0].strip()
-            if len(cells) > len(header):
-                raise CatalogError(f"{csv_path} line {line}: {len(cells)} cells for {len(header)} columns")
-            labels = {t: c.strip() for t, c in zip(tasks, cells[1:]) if c.strip()}
-            if key == "filename":
-                path = directory / ref
-                if not path.is_file():
-                    skipped.append((ref, f"named on line {line} of {csv_path.name} but not found in {directory}"))
-                    continue
-                lid = Path(ref).with_suffix("").as_posix().replace("/", "-")
-            else:
-                found = by_stem.get(ref, [])
-                if len(found) != 1:
-                    why = "no image" if not found else f"{len(found)} images"
-                    skipped.append((ref, f"line {line} of {csv_path.name}: {why} named {ref}.* in {directory}"))
-                    continue
-                path, lid = found[0], ref
-            if lid in seen:
-                raise CatalogError(f"{csv_path} line {line}: {ref!r} repeats line {seen[lid]}")
-            seen[lid] = line
-            entries.append((lid, path, labels))
-    listed = {p for _, p, _ in entries}
-    missing = [p for p in images if p not in listed]
-    if missing:
-        log.warning("%d images in %s are not in %s and were not imported (e.g. %s)", len(missing), directory,
-                    csv_path.name, missing[0].relative_to(directory))
-    return entries, skipped
 
 
 def _upload(store: ObjectStore, jobs: Iterable[Callable[[], tuple[str, bytes, str]]], total: int, workers: int,

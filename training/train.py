@@ -1,18 +1,20 @@
-"""The training loop: balanced multitask fine-tuning of a pretrained backbone, then evaluation and export.
+"""The training loop: balanced multitask fine-tuning of a pretrained backbone with listing identity, early
+stopping on held-out retrieval, then evaluation beside the pretrained model and export.
 
-    catalog ─▶ ImageBank (decoded once) ─▶ per-task datasets ─▶ BalancedTaskSampler ─▶ BatchLoader (thread)
-            ─▶ model (frozen trunk, trained tail, embedding, heads) ─▶ masked CE (+ batch-hard triplet)
-            ─▶ AdamW, warm-up then cosine decay ─▶ evaluate beside the pretrained baseline ─▶ export
+    catalog ─▶ ImageBank (decoded once) ─▶ hold out views (selection, test) ─▶ settings from the catalog
+            ─▶ per-task listing datasets ─▶ BalancedTaskSampler (classes balanced within each task)
+            ─▶ BatchLoader (P listings x K views: its photos, simulated phone photos; a thread)
+            ─▶ model (frozen trunk, trained tail, embedding, heads) ─▶ masked CE + listing proxies
+               (or batch-hard triplets) + L2-SP towards the pretrained weights
+            ─▶ AdamW, warm-up then cosine decay; every `eval_every` steps the held-out score, best kept
+            ─▶ evaluate beside the pretrained model at 224 px on held-out views, an eval catalog and
+               simulated phone photos of the evaluation recipe ─▶ export (settings and reasons on the card)
 
-CPU defaults (2 cores) aim at a useful Fashion-MNIST model in about ten minutes: 28-px product shots
-gain nothing from 224-px inputs, so the input is 80 px squashed (no crop margin), about 8× cheaper
-than 224 px. Measured on Fashion-MNIST at about equal compute: 80 px × 1400 steps gave fine-category
-precision@10 0.872, 96 px × 1000 steps 0.857. The last three stages are fine-tuned, and each step
-sees 8 listings per task twice (a catalog-like view and, mostly, a simulated phone photo) for CE on
-both and a batch-hard triplet loss. On CUDA the loop runs with autocast (fp16 + loss scaling) and
-channels-last.
-Deterministic for a seed on CPU: the sampler and each batch's augmentation are functions of
-(seed, step), and the model's new layers are initialised from the seed.
+Defaults left at 0/"auto" are chosen from the catalog (`training.defaults`): 224 px with the model's own
+centre crop for photo catalogs, Fashion-MNIST's measured 80 px for thumbnails, and a length in epochs
+that fits a CPU budget. On CUDA the loop runs with autocast (fp16 + loss scaling) and channels-last.
+Deterministic for a seed on CPU: the sampler and each batch's augmentation are functions of (seed, step),
+and the model's new layers are initialised from the seed.
 """
 from __future__ import annotations
 
@@ -23,16 +25,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from storage.artifacts import new_version
+from storage.errors import InputError
 from training.catalog import Catalog
-from training.data import Augment, BatchLoader, ImageBank, build_tasks
-from training.losses import LossConfig, multitask_loss
-from training.model import DEFAULT_ARCHITECTURE, LookalikeModel, ModelConfig, create_model
-from training.sampler import BalancedTaskSampler
-from transformer.preprocessing import PreprocessSpec
+from training.data import Augment, BatchLoader, ImageBank, build_tasks, kept_side, make_sampler
+from training.defaults import AUTO_BLOCKS, Choice, preprocessing_for, resolve
+from training.losses import ListingProxies, LossConfig, l2_sp, multitask_loss, similarity_distillation
+from training.model import DEFAULT_ARCHITECTURE, LookalikeModel, ModelConfig, backbone_tail, create_model
+from training.queries import hold_out
 
 log = logging.getLogger(__name__)
 
@@ -43,33 +48,50 @@ class TrainConfig:
     architecture: str = DEFAULT_ARCHITECTURE
     pretrained: str | None = "package"  # "package", a weights file (path or s3://), or None
     embedding_dim: int = 128
-    trainable_blocks: int = 3
-    image_size: int = 80  # square input; resize == size, so no crop margin is lost
-    crop: str = "none"  # "none": squash to a square; "center": resize the short side, then crop
+    trainable_blocks: int = AUTO_BLOCKS  # the last stages fine-tuned (-1: all); AUTO_BLOCKS: from the catalog
+    image_size: int = 0  # square input side; 0: from the catalog (training.defaults)
+    crop: str = "auto"  # "none": squash to a square; "center": resize the short side, then crop; "auto"
     tasks: list[str] | None = None  # default: every label of the catalog
+    # length and batches
+    steps: int = 0  # 0: from `epochs`, or from the catalog and a CPU budget (training.defaults)
+    epochs: float = 0.0  # 0: chosen from the catalog
+    max_epochs: float = 30.0
+    samples_per_task: int = 8  # listings of every task in a batch (P); each is seen in `views` views (K)
+    views: int = 2
+    class_power: float = 0.5  # within a task, class c is drawn in proportion to n_c^power (sampler.py)
     # optimisation
-    steps: int = 1400
-    samples_per_task: int = 8  # a batch is this many samples of every task (×2 views with triplet)
     lr: float = 2e-3  # projection and heads
     backbone_lr_scale: float = 0.25  # the fine-tuned backbone stages learn this much slower
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50
+    weight_decay: float = 1e-4  # projection and heads; the backbone is held by L2-SP instead
+    warmup_steps: int = 0  # 0: a tenth of the run, at most 50
     # objective
-    objective: str = "ce+triplet"  # "ce", "triplet" or "ce+triplet"
+    objective: str = "ce+proxy"  # parts of ce, proxy, triplet joined by "+"
     label_smoothing: float = 0.1
     task_weights: dict[str, float] = field(default_factory=dict)
     triplet_margin: float = 0.2
     triplet_weight: float = 1.0
+    proxy_weight: float = 1.0
+    proxy_scale: float = 16.0
+    proxy_negatives: int = 4096  # sampled other listings in the identity softmax
+    proxy_lr: float = 5e-3
+    pca_init: int = 1000  # photos whose pretrained features start the projection as their PCA whitening
+    l2sp_weight: float = 0.01  # pull of the trained backbone weights towards the pretrained ones
+    distill_weight: float = 0.0  # keep the batch's similarity structure of the pretrained features
     # augmentation
-    phone_p: float = 0.3  # probability that a training image becomes a simulated phone photo (one view)
-    second_view_phone_p: float = 0.8  # with triplet: probability that a listing's second view is one
+    phone_p: float = 0.3  # probability that a first view becomes a simulated phone photo (training recipe)
+    second_view_phone_p: float = 0.8  # probability that a further view is one
     phone_strength: float = 1.0
     flip: bool = True
     crop_scale: float = 0.85
-    # evaluation after training (when an evaluation catalog is given)
-    eval_catalog_limit: int = 20000  # seeded subset of the training catalog searched by the queries
-    eval_queries: int = 2000  # seeded subset of the evaluation catalog used as label queries
-    phone_queries: int = 1000  # simulated phone photos of catalog listings (recall@k)
+    # held out of training
+    select_listings: int = 200  # listings giving up a photo to early stopping
+    eval_every: int = 0  # steps between held-out evaluations; 0: about ten per run
+    patience: int = 5  # evaluations without a better score before stopping
+    test_listings: int = 500  # listings giving up a photo to the final evaluation (0: none)
+    # final evaluation
+    eval_catalog_limit: int = 10000  # gallery: photos of the training catalog searched
+    eval_queries: int = 2000  # photos of the evaluation catalog used as queries
+    phone_queries: int = 1000  # simulated phone photos (evaluation recipe) of gallery listings
     eval_batch: int = 64
     # runtime
     device: str = "auto"  # auto, cpu or cuda
@@ -79,16 +101,24 @@ class TrainConfig:
 
     def __post_init__(self):
         LossConfig(self.objective, self.label_smoothing)  # validates the objective early
-        if self.steps <= 0:
-            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.steps < 0 or self.epochs < 0 or self.image_size < 0:
+            raise InputError("steps, epochs and image_size must be positive (0: chosen from the catalog)")
+        if self.crop not in ("auto", "none", "center"):
+            raise InputError(f"crop must be auto, none or center, got {self.crop!r}")
+        if self.views < 1:
+            raise InputError("views must be at least 1")
+        if self.trainable_blocks < AUTO_BLOCKS:
+            raise InputError(f"trainable_blocks is the number of final stages to fine-tune (-1: all, "
+                             f"{AUTO_BLOCKS}: chosen from the catalog), got {self.trainable_blocks}")
 
-    def preprocessing(self) -> PreprocessSpec:
-        resize = self.image_size if self.crop == "none" else round(self.image_size * 8 / 7)
-        return PreprocessSpec(size=self.image_size, resize=resize, crop=self.crop, interpolation="bicubic")
+    def preprocessing(self):
+        if not self.image_size or self.crop == "auto":
+            raise InputError("the input size and crop are chosen from the catalog: resolve the config first")
+        return preprocessing_for(self.image_size, self.crop)
 
     def loss(self) -> LossConfig:
         return LossConfig(self.objective, self.label_smoothing, dict(self.task_weights), self.triplet_margin,
-                          self.triplet_weight)
+                          self.triplet_weight, self.proxy_weight, self.proxy_scale)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,13 +133,15 @@ class TrainResult:
     model_dir: Path | None
     warnings: list[str]
     images_per_second: float
+    config: TrainConfig | None = None  # as resolved from the catalog
+    choices: list[Choice] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise InputError("device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
     return torch.device(name)
 
 
@@ -122,41 +154,62 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def build_optimizer(model: LookalikeModel, config: TrainConfig) -> torch.optim.Optimizer:
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    new = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    groups = [{"params": new, "lr": config.lr, "base_lr": config.lr}]
-    if backbone:
+    """Heads at `lr`; the fine-tuned backbone stages, and the projection when it starts from the pretrained
+    features (`pca_init`), `backbone_lr_scale` times slower: what starts from pretraining moves gently."""
+    slow = [p for p in model.backbone.parameters() if p.requires_grad]
+    fast = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    if config.pca_init > 0:
+        slow += list(model.projection.parameters())
+        fast = [p for p in fast if all(p is not q for q in model.projection.parameters())]
+    groups = [{"params": fast, "lr": config.lr, "base_lr": config.lr, "weight_decay": config.weight_decay}]
+    if slow:
         lr = config.lr * config.backbone_lr_scale
-        groups.append({"params": backbone, "lr": lr, "base_lr": lr})
-    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        decay = 0.0 if config.l2sp_weight > 0 else config.weight_decay  # decay towards 0 would fight L2-SP
+        groups.append({"params": slow, "lr": lr, "base_lr": lr, "weight_decay": decay})
+    return torch.optim.AdamW(groups)
+
+
+def bank_side(config: TrainConfig) -> int:
+    """How large photos are kept in memory (`training.data.kept_side`)."""
+    return kept_side(config.preprocessing() if config.image_size and config.crop != "auto" else None)
 
 
 def train(catalog: Catalog, config: TrainConfig | None = None, *, eval_catalog: Catalog | None = None,
           out_dir: str | Path | None = None, progress: bool = True, seed: int = 0,
           bank: ImageBank | None = None, eval_bank: ImageBank | None = None,
-          lineage: dict[str, Any] | None = None) -> TrainResult:
-    """Train on `catalog`; evaluate on `eval_catalog` (beside the pretrained baseline); export to `out_dir`.
+          lineage: dict[str, Any] | None = None, model_version: str | None = None,
+          announce: Callable[[str], None] | None = None) -> TrainResult:
+    """Train on `catalog`; evaluate beside the pretrained model (held-out views of `catalog`, `eval_catalog`,
+    simulated phone photos); export to `out_dir`.
 
+    `model_version` names the exported model; whoever starts the run mints it once
+    (storage.artifacts.new_version) so folder, card and published version agree. Minted here when not given.
     `bank`/`eval_bank` reuse images already decoded (benchmarks, repeated runs on one catalog).
+    `announce` is told each setting chosen from the catalog, and why, before training starts.
     """
-    from tqdm import tqdm
-
     from training.evaluate import pretrained_backbone_copy
+    from training.selection import Selector
 
     config = config or TrainConfig()
     device = resolve_device(config.device)
     if device.type == "cpu":
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
     torch.manual_seed(seed)
-    spec = config.preprocessing()
     loss_config = config.loss()
+    views = config.views if loss_config.needs_views else 1
 
-    bank = bank or ImageBank.load(catalog, max_side=max(2 * spec.size, 64), progress=progress,
-                                  cache_dir=_cache_dir())
-    tasks, warnings = build_tasks(bank.rows, config.tasks)
+    bank = bank or ImageBank.load(catalog, max_side=bank_side(config), progress=progress, cache_dir=_cache_dir())
+    split = hold_out(bank, select_listings=config.select_listings, test_listings=config.test_listings, seed=seed)
+    train_bank = bank.subset(split.train)
+    tasks, warnings = build_tasks(train_bank.rows, config.tasks)
     if bank.skipped:
         warnings.append(f"{len(bank.skipped)} of {len(bank.skipped) + len(bank)} images could not be read and "
                         f"were skipped (first: {bank.skipped[0][0]}: {bank.skipped[0][1]})")
+    config, choices = resolve(config, sizes=bank.sizes, train_photos=len(train_bank), n_tasks=len(tasks),
+                              device=device.type, views=views)
+    for choice in choices:
+        (announce or log.info)(f"chose {choice.line()}")
+    spec = config.preprocessing()
     task_names = list(tasks)
     model_config = ModelConfig(architecture=config.architecture, embedding_dim=config.embedding_dim,
                                heads={t: tasks[t].labels for t in task_names},
@@ -165,38 +218,79 @@ def train(catalog: Catalog, config: TrainConfig | None = None, *, eval_catalog: 
     model = create_model(model_config)
     baseline = pretrained_backbone_copy(model)
     model.to(device)
+    baseline.to(device)
     use_amp = config.amp and device.type == "cuda"
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
 
-    sampler = BalancedTaskSampler({t: len(tasks[t]) for t in task_names}, config.samples_per_task, seed)
+    if config.pca_init > 0:
+        _init_projection(model, train_bank, config, device, seed)
+    sampler = make_sampler(tasks, config.samples_per_task, seed, config.class_power)
     augment = Augment(spec, flip=config.flip, crop_scale=config.crop_scale, phone_p=config.phone_p,
                       phone_strength=config.phone_strength, second_view_phone_p=config.second_view_phone_p)
-    loader = BatchLoader(bank, tasks, sampler, augment, two_views=loss_config.uses_triplet, seed=seed)
+    loader = BatchLoader(train_bank, tasks, sampler, augment, views=views, seed=seed)
     optimizer = build_optimizer(model, config)
+    proxies = proxy_optimizer = None
+    if loss_config.uses_proxy:
+        proxies = ListingProxies(len(train_bank.listing_ids), config.embedding_dim, negatives=config.proxy_negatives,
+                                 seed=seed).to(device)
+        proxy_optimizer = proxies.optimizer(config.proxy_lr)
+    reference = {f"backbone.{n}": p.detach().clone().float() for n, p in baseline.named_parameters()
+                 if model.get_parameter(f"backbone.{n}").requires_grad} if config.l2sp_weight > 0 else {}
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    selector = None
+    if len(split.select):  # its gallery: training photos and the selection photos, never the test ones
+        keep = np.sort(np.concatenate([split.train, split.select]))
+        where = {int(r): i for i, r in enumerate(keep)}
+        selector = Selector(model, bank.subset(keep), np.array([where[int(r)] for r in split.select]), seed=seed,
+                            patience=config.patience, device=device)
 
-    log.info("training %s on %d images, tasks %s, %d steps of %d samples (%s)", config.architecture, len(bank),
-             {t: len(tasks[t]) for t in task_names}, config.steps,
-             sampler.batch_size * (2 if loss_config.uses_triplet else 1), loss_config.objective)
+    log.info("training %s at %d px on %d photos of %d listings, tasks %s, %d steps of %d views (%s)",
+             config.architecture, spec.size, len(train_bank), len(train_bank.listing_ids),
+             {t: len(tasks[t]) for t in task_names}, config.steps, sampler.batch_size * views, loss_config.objective)
     history: list[dict[str, float]] = []
+    if selector is not None:
+        selector.check(model, 0)  # where fine-tuning starts: kept unless a step does better
     model.train()
-    seen, started = 0, time.perf_counter()
+    seen, started, stopped_at = 0, time.perf_counter(), None
     window: dict[str, list[float]] = {}
+    from tqdm import tqdm
+
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(loader.iterate(0, config.steps)):
+        factor = lr_factor(step, config.steps, config.warmup_steps)
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(step, config.steps, config.warmup_steps)
+            group["lr"] = group["base_lr"] * factor
         images = batch.images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
+        listing = batch.listing.to(device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            out = model(images)
-        loss, logged = multitask_loss(out, batch.task_ids.to(device), batch.targets.to(device),
-                                      batch.listing.to(device), task_names, loss_config)
+            with torch.no_grad():
+                trunk = model.trunk(images)
+            out = model.forward_from_trunk(trunk)
+            loss, logged = multitask_loss(out, batch.task_ids.to(device), batch.targets.to(device), listing,
+                                          task_names, loss_config, proxies)
+            if config.distill_weight > 0 and model.cut is not None:
+                with torch.no_grad():
+                    pretrained = backbone_tail(baseline, trunk, model.cut)
+                distill = similarity_distillation(out["embedding"], pretrained)
+                loss = loss + config.distill_weight * distill
+                logged["distill"] = float(distill.detach())
+        if reference:
+            penalty = l2_sp(model, reference)
+            loss = loss + config.l2sp_weight * penalty
+            logged["l2sp"] = float(penalty.detach())
         optimizer.zero_grad(set_to_none=True)
+        if proxy_optimizer is not None:
+            proxy_optimizer.zero_grad(set_to_none=True)
+            for group in proxy_optimizer.param_groups:
+                group["lr"] = config.proxy_lr * factor
         scaler.scale(loss).backward()
         scaler.step(optimizer)
+        if proxy_optimizer is not None:
+            scaler.step(proxy_optimizer)
+            proxies.renormalise(listing)
         scaler.update()
         seen += len(batch)
         elapsed = time.perf_counter() - started
@@ -215,64 +309,86 @@ def train(catalog: Catalog, config: TrainConfig | None = None, *, eval_catalog: 
         if not math.isfinite(record["loss"]):
             bar.close()
             raise FloatingPointError(f"the loss became {record['loss']} at step {step + 1}; lower --lr")
+        if selector is not None and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+            if selector.check(model, step + 1) and step + 1 < config.steps:
+                stopped_at = step + 1
+                log.info("early stop at step %d: no better held-out score in %d evaluations", step + 1,
+                         config.patience)
+                break
     bar.close()
-    images_per_second = seen / (time.perf_counter() - started)
-    log.info("trained %d steps, %.1f images/s", config.steps, images_per_second)
+    train_seconds = time.perf_counter() - started
+    images_per_second = seen / max(train_seconds, 1e-9)
+    if selector is not None:
+        selector.restore(model)
+    log.info("trained %d steps, %.1f images/s", len(history), images_per_second)
     model.eval()
 
-    metrics: dict[str, Any] = {"train": {"steps": config.steps, "images_seen": seen,
-                                         "images_per_second": round(images_per_second, 2),
-                                         "final_loss": {k: float(np.mean([h[k] for h in history[-50:] if k in h]))
-                                                        for k in [*task_names, "triplet"] if any(k in h for h in history)}},
-                               "tasks": {t: {"rows": len(tasks[t]), "classes": len(tasks[t].labels)} for t in task_names},
-                               "warnings": warnings}
-    if eval_catalog is not None or eval_bank is not None:
-        metrics["eval"] = evaluate_after_training(model, baseline, bank, eval_catalog, eval_bank, config, device,
-                                                  progress, seed)
+    metrics: dict[str, Any] = {
+        "train": {"steps": len(history), "planned_steps": config.steps, "images_seen": seen,
+                  "seconds": round(train_seconds, 1), "images_per_second": round(images_per_second, 2),
+                  "final_loss": {k: float(np.mean([h[k] for h in history[-50:] if k in h]))
+                                 for k in [*task_names, "triplet", "proxy"] if any(k in h for h in history)},
+                  "objective": config.objective, "chosen": {c.setting: c.to_dict() for c in choices},
+                  "early_stopping": {**selector.summary(), "stopped_at": stopped_at} if selector else None},
+        "tasks": {t: {"listings": len(tasks[t]), "classes": len(tasks[t].labels),
+                      "class_counts": tasks[t].class_counts()} for t in task_names},
+        "holdout": {"select": len(split.select), "test": len(split.test), "trained_photos": len(train_bank)},
+        "warnings": warnings}
+    if len(split.test) or eval_catalog is not None or eval_bank is not None:
+        metrics["eval"] = evaluate_after_training(model, baseline, bank, split.test, eval_catalog, eval_bank, config,
+                                                  device, progress, seed)
     model_dir = None
     if out_dir is not None:
-        model_dir = _export(model, model_config, Path(out_dir), metrics, history, config, catalog, eval_catalog,
-                            lineage, seed)
-    return TrainResult(model, model_config, history, metrics, model_dir, warnings, images_per_second)
+        lineage = {"catalog": getattr(catalog, "uri", ""), "eval_catalog": getattr(eval_catalog, "uri", None),
+                   "train_config": config.to_dict(), "chosen": {c.setting: c.to_dict() for c in choices},
+                   "seed": seed, **(lineage or {})}
+        model_dir = _export(model, model_config, Path(out_dir), metrics, history, lineage,
+                            model_version or new_version())
+    return TrainResult(model, model_config, history, metrics, model_dir, warnings, images_per_second, config, choices)
 
 
-def evaluate_after_training(model: LookalikeModel, baseline: torch.nn.Module, bank: ImageBank,
+def _init_projection(model: LookalikeModel, bank: ImageBank, config: TrainConfig, device: torch.device,
+                     seed: int) -> None:
+    """The projection starts as the PCA whitening of the pretrained features of a seeded sample of the
+    training photos (`LookalikeModel.init_projection`)."""
+    from training.evaluate import run_batches
+
+    rng = np.random.default_rng([seed, 0x9CA])
+    picks = np.sort(rng.choice(len(bank), size=min(config.pca_init, len(bank)), replace=False))
+    model.eval()
+    feats = run_batches(lambda x: [model.features(x).float().cpu()], [bank.images[i] for i in picks],
+                        config.preprocessing(), batch_size=config.eval_batch, device=device, progress=False)
+    if model.init_projection(torch.cat([f[0] for f in feats])):
+        log.info("projection initialised as the PCA whitening of %d photos' pretrained features", len(picks))
+
+
+def evaluate_after_training(model: LookalikeModel, baseline: torch.nn.Module, bank: ImageBank, test_rows: np.ndarray,
                             eval_catalog: Catalog | None, eval_bank: ImageBank | None, config: TrainConfig,
                             device: torch.device, progress: bool, seed: int) -> dict[str, Any]:
-    """Label retrieval of held-out queries against (a seeded subset of) the training catalog, head
-    accuracy on those queries, and simulated phone photos of catalog listings → catalog."""
+    """Held-out views of the training catalog, photos of `eval_catalog` and simulated phone photos of the
+    evaluation recipe search a seeded gallery of the training catalog; the pretrained model likewise."""
     from training.evaluate import evaluate
-    from training.phone_photos import simulate_phone_photo
+    from training.queries import catalog_queries, gallery_of, gallery_rows, phone_queries, view_queries
 
-    spec = model.config.preprocessing
-    eval_bank = eval_bank or ImageBank.load(eval_catalog, max_side=max(2 * spec.size, 64), progress=progress,
-                                            cache_dir=_cache_dir())
-    rng = np.random.default_rng([seed, 4242])
-    cat_idx = np.sort(rng.choice(len(bank), size=min(config.eval_catalog_limit, len(bank)), replace=False))
-    q_idx = np.sort(rng.choice(len(eval_bank), size=min(config.eval_queries, len(eval_bank)), replace=False))
-    ph_idx = rng.choice(cat_idx, size=min(config.phone_queries, len(cat_idx)), replace=False)
-    phone = [(bank.rows[i].listing_id,
-              simulate_phone_photo(bank.images[i], np.random.default_rng([seed, 777, int(i)]), out_size=2 * spec.size))
-             for i in ph_idx]
-    return evaluate(model, baseline,
-                    catalog_images=[bank.images[i] for i in cat_idx],
-                    catalog_ids=[bank.rows[i].listing_id for i in cat_idx],
-                    catalog_labels=[bank.rows[i].labels for i in cat_idx],
-                    query_images=[eval_bank.images[i] for i in q_idx],
-                    query_ids=[eval_bank.rows[i].listing_id for i in q_idx],
-                    query_labels=[eval_bank.rows[i].labels for i in q_idx],
-                    phone_queries=phone, device=device, batch_size=config.eval_batch, progress=progress,
-                    log=log.info) | {"catalog_rows": int(len(cat_idx)), "catalog_of": len(bank),
-                                     "query_rows": int(len(q_idx)), "query_of": len(eval_bank)}
+    if eval_bank is None and eval_catalog is not None:
+        eval_bank = ImageBank.load(eval_catalog, max_side=bank_side(config), progress=progress, cache_dir=_cache_dir())
+    query_sets = [view_queries(bank, test_rows)] if len(test_rows) else []
+    if eval_bank is not None:
+        query_sets.append(catalog_queries(eval_bank, config.eval_queries, seed))
+    wanted = {lid for qs in query_sets for lid in qs.listing_ids}
+    rows = gallery_rows(bank, listings=wanted, limit=config.eval_catalog_limit, seed=seed)
+    query_sets.append(phone_queries(bank, rows, config.phone_queries, seed))
+    result = evaluate(model, baseline, gallery_of(bank, rows), query_sets, device=device,
+                      batch_size=config.eval_batch, progress=progress, log=log.info)
+    return result | {"catalog_rows": int(len(rows)), "catalog_of": len(bank)}
 
 
-def _export(model, model_config, out_dir, metrics, history, config, catalog, eval_catalog, lineage, seed) -> Path:
+def _export(model, model_config, out_dir, metrics, history, lineage, model_version: str) -> Path:
     from training.export import export_model
     from training.report import write_report
 
-    lineage = {"catalog": getattr(catalog, "uri", ""), "eval_catalog": getattr(eval_catalog, "uri", None),
-               "train_config": config.to_dict(), "seed": seed, **(lineage or {})}
-    model_dir = export_model(model.cpu().float(), model_config, out_dir, metrics=metrics, lineage=lineage)
+    model_dir = export_model(model.cpu().float(), model_config, out_dir, model_version=model_version, metrics=metrics,
+                             lineage=lineage)
     write_report(model_dir, history, metrics)
     return model_dir
 

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                                 predictor_request_timeout_seconds=max(1, round(args.predictor_timeout)),
                                 predictor_health_check=args.enable_predictor_health_check)
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
-                enable_grpc=args.enable_grpc, predictor_config=predictor).start([model])
+                enable_grpc=args.enable_grpc, predictor_config=predictor, unit="transformer",
+                max_request_bytes=args.max_images * args.max_image_bytes + (1 << 20)).start([model])
     return 0
 
 

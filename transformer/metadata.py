@@ -1,37 +1,54 @@
-"""Listing metadata joined to search results: title (or the id), category and image URI per listing.
+"""Listing metadata joined to search results: per listing its title (or the id), labels, free-form metadata
+and every photo's location, and fetchable URLs for those photos.
 
-Read from the catalog JSONL rows themselves (`{"listing_id", "image", "title"?, "labels": {...}}`, see
-docs/architecture.md), from `s3://` or a path. Which catalogs: the ones given explicitly, else the ones
-the served index names in its `index.json` (or, failing that, the model's lineage) - so the transformer
-follows the predictor through a swap without configuration.
+Read from the catalog JSONL itself (one listing per line, or old one-photo rows: `transformer.catalog_format`),
+from `s3://` or a path. Which catalogs: the ones given explicitly, else every one the served index names in
+its `index.json` (the build's catalog and each update's), and the model's lineage - so the transformer
+follows the predictor through a swap, and through updates, without configuration.
 
-A bad row is skipped (and counted in the log), never fatal: metadata is decoration, the ids are the answer.
+Photos are answered as URLs an app can fetch (`PhotoUrls`): an http(s) URL from the catalog as it is, an
+`s3://` photo as a short-lived presigned GET URL of the store (never the bare `s3://` URI), a local path as
+nothing (no app can fetch it).
+
+A bad line is skipped (and counted in the log), never fatal: metadata is decoration, the ids are the answer.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from storage.s3 import ObjectStore, S3Settings, StoreError, parse_s3_uri
+from transformer.catalog_format import read_listings
 
 log = logging.getLogger(__name__)
+
+URL_LIFETIME_S = 3600        # a presigned photo URL is good for an hour...
+URL_REUSE_S = URL_LIFETIME_S // 2  # ...and handed out again for the first half of it (signing costs CPU)
+MAX_CACHED_URLS = 100_000
 
 
 @dataclass(frozen=True)
 class Listing:
     listing_id: str
-    title: str
-    category: str
-    image: str
-    labels: dict[str, str]
+    title: str                                  # the catalog's title, else the listing id
+    category: str                               # labels["category"], or ""
+    image: str                                  # its first photo's location (s3:// URI, URL or absolute path)
+    labels: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    photos: tuple[tuple[str, str], ...] = ()    # (photo id, location), in the catalog's order
 
-    def to_json(self) -> dict[str, Any]:
-        return {"listing_id": self.listing_id, "title": self.title, "category": self.category, "image": self.image}
+    def photo(self, photo_id: str | None) -> str:
+        """The location of photo `photo_id` (the first photo when it is unknown or not given)."""
+        for pid, location in self.photos:
+            if pid == photo_id:
+                return location
+        return self.image
 
 
 def _read_text(uri: str, store: ObjectStore | None) -> tuple[str, Path | None]:
@@ -45,28 +62,24 @@ def _read_text(uri: str, store: ObjectStore | None) -> tuple[str, Path | None]:
     return path.read_text(encoding="utf-8"), path.resolve().parent
 
 
+def _located(uri: str, base: Path | None) -> str:
+    if base is not None and not uri.startswith(("s3://", "http://", "https://")) and not os.path.isabs(uri):
+        return str(base / uri)
+    return uri
+
+
 def read_catalog(uri: str, store: ObjectStore | None = None, category_task: str = "category") -> dict[str, Listing]:
-    """listing_id -> Listing for every well-formed row of one catalog JSONL."""
+    """listing_id -> Listing for every well-formed listing of one catalog JSONL."""
     text, base = _read_text(uri, store)
+    listings, problems, _ = read_listings(text.splitlines())
     out: dict[str, Listing] = {}
-    bad = 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            lid = str(row["listing_id"])
-            image = str(row.get("image") or "")
-            labels = {str(k): str(v) for k, v in (row.get("labels") or {}).items() if v is not None}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            bad += 1
-            continue
-        if image and base is not None and not image.startswith("s3://") and not os.path.isabs(image):
-            image = str(base / image)
-        title = row.get("title") if isinstance(row.get("title"), str) and row.get("title") else lid
-        out[lid] = Listing(lid, title, labels.get(category_task, ""), image, labels)
-    if bad:
-        log.warning("catalog %s: skipped %d malformed rows", uri, bad)
+    for item in listings:
+        photos = tuple((p.photo_id, _located(p.uri, base)) for p in item.photos)
+        out[item.listing_id] = Listing(item.listing_id, item.title or item.listing_id,
+                                       item.labels.get(category_task, ""), photos[0][1] if photos else "",
+                                       dict(item.labels), dict(item.metadata), photos)
+    if problems:
+        log.warning("catalog %s: skipped %d malformed lines", uri, len({p.line for p in problems}))
     return out
 
 
@@ -102,7 +115,8 @@ class ListingMetadata:
         return sorted(self._loaded)
 
     def add_catalog(self, uri: str) -> int:
-        """Load a catalog (once); return how many listings it holds. Later catalogs win on a shared id."""
+        """Load a catalog (once); return how many listings it holds. Later catalogs win on a shared id (an
+        update's catalog is loaded after the build's, so a listing it changed shows as it is now)."""
         with self._lock:
             if uri in self._loaded:
                 return 0
@@ -115,7 +129,7 @@ class ListingMetadata:
         return len(rows)
 
     def ensure_for(self, info: dict[str, Any]) -> None:
-        """Load the catalogs an index.json/model.json names; a catalog that cannot be read is logged."""
+        """Load the catalogs an index.json/model.json names, in order; a catalog that cannot be read is logged."""
         for uri in catalogs_named_in(info):
             if uri in self._loaded:
                 continue
@@ -129,3 +143,42 @@ class ListingMetadata:
     def get(self, listing_id: str) -> Listing:
         found = self._listings.get(listing_id)
         return found if found is not None else Listing(listing_id, listing_id, "", "", {})
+
+
+class PhotoUrls:
+    """Photo locations as URLs an app can fetch: http(s) as they are, s3:// presigned (cached for half their
+    lifetime), anything else (a path on the server's disk) as ""."""
+
+    def __init__(self, store: ObjectStore | None = None, lifetime_s: int = URL_LIFETIME_S):
+        self.store = store
+        self.lifetime_s = int(lifetime_s)
+        self._stores: dict[str, ObjectStore] = {}
+        self._cache: dict[str, tuple[str, float]] = {}
+
+    def url(self, location: str) -> str:
+        if location.startswith(("http://", "https://")):
+            return location
+        if not location.startswith("s3://"):
+            return ""
+        now = time.monotonic()
+        hit = self._cache.get(location)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        try:
+            bucket, key = parse_s3_uri(location)
+            url = self._store_for(bucket).presigned_url(key, self.lifetime_s)
+        except Exception as exc:  # noqa: BLE001 - a photo without a URL still leaves the listing answered
+            log.warning("cannot sign a URL for %s: %s", location, exc)
+            return ""
+        if len(self._cache) >= MAX_CACHED_URLS:
+            self._cache = {}
+        self._cache[location] = (url, now + min(URL_REUSE_S, self.lifetime_s // 2))
+        return url
+
+    def _store_for(self, bucket: str) -> ObjectStore:
+        found = self._stores.get(bucket)
+        if found is None:
+            settings = self.store.settings if self.store is not None else S3Settings.from_env()
+            found = self._stores[bucket] = (self.store if self.store is not None and self.store.bucket == bucket
+                                            else ObjectStore(settings.with_bucket(bucket)))
+        return found

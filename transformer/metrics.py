@@ -4,6 +4,8 @@ Both servers expose these on kserve's `/metrics` (the default Prometheus registr
 (transformer or predictor), next to kserve's own request histograms:
 
     lookalike_requests_total{unit}                 inference requests answered (any status)
+    lookalike_responses_total{unit,status}         inference responses by HTTP status
+    lookalike_serving_info{unit,model_version,index_version}  1 for the pair served now
     lookalike_errors_total{unit,kind}              failed requests by kind: bad_input, too_large,
                                                    not_found, unavailable, timeout, internal
     lookalike_images_total{unit}                   images processed
@@ -19,9 +21,10 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from transformer.protocol import error_kind, json_line, status_of
 
@@ -30,6 +33,9 @@ request_log = logging.getLogger("lookalike.requests")
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 REQUESTS = Counter("lookalike_requests", "Inference requests answered", ["unit"])
+RESPONSES = Counter("lookalike_responses", "Inference responses by HTTP status", ["unit", "status"])
+SERVING = Gauge("lookalike_serving_info", "The model and index versions served (1 for the current pair)",
+                ["unit", "model_version", "index_version"])
 ERRORS = Counter("lookalike_errors", "Failed inference requests by kind", ["unit", "kind"])
 IMAGES = Counter("lookalike_images", "Images processed", ["unit"])
 STAGE_SECONDS = Histogram("lookalike_stage_seconds", "Latency per serving stage", ["unit", "stage"], buckets=_BUCKETS)
@@ -67,16 +73,35 @@ class RequestTrace:
                                   "status": 200, "images": images, **self.fields, "stages_ms": self.stages_ms,
                                   "total_ms": round((time.perf_counter() - self.started) * 1000, 3)}
         if error is not None:
+            if hasattr(error, "traced"):
+                error.traced = True
             kind = error_kind(error)
             ERRORS.labels(self.unit, kind).inc()
             record.update(status=status_of(error), error_kind=kind, error=str(error))
-            request_log.warning(json_line(**record))
+            RESPONSES.labels(self.unit, str(record["status"])).inc()
+            # A client's mistake is a warning-free info line; only the servers' own failures are warnings.
+            (request_log.warning if record["status"] >= 500 else request_log.info)(json_line(**record))
         else:
+            RESPONSES.labels(self.unit, "200").inc()
             request_log.info(json_line(**record))
 
 
 def observe_batch(unit: str, size: int) -> None:
     BATCH_IMAGES.labels(unit).observe(size)
+
+
+_serving: dict[str, tuple[str, str]] = {}
+
+
+def set_serving_versions(unit: str, model_version: str, index_version: str) -> None:
+    """Point the `lookalike_serving_info` gauge at the pair this unit serves now (and off the previous)."""
+    previous = _serving.get(unit)
+    if previous == (model_version, index_version):
+        return
+    if previous is not None:
+        SERVING.labels(unit, *previous).set(0)
+    SERVING.labels(unit, model_version, index_version).set(1)
+    _serving[unit] = (model_version, index_version)
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -100,6 +125,10 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger.propagate = False
     if not any(isinstance(f, PerCallLineFilter) for f in logging.getLogger("kserve").filters):
         logging.getLogger("kserve").addFilter(PerCallLineFilter())
+    import warnings
+
+    # kserve 0.21 builds responses with FastAPI's deprecated ORJSONResponse: one warning per request.
+    warnings.filterwarnings("ignore", message=".*ORJSONResponse.*")
 
 
 class PerCallLineFilter(logging.Filter):

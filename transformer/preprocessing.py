@@ -6,10 +6,13 @@ transformer), so training and serving cannot drift apart. Pillow and numpy only.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+
+from storage.errors import InputError
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -31,14 +34,14 @@ class PreprocessSpec:
 
     def __post_init__(self):
         if self.interpolation not in _INTERPOLATION:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
+            raise InputError(f"unknown interpolation {self.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
         if self.crop not in ("center", "none"):
-            raise ValueError(f"unknown crop {self.crop!r}; use 'center' or 'none'")
+            raise InputError(f"unknown crop {self.crop!r}; use 'center' or 'none'")
         if self.size <= 0 or self.resize < self.size:
-            raise ValueError(f"need 0 < size <= resize, got size={self.size} resize={self.resize}")
+            raise InputError(f"need 0 < size <= resize, got size={self.size} resize={self.resize}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessSpec":
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
         known = {k: data[k] for k in ("size", "resize", "crop", "interpolation") if k in data}
         for key in ("mean", "std"):
             if key in data:

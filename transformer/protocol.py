@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -28,6 +29,7 @@ import kserve
 from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, RequestedOutput, to_http_parameters
+from storage.errors import LookalikeError, is_user_error
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,11 @@ _GRPC_STATUS = {
     503: StatusCode.UNAVAILABLE,
     504: StatusCode.DEADLINE_EXCEEDED,
 }
-_HTTP_FROM_GRPC = {code: status for status, code in _GRPC_STATUS.items()}
+_KIND = {400: "bad_input", 404: "not_found", 409: "model_moved", 413: "too_large", 503: "unavailable",
+         504: "timeout"}
 
 
-class V2Error(GrpcException):
+class V2Error(GrpcException, LookalikeError):
     """An inference error a client can act on: an HTTP status, its gRPC twin, and a clear message."""
 
     status: int = 500
@@ -57,6 +60,8 @@ class V2Error(GrpcException):
             self.kind = kind
         super().__init__(details=message, status_code=_GRPC_STATUS.get(self.status, StatusCode.UNKNOWN))
         self.reason = message
+        self.request_id: str | None = None  # set once the request's id is known; REST error bodies carry it
+        self.traced = False  # whether a RequestTrace already counted and logged it
 
     def __str__(self) -> str:
         return self.details
@@ -103,15 +108,23 @@ class Timeout(V2Error):
     status, kind = 504, "timeout"
 
 
-def http_status_of_grpc(code: StatusCode) -> int:
-    return _HTTP_FROM_GRPC.get(code, 500)
+_UNIT = "server"  # which server this process is, for the metrics of requests refused before the model
 
 
 async def _v2_error_handler(_request, exc: V2Error):
     from fastapi.responses import JSONResponse
 
+    if not exc.traced:  # refused before the model's own trace began (an unreadable body, an unknown model)
+        from transformer.metrics import RequestTrace
+
+        RequestTrace(_UNIT, exc.request_id or "-").finish(exc)
     log.info("answered %d: %s", exc.status, exc.details)
-    return JSONResponse(status_code=exc.status, content={"error": exc.details})
+    body: dict[str, Any] = {"error": exc.details}
+    headers = None
+    if exc.request_id:
+        body["request_id"] = exc.request_id
+        headers = {REQUEST_ID_HEADER: exc.request_id}
+    return JSONResponse(status_code=exc.status, content=body, headers=headers)
 
 
 async def _validation_error_handler(_request, exc):
@@ -139,14 +152,53 @@ def error_kind(exc: BaseException) -> str:
     return "internal"
 
 
+def status_of(exc: BaseException) -> int:
+    """The HTTP status a client sees for `exc`."""
+    if isinstance(exc, V2Error):
+        return exc.status
+    return {"bad_input": 400, "not_found": 404, "unavailable": 503}.get(error_kind(exc), 500)
+
+
+def as_v2_error(exc: BaseException, server: str, rid: str | None = None) -> BaseException:
+    """What a client is told about `exc`: V2Errors as they are, kserve's own and any other error of the
+    Lookalike family with its status and message, and anything else (a bug) as a 500 that names no
+    internals, with the traceback in the server's log. `rid`, the request id, goes into the error body."""
+    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+    if isinstance(exc, V2Error):
+        error = exc
+    elif isinstance(exc, InvalidInput):
+        error = BadInput(str(exc))
+    elif isinstance(exc, ModelNotFound):
+        error = NotFound(str(exc))
+    elif isinstance(exc, ModelNotReady):
+        error = Unavailable(str(exc))
+    elif is_user_error(exc):
+        status = exc.status if exc.status in _GRPC_STATUS else 500
+        error = V2Error(str(exc), status=status, kind=_KIND.get(status, "internal"))
+    else:
+        log.error("internal error in the %s (request %s)", server, rid, exc_info=exc)
+        error = V2Error(f"internal error in the {server} ({type(exc).__name__}); the request id is in the server log")
+    if rid and not error.request_id:
+        error.request_id = rid
+    return error
+
+
 # ---- requests -----------------------------------------------------------------------------------
 
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
 def request_id(request: InferRequest, headers: dict[str, str] | None) -> str:
-    """The id to log and answer with: the caller's x-request-id header, else the v2 id, else a new one."""
-    rid = (headers or {}).get(REQUEST_ID_HEADER) or request.id
-    if not rid or rid == "N.A.":
-        rid = uuid.uuid4().hex
-    return str(rid)
+    """The id to log and answer with: the caller's x-request-id header, else the v2 id, else a new one.
+
+    A caller's id travels on as gRPC metadata and into log lines, so only plain printable ASCII of a
+    sane length is kept; anything else (non-ASCII, control characters, kilobytes) is replaced by a new id.
+    """
+    for rid in ((headers or {}).get(REQUEST_ID_HEADER), request.id):
+        if rid and rid != "N.A." and _SAFE_ID.match(str(rid)):
+            return str(rid)
+    return uuid.uuid4().hex
 
 
 def parameters_of(obj: Any) -> dict[str, Any]:
@@ -155,10 +207,31 @@ def parameters_of(obj: Any) -> dict[str, Any]:
     if not params:
         return {}
     out = to_http_parameters(params)
-    for key, value in list(out.items()):  # gRPC double_param is not converted by kserve
-        if hasattr(value, "HasField") and value.HasField("double_param"):
-            out[key] = value.double_param
+    if not isinstance(params, dict):
+        for key, value in params.items():
+            if key not in out:  # a type kserve's proto lacks: it would be dropped without a word
+                out[key] = _number_parameter(key, value)
     return out
+
+
+def _number_parameter(key: str, value: Any) -> float | int:
+    """Triton's v2 proto (tritonclient) adds double_param (field 4) and uint64_param (field 5) to
+    InferParameter; kserve's proto lacks them, so such a value (top_k=2.0) arrives as an unknown field.
+    Read it from the wire rather than ignore the parameter."""
+    import struct
+
+    raw = value.SerializeToString()
+    if len(raw) == 9 and raw[0] == 0x21:  # field 4, 64-bit: a double
+        return struct.unpack("<d", raw[1:9])[0]
+    if raw[:1] == b"\x28":  # field 5, varint: an unsigned integer
+        number, shift = 0, 0
+        for byte in raw[1:]:
+            number |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return number
+    raise BadInput(f"parameter {key!r} has a type this server does not read; send it as an integer, a string "
+                   f"or a boolean")
 
 
 def int_parameter(params: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
@@ -214,6 +287,19 @@ def output(name: str, array: np.ndarray, datatype: str, binary: bool) -> InferOu
     return tensor
 
 
+def requested(outputs: list[InferOutput], request: InferRequest | None) -> list[InferOutput]:
+    """The outputs a request asked for by name (all when it named none), the same over REST and gRPC;
+    kserve honours the `outputs` list over REST only. An output that does not exist is a BadInput."""
+    wanted = [o.name for o in (getattr(request, "request_outputs", None) or [])]
+    if not wanted:
+        return outputs
+    by_name = {o.name: o for o in outputs}
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        raise BadInput(f"no output named {', '.join(map(repr, unknown))}; the outputs are {', '.join(by_name)}")
+    return [by_name[name] for name in wanted]
+
+
 def json_line(**fields: Any) -> str:
     return json.dumps(fields, default=str, separators=(",", ":"))
 
@@ -233,36 +319,68 @@ class BinaryDataPlane(DataPlane):
             log.info("not ready: the predictor does not answer (%s)", type(exc).__name__)
             return False
 
+    async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
+        from kserve.errors import ModelNotFound
+
+        try:
+            return await super().model_ready(model_name, disable_predictor_health_check)
+        except ModelNotFound:
+            raise NotFound(f"no model named {model_name!r} is served here") from None
+
     def decode_inference_request(self, body, headers, model_name):
+        try:
+            return self._decode(body, headers, model_name)
+        except V2Error:
+            raise
+        except Exception as exc:  # noqa: BLE001 - kserve's parse errors and pydantic's are the client's input
+            raise BadInput(f"the body is not a KServe v2 inference request: {str(exc).splitlines()[0]}") from None
+
+    def _decode(self, body, headers, model_name):
+        if isinstance(body, bytes) and headers.get("inference-header-content-length") is None:
+            # A JSON body sent without `Content-Type: application/json` arrives as bytes: read it as JSON
+            # (tritonclient.http does this with binary_data=False) rather than as a binary-extension body.
+            from kserve.protocol.rest.v2_datamodels import InferenceRequest
+
+            try:
+                body = InferenceRequest.model_validate(orjson.loads(body))
+            except orjson.JSONDecodeError:
+                raise BadInput("the body is neither JSON nor a binary-extension request (which needs the "
+                               "'Inference-Header-Content-Length' header)") from None
         if not isinstance(body, bytes):
             return super().decode_inference_request(body, headers, model_name)
-        json_length = headers.get("inference-header-content-length")
-        if json_length is None:
-            raise InvalidInput("received a binary body without the 'Inference-Header-Content-Length' header")
         try:
-            json_length = int(json_length)
+            json_length = int(headers.get("inference-header-content-length"))
+            if not 0 <= json_length <= len(body):
+                raise ValueError(f"{json_length} is outside the body's {len(body)} bytes")
             header = orjson.loads(body[:json_length])
         except (ValueError, orjson.JSONDecodeError) as exc:
-            raise InvalidInput(f"the JSON part of the request is not valid JSON: {exc}") from exc
+            raise BadInput(f"the JSON part of the request is not valid JSON: {exc}") from None
         if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
-            raise InvalidInput("the request must be a JSON object with an 'inputs' list")
+            raise BadInput("the request must be a JSON object with an 'inputs' list")
         inputs, offset = [], json_length
         for spec in header["inputs"]:
             if not isinstance(spec, dict) or not {"name", "shape", "datatype"} <= spec.keys():
-                raise InvalidInput("every input needs 'name', 'shape' and 'datatype'")
+                raise BadInput("every input needs 'name', 'shape' and 'datatype'")
+            shape = spec["shape"]
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+                raise BadInput(f"input {spec['name']!r} has shape {shape!r}; a shape is a list of non-negative "
+                               f"integers such as [1]")
             params = spec.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise BadInput(f"the parameters of input {spec['name']!r} must be a JSON object")
             tensor = InferInput(spec["name"], list(spec["shape"]), str(spec["datatype"]), parameters=params)
             if spec.get("data") is not None:
                 tensor.data = spec["data"]
             elif "binary_data_size" in params:
                 size = params["binary_data_size"]
                 if not isinstance(size, int) or size < 0 or offset + size > len(body):
-                    raise InvalidInput(f"input {spec['name']!r} declares binary_data_size={size!r} but the body "
+                    raise BadInput(f"input {spec['name']!r} declares binary_data_size={size!r} but the body "
                                        f"holds {len(body) - offset} more bytes")
                 tensor._raw_data = body[offset:offset + size]  # kserve has no public setter for raw data
                 offset += size
             else:
-                raise InvalidInput(f"input {spec['name']!r} has neither 'data' nor 'binary_data_size'")
+                raise BadInput(f"input {spec['name']!r} has neither 'data' nor 'binary_data_size'")
             inputs.append(tensor)
         outputs = None
         if isinstance(header.get("outputs"), list):
@@ -273,23 +391,38 @@ class BinaryDataPlane(DataPlane):
 
 
 class ModelServer(kserve.ModelServer):
-    """kserve's ModelServer with our error statuses and binary decoding wired in."""
+    """kserve's ModelServer with our error statuses, binary decoding and public surface wired in.
 
-    def __init__(self, *args, **kwargs):
+    `unit` (transformer or predictor) labels the metrics of requests refused before they reach the model;
+    `allow_reload` opens `POST /v2/repository/models/<name>/load` (the predictor's swap, cluster-internal).
+    """
+
+    def __init__(self, *args, unit: str = "server", allow_reload: bool = False, max_request_bytes: int | None = None,
+                 **kwargs):
+        from starlette.exceptions import HTTPException
+
+        from transformer.public_surface import ClosedRepository, PublicRoutes, http_error_handler
+
         super().__init__(*args, **kwargs)
         self.dataplane = BinaryDataPlane(model_registry=self.registered_models)
+        self.model_repository_extension = ClosedRepository(self.registered_models, allow_reload)
         from kserve.model_server import app
 
+        global _UNIT
+        _UNIT = unit
+        if max_request_bytes:
+            # kserve's gRPC server reads its message cap from the command line it parsed at import (8 MiB by
+            # default), below what a request of several phone photos may carry: raise it to our own limit.
+            from kserve import model_server
+
+            limit = max(int(model_server.args.grpc_max_receive_message_length), int(max_request_bytes))
+            model_server.args.grpc_max_receive_message_length = limit
+        app.add_middleware(PublicRoutes, allow_reload=allow_reload)
         app.add_exception_handler(V2Error, _v2_error_handler)
         app.add_exception_handler(RequestValidationError, _validation_error_handler)
-
-
-def status_of(exc: BaseException) -> int:
-    if isinstance(exc, V2Error):
-        return exc.status
-    return {"bad_input": 400, "not_found": 404, "unavailable": 503}.get(error_kind(exc), 500)
+        app.add_exception_handler(HTTPException, http_error_handler)
 
 
 __all__ = ["V2Error", "BadInput", "TooLarge", "NotFound", "ModelMoved", "Unavailable", "Timeout", "ModelServer",
            "BinaryDataPlane", "request_id", "parameters_of", "int_parameter", "single_input", "tensor_as_numpy",
-           "error_kind", "status_of", "http_status_of_grpc", "json_line"]
+           "error_kind", "status_of", "as_v2_error", "requested", "json_line"]

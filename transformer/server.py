@@ -1,18 +1,22 @@
 """The KServe transformer: shoppers' photos in, listings out (KServe v2, REST and gRPC).
 
-Input (one tensor):  image  BYTES [N] (or [N,1])  encoded JPEG, PNG or WebP photos; over REST JSON, as
+Input (one tensor):  image  BYTES [N] (or [N,1])  encoded JPEG, PNG, WebP, HEIC or AVIF photos; over REST JSON, as
                                                   base64 strings; over gRPC or REST's binary extension,
                                                   raw bytes
-Parameters:          top_k, nprobe, filter / filter_<task> (passed on to the predictor, see predictor/server.py)
-Outputs:             listing_ids, scores, label_<task>, prob_<task> (from the predictor), and joined from the
-                     catalog: titles, categories, image_uris  BYTES [N, k]; matches BYTES [N]: one JSON
-                     document per photo with all of the above
+Parameters:          top_k, nprobe, filter / filter_<task> (passed on to the predictor, see predictor/server.py);
+                     box "x0,y0,x1,y1" (fractions of the photo: search only the product inside it)
+Outputs:             listing_ids, photo_ids, scores, label_<task>, prob_<task> (from the predictor: top-k
+                     listings, each once, and the photo of each that matched), and joined from the
+                     catalogs: titles, categories, image_uris (fetchable URLs)  BYTES [N, k]; matches
+                     BYTES [N]: one JSON document per photo with what an app displays per listing (title,
+                     metadata, all labels, the matched photo's URL and all its photos' URLs, score; see
+                     `transformer.answers`)
 
 preprocess: check limits (images per request, bytes, pixels), decode with EXIF orientation, apply the
             model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S]
 predict:    send the tensor to the predictor over gRPC v2 (binary, no JSON lists) with a deadline, as FP16
             by default: half the bytes of FP32 and still exact to the pixel (see `predictor_tensor`)
-postprocess: join listing metadata
+postprocess: join listing metadata from every catalog the served index names, photos as fetchable URLs
 
 Failures are v2 errors with the status a client can act on: 400 bad input, 413 too large, 404 unknown
 model (kserve), 503 predictor down, 504 predictor too slow; the message says what was wrong.
@@ -22,12 +26,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,14 +40,19 @@ import kserve
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from storage.artifacts import index_repo, model_repo
-from storage.s3 import ObjectStore, StoreError, connect
-from transformer.decoding import ImageError, ImageLimits, decode_image
-from transformer.metadata import ListingMetadata
-from transformer.metrics import RequestTrace
-from transformer.preprocessing import PreprocessSpec, preprocess_batch
+from storage.errors import InputError
+from storage.s3 import ObjectStore, connect
+from transformer.decoding import ImageError, ImageLimits, decode_images
+from transformer.answers import join, text
+from transformer.metadata import ListingMetadata, PhotoUrls
+from transformer.metrics import RequestTrace, set_serving_versions
+from transformer.index_card import CARD_FILE as INDEX_CARD_FILE
+from transformer.index_card import IndexCard
+from transformer.model_card import CARD_FILE, ModelCard
+from transformer.preprocessing import preprocess_batch
 from transformer.protocol import (REQUEST_ID_HEADER, BadInput, ModelMoved, Timeout, TooLarge, Unavailable, V2Error,
-                                  int_parameter, output, parameters_of, request_id, single_input, tensor_as_numpy,
-                                  wants_binary)
+                                  as_v2_error, int_parameter, output, parameters_of, request_id, requested,
+                                  single_input, tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,8 @@ INPUT_NAME = "image"
 PREDICTOR_INPUT = "images"
 PREPROCESSED_FOR = "preprocessed_for"  # tells the predictor which model's preprocessing the tensor has
 FORWARDED_PARAMETERS = ("top_k", "nprobe", "filter")
+BOX = "box"  # the part of the photo the shopper cares about: "x0,y0,x1,y1" as fractions of width and height
+MIN_BOX_SIDE = 0.02
 MAX_TOP_K = 1000
 DEFAULT_MODEL_REF = "production"
 
@@ -66,23 +76,6 @@ class TransformerSettings:
     catalogs: list[str] = field(default_factory=list)  # explicit listing catalogs (default: the index's)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the transformer needs of a model version: its preprocessing and heads."""
-
-    model_version: str
-    preprocessing: PreprocessSpec
-    heads: dict[str, list[str]]
-    meta: dict[str, Any]
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "ModelSpec":
-        if "preprocessing" not in meta:
-            raise ValueError("model.json has no 'preprocessing' spec; republish the model with the current exporter")
-        return cls(str(meta.get("model_version") or "unversioned"), PreprocessSpec.from_dict(meta["preprocessing"]),
-                   {t: list(v) for t, v in (meta.get("heads") or {}).items()}, meta)
-
-
 class _State:
     """What one request carries from preprocess to postprocess."""
 
@@ -90,7 +83,7 @@ class _State:
         self.trace = trace
         self.params = params
         self.images: list = []
-        self.spec: ModelSpec | None = None
+        self.spec: ModelCard | None = None
         self.client_request: InferRequest | None = None
 
 
@@ -101,9 +94,10 @@ class LookalikeTransformer(kserve.Model):
         self.predictor_host = predictor_host
         self.settings = settings or TransformerSettings()
         self._store = store
-        self.spec: ModelSpec | None = None
-        self._specs: dict[str, ModelSpec] = {}
+        self.spec: ModelCard | None = None
+        self._specs: dict[str, ModelCard] = {}
         self.metadata = ListingMetadata(store, ())
+        self.photo_urls = PhotoUrls(store)
         self._seen_pairs: set[tuple[str, str]] = set()
         self._channel: grpc.aio.Channel | None = None
         self._stub = None
@@ -117,15 +111,15 @@ class LookalikeTransformer(kserve.Model):
     def store(self) -> ObjectStore:
         if self._store is None:
             self._store = connect()
-            self.metadata.store = self._store
+            self.metadata.store = self.photo_urls.store = self._store
         return self._store
 
-    def _read_model_json(self, ref: str | None) -> dict[str, Any]:
+    def _read_card(self, ref: str | None) -> ModelCard:
         if self.settings.model_dir and ref is None:
-            path = Path(self.settings.model_dir)
-            path = path / "model" if (path / "model" / "model.json").exists() else path
-            return json.loads((path / "model.json").read_text())
-        return model_repo(self.store).read_json(ref or self._resolve(self.settings.model_ref), "model.json")
+            return ModelCard.read(self.settings.model_dir)
+        # read_json checks model.json against the version's manifest
+        return ModelCard.from_dict(model_repo(self.store).read_json(ref or self._resolve(self.settings.model_ref),
+                                                                    CARD_FILE))
 
     def _resolve(self, ref: str) -> str:
         from storage.artifacts import VersionNotFound
@@ -138,20 +132,20 @@ class LookalikeTransformer(kserve.Model):
                 raise
             return repo.resolve("latest")
 
-    def spec_for(self, model_version: str) -> ModelSpec:
+    def spec_for(self, model_version: str) -> ModelCard:
         """The preprocessing of a model version, read from its own published model.json (cached)."""
         if model_version not in self._specs:
-            self._specs[model_version] = ModelSpec.from_meta(self._read_model_json(model_version))
+            self._specs[model_version] = self._read_card(model_version)
         return self._specs[model_version]
 
     def load(self) -> bool:
-        spec = ModelSpec.from_meta(self._read_model_json(None))
+        spec = self._read_card(None)
         self._specs[spec.model_version] = spec
         self.spec = spec
         for uri in self.settings.catalogs:
             self.metadata.add_catalog(uri)
         if not self.settings.catalogs:
-            self.metadata.ensure_for(spec.meta)
+            self.metadata.ensure_for(spec.to_dict())
         log.info("transformer %r: preprocessing of model %s: %s; %d listings", self.name, spec.model_version,
                  spec.preprocessing.to_dict(), len(self.metadata))
         self.ready = True
@@ -166,8 +160,8 @@ class LookalikeTransformer(kserve.Model):
 
     def get_output_types(self) -> list[dict[str, Any]]:
         out = [{"name": n, "datatype": d, "shape": [-1, -1]} for n, d in
-               (("listing_ids", "BYTES"), ("scores", "FP32"), ("titles", "BYTES"), ("categories", "BYTES"),
-                ("image_uris", "BYTES"))]
+               (("listing_ids", "BYTES"), ("photo_ids", "BYTES"), ("scores", "FP32"), ("titles", "BYTES"),
+                ("categories", "BYTES"), ("image_uris", "BYTES"))]
         for task in (self.spec.heads if self.spec else {}):
             out += [{"name": f"label_{task}", "datatype": "BYTES", "shape": [-1]},
                     {"name": f"prob_{task}", "datatype": "FP32", "shape": [-1]}]
@@ -184,18 +178,19 @@ class LookalikeTransformer(kserve.Model):
             params = self._parameters(payload)
             state = _State(trace, params)
             state.client_request = payload
-            tensor = single_input(payload, INPUT_NAME, "BYTES", "encoded JPEG, PNG or WebP photos, one per element")
+            tensor = single_input(payload, INPUT_NAME, "BYTES",
+                                  "encoded JPEG, PNG, WebP, HEIC or AVIF photos, one per element")
             items = self._items(tensor)
             state.spec = self.spec
             # Decoding and preprocessing share one trip to a worker thread (one hop, not two).
             batch = await asyncio.get_running_loop().run_in_executor(self._pixels, self._decode_and_preprocess, items,
                                                                      state)
         except Exception as exc:
-            error = _as_v2_error(exc)
+            error = _as_v2_error(exc, rid)
             trace.finish(error)
             raise error from exc
         tensor_out = predictor_tensor(batch, self.settings.predictor_datatype)
-        forwarded = {k: v for k, v in params.items() if v is not None}
+        forwarded = {k: v for k, v in params.items() if v is not None and k != BOX}
         forwarded[PREPROCESSED_FOR] = state.spec.model_version
         request = InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid, parameters=forwarded)
         request.lookalike_state = state  # carried to predict/postprocess with the request itself
@@ -210,6 +205,7 @@ class LookalikeTransformer(kserve.Model):
                 if not isinstance(value, str):
                     raise BadInput(f"parameter {key!r} must be a string, got {value!r}")
                 out[key] = value
+        out[BOX] = parse_box(params.get(BOX))
         return out
 
     def _items(self, tensor: InferInput) -> list[bytes]:
@@ -236,19 +232,22 @@ class LookalikeTransformer(kserve.Model):
             items.append(_maybe_base64(value))
         return items
 
-    def _decode_all(self, items: list[bytes]):
-        limits = self.settings.limits
-        images = []
-        for i, data in enumerate(items):
-            try:
-                images.append(decode_image(data, limits, name=f"image {i}" if len(items) > 1 else "the image"))
-            except ImageError as exc:
-                raise (TooLarge if exc.status == 413 else BadInput)(str(exc)) from exc
-        return images
+    def _decode_all(self, items: list[bytes], state: _State) -> list:
+        """Decode the request's photos no larger than the preprocessing needs (JPEG in the DCT domain),
+        within one pixel budget for the whole request, and cut each to the `box` when one was given."""
+        box = state.params.get(BOX)
+        min_side = state.spec.preprocessing.resize
+        if box is not None:  # the box must still hold `resize` pixels on its shorter side
+            min_side = math.ceil(min_side / min(box[2] - box[0], box[3] - box[1]))
+        try:
+            images = decode_images(items, self.settings.limits, min_side=min_side)
+        except ImageError as exc:
+            raise (TooLarge if exc.status == 413 else BadInput)(str(exc)) from exc
+        return [crop_to_box(img, box) for img in images] if box is not None else images
 
     def _decode_and_preprocess(self, items: list[bytes], state: _State) -> np.ndarray:
         with state.trace.stage("decode"):
-            state.images = self._decode_all(items)
+            state.images = self._decode_all(items, state)
         with state.trace.stage("preprocess"):
             return preprocess_batch(state.images, state.spec.preprocessing)
 
@@ -289,7 +288,7 @@ class LookalikeTransformer(kserve.Model):
                         continue  # answered on input preprocessed for the old model: redo it
                 break
         except Exception as exc:
-            error = _as_v2_error(exc)
+            error = _as_v2_error(exc, state.trace.request_id)
             state.trace.finish(error)
             raise error from exc
         response.lookalike_state = state
@@ -323,7 +322,7 @@ class LookalikeTransformer(kserve.Model):
             with state.trace.stage("postprocess"):
                 response = await self._join(result, state)
         except Exception as exc:
-            error = _as_v2_error(exc)
+            error = _as_v2_error(exc, state.trace.request_id)
             state.trace.finish(error)
             raise error from exc
         params = to_plain(result.parameters)
@@ -331,6 +330,7 @@ class LookalikeTransformer(kserve.Model):
                                   predictor_embed_ms=params.get("embed_us", 0) / 1000,
                                   predictor_search_ms=params.get("search_us", 0) / 1000)
         state.trace.finish(images=len(state.images))
+        set_serving_versions("transformer", str(params.get("model_version")), str(params.get("index_version")))
         return response
 
     async def _join(self, result: InferResponse, state: _State) -> InferResponse:
@@ -343,34 +343,22 @@ class LookalikeTransformer(kserve.Model):
         scores = outputs["scores"].as_numpy().astype(np.float32)
         n, k = scores.shape if scores.ndim == 2 else (len(state.images), 0)
         ids = ids.reshape(n, k)
-        titles = np.empty((n, k), dtype=object)
-        cats = np.empty((n, k), dtype=object)
-        uris = np.empty((n, k), dtype=object)
+        photo_ids = outputs["photo_ids"].as_numpy().reshape(n, k) if "photo_ids" in outputs else None
         tasks = [name[len("label_"):] for name in outputs if name.startswith("label_")]
-        labels = {t: [_text(v) for v in outputs[f"label_{t}"].as_numpy().reshape(-1)] for t in tasks}
+        labels = {t: [text(v) for v in outputs[f"label_{t}"].as_numpy().reshape(-1)] for t in tasks}
         probs = {t: outputs[f"prob_{t}"].as_numpy().reshape(-1).astype(np.float32) for t in tasks}
-        documents = []
-        for i in range(n):
-            matches = []
-            for j in range(k):
-                lid = _text(ids[i, j])
-                listing = self.metadata.get(lid) if lid else None
-                titles[i, j] = (listing.title if listing else "").encode()
-                cats[i, j] = (listing.category if listing else "").encode()
-                uris[i, j] = (listing.image if listing else "").encode()
-                if lid:
-                    matches.append({**listing.to_json(), "score": round(float(scores[i, j]), 6)})
-            documents.append(json.dumps({
-                "labels": {t: {"label": labels[t][i], "probability": round(float(probs[t][i]), 6)} for t in tasks},
-                "matches": matches}).encode())
+        joined = join(ids, photo_ids, scores, labels, probs, self.metadata, self.photo_urls)
         binary = wants_binary(state.client_request)
-        out = [output("listing_ids", ids.astype(object), "BYTES", binary), output("scores", scores, "FP32", binary),
-               output("titles", titles, "BYTES", binary), output("categories", cats, "BYTES", binary),
-               output("image_uris", uris, "BYTES", binary)]
+        out = [output("listing_ids", ids.astype(object), "BYTES", binary),
+               output("photo_ids", joined.photo_ids, "BYTES", binary), output("scores", scores, "FP32", binary),
+               output("titles", joined.titles, "BYTES", binary),
+               output("categories", joined.categories, "BYTES", binary),
+               output("image_uris", joined.image_uris, "BYTES", binary)]
         for t in tasks:
             out.append(output(f"label_{t}", np.array([s.encode() for s in labels[t]], dtype=object), "BYTES", binary))
             out.append(output(f"prob_{t}", probs[t], "FP32", binary))
-        out.append(output("matches", np.array(documents, dtype=object), "BYTES", binary))
+        out.append(output("matches", joined.documents, "BYTES", binary))
+        out = requested(out, state.client_request)
         request = result.lookalike_request
         client_request = state.client_request
         return InferResponse(response_id=str(request.id), model_name=self.name, infer_outputs=out,
@@ -380,17 +368,50 @@ class LookalikeTransformer(kserve.Model):
                              requested_outputs=getattr(client_request, "request_outputs", None))
 
     def _load_catalogs_of(self, model_version: str, index_version: str) -> None:
+        """Load every catalog the served index names (the build's, then each update's: later ones win on a
+        listing they share), after the model's lineage, which the index's own catalogs override."""
         self._seen_pairs.add((model_version, index_version))
         try:
-            if model_version and index_version:
-                self.metadata.ensure_for(index_repo(self.store, model_version).read_json(index_version, "index.json"))
             if model_version:
-                self.metadata.ensure_for(self.spec_for(model_version).meta)
+                self.metadata.ensure_for(self.spec_for(model_version).to_dict())
+            if model_version and index_version:
+                card = index_repo(self.store, model_version).read_json(index_version, INDEX_CARD_FILE)
+                self.metadata.ensure_for(IndexCard.from_dict(card).to_dict())
         except Exception as exc:  # noqa: BLE001 - metadata is decoration; the ids still answer
             log.warning("no listing metadata for model %s index %s: %s", model_version, index_version, exc)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def parse_box(value: Any) -> tuple[float, float, float, float] | None:
+    """The `box` parameter as (x0, y0, x1, y1) fractions of the upright photo's width and height.
+
+    Fractions rather than pixels, as Google's product search takes normalised vertices: the app need not
+    know how large the photo decodes (EXIF rotation, the DCT-domain downscale), only where the product is.
+    """
+    if value in (None, ""):
+        return None
+    parts = value.split(",") if isinstance(value, str) else None
+    try:
+        box = tuple(float(p) for p in parts) if parts else ()
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box):
+        raise BadInput(f"parameter 'box' must be 'x0,y0,x1,y1', four fractions of the photo's width and height "
+                       f"between 0 and 1 (e.g. '0.25,0.1,0.75,0.9'), got {value!r}")
+    x0, y0, x1, y1 = box
+    if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
+        raise BadInput(f"parameter 'box' {value!r} is empty or smaller than {MIN_BOX_SIDE:.0%} of the photo on a "
+                       f"side: x1 must exceed x0 and y1 must exceed y0")
+    return box
+
+
+def crop_to_box(img, box: tuple[float, float, float, float]):
+    """The part of a decoded photo inside a `box` of fractions (at least one pixel on each side)."""
+    w, h = img.size
+    left, top = min(w - 1, int(box[0] * w)), min(h - 1, int(box[1] * h))
+    return img.crop((left, top, max(left + 1, round(box[2] * w)), max(top + 1, round(box[3] * h))))
+
 
 WIRE_DTYPES = {"FP16": np.float16, "FP32": np.float32}
 
@@ -404,7 +425,7 @@ def predictor_tensor(batch: np.ndarray, datatype: str = "FP16") -> InferInput:
     value still names its exact pixel level. The predictor widens it back to FP32 before the model.
     """
     if datatype not in WIRE_DTYPES:
-        raise ValueError(f"predictor datatype must be one of {', '.join(WIRE_DTYPES)}, got {datatype!r}")
+        raise InputError(f"predictor datatype must be one of {', '.join(WIRE_DTYPES)}, got {datatype!r}")
     tensor = InferInput(PREDICTOR_INPUT, list(batch.shape), datatype)
     tensor.set_data_from_numpy(batch.astype(WIRE_DTYPES[datatype], copy=False), binary_data=True)
     return tensor
@@ -420,12 +441,6 @@ def _maybe_base64(value: bytes) -> bytes:
         return value
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, (bytes, bytearray, np.bytes_)):
-        return bytes(value).decode("utf-8", "replace")
-    return str(value)
-
-
 def to_plain(params: Any) -> dict[str, Any]:
     if not params:
         return {}
@@ -439,7 +454,8 @@ def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float) -> V2
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Timeout(f"the predictor at {host} did not answer within {timeout:g} s; retry later")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"the predictor at {host} is not reachable or not ready ({details.splitlines()[0] if details else 'unavailable'}); "
+        first_line = details.splitlines()[0] if details else "unavailable"
+        return Unavailable(f"the predictor at {host} is not reachable or not ready ({first_line}); "
                            f"retry shortly")
     if code == grpc.StatusCode.FAILED_PRECONDITION and ModelMoved.version_in(details):
         return ModelMoved(ModelMoved.version_in(details), details.split(";", 1)[-1].strip())
@@ -452,17 +468,10 @@ def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float) -> V2
     return V2Error(f"the predictor failed: {details or code.name}")
 
 
-def _as_v2_error(exc: BaseException) -> BaseException:
-    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
-
+def _as_v2_error(exc: BaseException, rid: str) -> BaseException:
     if isinstance(exc, ModelMoved):  # still moving after one retry: a swap is under way
-        return Unavailable(f"the model is being swapped ({exc.details}); retry shortly")
-    if isinstance(exc, (V2Error, InvalidInput, ModelNotFound, ModelNotReady)):
-        return exc
-    if isinstance(exc, StoreError):
-        return Unavailable(f"the store is unreachable: {exc}")
-    log.exception("internal error in the transformer")
-    return V2Error(f"internal error in the transformer ({type(exc).__name__}); the request id is in the server log")
+        exc = Unavailable(f"the model is being swapped ({exc.details}); retry shortly")
+    return as_v2_error(exc, "transformer", rid)
 
 
-__all__ = ["LookalikeTransformer", "TransformerSettings", "ModelSpec", "predictor_tensor"]
+__all__ = ["LookalikeTransformer", "TransformerSettings", "predictor_tensor"]

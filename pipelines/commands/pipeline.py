@@ -1,9 +1,15 @@
-"""`lookalike pipeline compile|run|submit`: the Kubeflow pipelines, compiled, run here, or sent to a cluster."""
+"""`lookalike pipeline compile|run|submit`: the Kubeflow pipelines, compiled, run here, or sent to a cluster.
+
+A parameter that does not parse and a run that fails raise errors of the `storage.errors` family
+(`InputError`, `pipelines.local.PipelineFailed`), which the command line prints as one line.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from storage.errors import InputError
 
 ORDER = 40
 
@@ -34,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            description="Run a pipeline on this machine with kfp.local's SubprocessRunner, against "
                                        "the store the LOOKALIKE_S3_* variables point at (start one with `lookalike "
                                        "store up`). Set parameters with --param KEY=VALUE; `lookalike pipeline run "
-                                       "NAME --help` lists them.", add_help=False)
+                                       "NAME --help` lists them. Catalogs go by name as on the rest of the command "
+                                       "line (catalog_uri=fashion-mnist-train) or by URI; models by version or "
+                                       "alias (model_ref=candidate).", add_help=False)
     run.add_argument("name", nargs="?", choices=PIPELINE_NAMES, metavar="NAME",
                      help="pipeline: " + ", ".join(PIPELINE_NAMES))
     run.add_argument("-h", "--help", action="store_true", help="show this help (with NAME: its parameters)")
@@ -98,18 +106,19 @@ def describe_parameters(name: str) -> str:
 
 
 def parse_params(name: str, pairs: list[str]) -> dict:
-    """KEY=VALUE strings → typed values, by the pipeline's declared parameter types."""
+    """KEY=VALUE strings → typed values, by the pipeline's declared parameter types; InputError for a
+    pair that is not KEY=VALUE, a parameter the pipeline lacks or a value of the wrong type."""
     from pipelines.definitions import PIPELINES
 
     inputs = PIPELINES[name].component_spec.inputs or {}
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--param {pair!r} is not KEY=VALUE")
+            raise InputError(f"--param {pair!r} is not KEY=VALUE")
         key, value = pair.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in inputs:
-            raise ValueError(f"pipeline {name} has no parameter {key!r}; parameters: {', '.join(inputs)}")
+            raise InputError(f"pipeline {name} has no parameter {key!r}; parameters: {', '.join(inputs)}")
         out[key] = _coerce(key, value, inputs[key].type)
     return out
 
@@ -131,7 +140,7 @@ def _coerce(key: str, value: str, kind: str):
                 raise ValueError(value)
             return parsed
     except (ValueError, json.JSONDecodeError):
-        raise ValueError(f"--param {key}={value!r}: expected a {kind.lower()}"
+        raise InputError(f"--param {key}={value!r}: expected a {kind.lower()}"
                          f"{' in JSON' if kind in ('Dict', 'List') else ''}") from None
     return value
 
@@ -147,14 +156,10 @@ def _compile(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.help or not args.name:
         return _help(args) if args.help else (_help(args), 2)[1]
-    from pipelines.cli import CommandError
-    from pipelines.local import PipelineFailed, run_local
+    from pipelines.local import run_local
 
     params = parse_params(args.name, args.param)
-    try:
-        run = run_local(args.name, params, root=args.root, verbose=args.show_executor_logs, caching=args.cache)
-    except PipelineFailed as exc:
-        raise CommandError(str(exc)) from None
+    run = run_local(args.name, params, root=args.root, verbose=args.show_executor_logs, caching=args.cache)
     for key, value in run.outputs.items():
         print(f"{key}: {value}")
     return 0

@@ -5,145 +5,26 @@ server processes (REST and gRPC each), exactly as the two containers of the Infe
 endpoints, and stops everything in order on Ctrl-C. `query` sends photos to the transformer over KServe
 v2 and prints the matches; `--html` also writes a page with each photo beside its matches.
 
-`ServingStack` (the two processes, started and stopped together) is also what the tests and
-benchmarks/serving.py run.
+The stack itself lives in `pipelines/serving_stack.py`, the client in `pipelines/client.py`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from pipelines.client import MODEL_NAME, error_text, query_photos, write_html
+from pipelines.commands import stop_on_sigterm
+from pipelines.serving_stack import ServingStack
+from storage.server import lookalike_home
+
 
 ORDER = 60
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL_NAME = "lookalike"
-
-
-def lookalike_home() -> Path:
-    return Path(os.environ.get("LOOKALIKE_HOME", ".lookalike"))
-
-
-class ServingStack:
-    """The predictor and the transformer as child processes on loopback ports."""
-
-    def __init__(self, env: dict[str, str] | None = None, *, model_version: str = "production",
-                 index_version: str = "latest", ports: dict[str, int] | None = None, log_dir: str | Path | None = None,
-                 predictor_args: Sequence[str] = (), transformer_args: Sequence[str] = (), name: str = MODEL_NAME,
-                 predictor_timeout_s: float = 10.0):
-        from storage.server import free_port
-
-        self.env = dict(os.environ if env is None else env)
-        self.name = name
-        ports = dict(ports or {})
-        for key in ("predictor_http", "predictor_grpc", "transformer_http", "transformer_grpc"):
-            ports.setdefault(key, free_port())
-        self.ports = ports
-        self.model_version, self.index_version = model_version, index_version
-        self.log_dir = Path(log_dir or lookalike_home() / "logs")
-        self.predictor_args, self.transformer_args = list(predictor_args), list(transformer_args)
-        self.predictor_timeout_s = predictor_timeout_s
-        self.predictor: subprocess.Popen | None = None
-        self.transformer: subprocess.Popen | None = None
-
-    # ---- endpoints ---------------------------------------------------------------------------
-    @property
-    def endpoints(self) -> dict[str, str]:
-        p = self.ports
-        return {"transformer_rest": f"http://127.0.0.1:{p['transformer_http']}",
-                "transformer_grpc": f"127.0.0.1:{p['transformer_grpc']}",
-                "predictor_rest": f"http://127.0.0.1:{p['predictor_http']}",
-                "predictor_grpc": f"127.0.0.1:{p['predictor_grpc']}"}
-
-    # ---- processes ---------------------------------------------------------------------------
-    def _spawn(self, module: str, args: list[str], log_name: str) -> subprocess.Popen:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / log_name, "ab")
-        try:
-            return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=self.env,
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)  # Ctrl-C reaches us; we stop them in order
-        finally:
-            log.close()
-
-    def start_predictor(self, timeout_s: float = 180.0) -> None:
-        p = self.ports
-        self.predictor = self._spawn("predictor", [
-            "--model_name", self.name, "--http_port", str(p["predictor_http"]), "--grpc_port", str(p["predictor_grpc"]),
-            "--model_version", self.model_version, "--index_version", self.index_version,
-            "--enable_latency_logging", "false", *self.predictor_args], "predictor.log")
-        self._wait_ready(self.predictor, self.endpoints["predictor_rest"], "predictor", timeout_s)
-
-    def start_transformer(self, timeout_s: float = 120.0, predictor_host: str | None = None) -> None:
-        p = self.ports
-        self.transformer = self._spawn("transformer", [
-            "--model_name", self.name, "--http_port", str(p["transformer_http"]),
-            "--grpc_port", str(p["transformer_grpc"]),
-            "--predictor_host", predictor_host or self.endpoints["predictor_grpc"],
-            "--model_version", self.model_version, "--predictor_timeout", str(self.predictor_timeout_s),
-            "--enable_latency_logging", "false", *self.transformer_args], "transformer.log")
-        self._wait_ready(self.transformer, self.endpoints["transformer_rest"], "transformer", timeout_s)
-
-    def start(self) -> "ServingStack":
-        try:
-            self.start_predictor()
-            self.start_transformer()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self, proc: subprocess.Popen, base: str, what: str, timeout_s: float) -> None:
-        import urllib.error
-        import urllib.request
-
-        deadline = time.monotonic() + timeout_s
-        url = f"{base}/v2/models/{self.name}/ready"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the {what} exited at start (code {proc.returncode}):\n{self.log_tail(what)}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the {what} was not ready within {timeout_s:.0f} s:\n{self.log_tail(what)}")
-            time.sleep(0.2)
-
-    def log_tail(self, what: str, lines: int = 30) -> str:
-        path = self.log_dir / f"{what}.log"
-        if not path.exists():
-            return "(no log)"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """Transformer first (no new requests reach the predictor), then the predictor."""
-        for attr in ("transformer", "predictor"):
-            proc = getattr(self, attr)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            setattr(self, attr, None)
-
-    def alive(self) -> bool:
-        return all(p is not None and p.poll() is None for p in (self.predictor, self.transformer))
-
-    def __enter__(self) -> "ServingStack":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # more restarts than this within the window: give up, say why
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -168,13 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Send photos to the transformer (KServe v2 REST, binary tensors) and print each "
                                    "photo's predicted labels and best matches. --html also writes a page with the "
                                    "photo beside its matches (images inlined).")
-    q.add_argument("photos", nargs="+", type=Path, metavar="PHOTO", help="JPEG, PNG or WebP files")
+    q.add_argument("photos", nargs="+", type=Path, metavar="PHOTO", help="JPEG, PNG, WebP, HEIC or AVIF files")
     q.add_argument("--url", default=None,
                    help="transformer REST endpoint (default: the one `lookalike serve` recorded, else "
                         "http://127.0.0.1:8080)")
     q.add_argument("--top-k", type=int, default=5, help="matches per photo (default 5)")
     q.add_argument("--filter", default=None,
                    help="restrict matches, e.g. category=footwear or category=predicted")
+    q.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1",
+                   help="search only this part of each photo, as fractions of its width and height "
+                        "(e.g. 0.25,0.1,0.75,0.9 for the middle half)")
+    q.add_argument("--json", action="store_true",
+                   help="print the results as JSON (one document per photo: labels and matches) instead of a table")
     q.add_argument("--html", type=Path, default=None, metavar="OUT", help="also write an HTML page of the results")
     q.set_defaults(func=_query)
 
@@ -204,14 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
     from storage.s3 import connect
 
     s3 = _ensure_store()
-    stack = None
-    stop = False
-
-    def _handle(signum, frame):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _handle)
+    stack = page = None
+    stop = stop_on_sigterm()
     try:
         from predictor.service import resolve_model
 
@@ -229,22 +109,43 @@ def _serve(args: argparse.Namespace) -> int:
             raise CommandError(str(exc)) from exc
         endpoints = stack.endpoints
         (lookalike_home()).mkdir(parents=True, exist_ok=True)
-        (lookalike_home() / "serve.json").write_text(json.dumps(endpoints, indent=2))
+        (lookalike_home() / "serve.json").write_text(json.dumps({**endpoints, "pids": stack.pids()}, indent=2))
         print("serving (KServe v2):")
         print(f"  transformer  REST {endpoints['transformer_rest']}/v2/models/{MODEL_NAME}/infer"
               f"   gRPC {endpoints['transformer_grpc']}")
         print(f"  predictor    REST {endpoints['predictor_rest']}/v2/models/{MODEL_NAME}/infer"
               f"   gRPC {endpoints['predictor_grpc']}")
         print(f"  metrics      {endpoints['transformer_rest']}/metrics  {endpoints['predictor_rest']}/metrics")
+        from pipelines.try_page import TryPageServer
+
+        try:  # the try page on its own loopback port, PORT+2 (any free one when that is taken)
+            page = TryPageServer(endpoints["transformer_rest"], port=args.port + 2).start()
+        except OSError:
+            page = TryPageServer(endpoints["transformer_rest"]).start()
+        print(f"  try page     {page.url}   (drop a photo, see the listings)")
         print("try: lookalike query PHOTO.jpg --html results.html     Ctrl-C stops all.", flush=True)
-        while not stop and stack.alive():
+        restarts: list[float] = []
+        while not stop.is_set():
             time.sleep(0.5)
-        if not stop and not stack.alive():
-            print("a server exited unexpectedly; see its log in", stack.log_dir, file=sys.stderr)
-            return 1
+            if stack.alive():
+                continue
+            restarts = [t for t in restarts if t > time.monotonic() - RESTART_WINDOW_S] + [time.monotonic()]
+            if len(restarts) > MAX_RESTARTS:
+                print(f"a server keeps exiting ({len(restarts)} restarts within {RESTART_WINDOW_S:.0f} s); "
+                      f"giving up. See its log in {stack.log_dir}", file=sys.stderr)
+                return 1
+            try:
+                names = stack.restart_dead()
+            except RuntimeError as exc:
+                print(f"could not restart: {exc}", file=sys.stderr)
+                return 1
+            print(f"restarted the {' and the '.join(names)} (it had exited; its log is in {stack.log_dir})",
+                  flush=True)
     except KeyboardInterrupt:
         pass
     finally:
+        if page is not None:
+            page.stop()
         if stack is not None:
             stack.stop()
         if s3 is not None:
@@ -265,31 +166,6 @@ def _default_url() -> str:
     return "http://127.0.0.1:8080"
 
 
-def query_photos(url: str, photos: Sequence[bytes], *, top_k: int = 5, filter: str | None = None,
-                 timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """POST photos to the transformer (binary BYTES tensor); one {labels, matches} document per photo."""
-    import asyncio
-
-    import numpy as np
-    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-
-    async def call():
-        tensor = InferInput("image", [len(photos)], "BYTES")
-        tensor.set_data_from_numpy(np.array(list(photos), dtype=object), binary_data=True)
-        params: dict[str, Any] = {"top_k": top_k}
-        if filter:
-            params["filter"] = filter
-        client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=timeout_s, retries=0))
-        try:
-            return await client.infer(url, InferRequest(MODEL_NAME, [tensor], parameters=params), model_name=MODEL_NAME)
-        finally:
-            await client.close()
-
-    response = asyncio.run(call())
-    matches = next(o for o in response.outputs if o.name == "matches")
-    return [json.loads(v if isinstance(v, str) else v.decode()) for v in matches.as_numpy().reshape(-1)]
-
-
 def _query(args: argparse.Namespace) -> int:
     import logging
 
@@ -306,13 +182,15 @@ def _query(args: argparse.Namespace) -> int:
         photos.append(path.read_bytes())
     url = args.url or _default_url()
     try:
-        results = query_photos(url, photos, top_k=args.top_k, filter=args.filter)
+        results = query_photos(url, photos, top_k=args.top_k, filter=args.filter, box=args.box)
     except httpx.HTTPStatusError as exc:
         raise CommandError(f"the transformer answered {exc.response.status_code}: "
-                           f"{_error_text(exc.response)}") from exc
+                           f"{error_text(exc.response)}") from exc
     except httpx.TransportError as exc:
         raise CommandError(f"no transformer answers at {url} ({exc}); start one with `lookalike serve`") from exc
-    for path, result in zip(args.photos, results):
+    if args.json:
+        print(json.dumps([{"photo": str(path), **result} for path, result in zip(args.photos, results)], indent=2))
+    for path, result in zip([] if args.json else args.photos, results):
         labels = ", ".join(f"{t}={v['label']} ({v['probability']:.2f})" for t, v in result["labels"].items())
         print(f"\n{path}: {labels}")
         print(f"  {'#':>2}  {'score':>6}  {'listing':<24} {'category':<12} title")
@@ -326,54 +204,3 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _error_text(response) -> str:
-    try:
-        return response.json().get("error", response.text)
-    except ValueError:
-        return response.text
-
-
-def _data_uri(data: bytes) -> str:
-    import base64
-
-    kind = "image/png" if data[:4] == b"\x89PNG" else "image/webp" if data[:4] == b"RIFF" else "image/jpeg"
-    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
-
-
-def _image_bytes(uri: str, stores: dict) -> bytes | None:
-    from storage.s3 import ObjectStore, S3Settings, parse_s3_uri
-
-    try:
-        if uri.startswith("s3://"):
-            bucket, key = parse_s3_uri(uri)
-            if bucket not in stores:
-                stores[bucket] = ObjectStore(S3Settings.from_env().with_bucket(bucket))
-            return stores[bucket].get_bytes(key)
-        return Path(uri).read_bytes() if uri else None
-    except Exception:  # noqa: BLE001 - a missing thumbnail is shown as missing, the page still renders
-        return None
-
-
-def write_html(out: Path, results: list[tuple[Path, bytes, dict[str, Any]]]) -> None:
-    """One row per query photo: the photo, then its matches with score, title and category."""
-    from html import escape
-
-    stores: dict = {}
-    rows = []
-    for path, data, result in results:
-        labels = "<br>".join(f"{escape(t)}: {escape(v['label'])} ({v['probability']:.2f})"
-                             for t, v in result["labels"].items())
-        cells = [f'<td class="q"><img src="{_data_uri(data)}"><div>{escape(path.name)}<br>{labels}</div></td>']
-        for m in result["matches"]:
-            img = _image_bytes(m.get("image", ""), stores)
-            tag = f'<img src="{_data_uri(img)}">' if img else '<div class="missing">no image</div>'
-            cells.append(f"<td>{tag}<div>{m['score']:.3f}<br>{escape(m['title'])}<br>"
-                         f"<small>{escape(m['category'])} · {escape(m['listing_id'])}</small></div></td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    page = ("<!doctype html><meta charset='utf-8'><title>Lookalike matches</title><style>"
-            "body{font-family:sans-serif}td{vertical-align:top;text-align:center;padding:6px}"
-            "img{width:128px;height:128px;object-fit:contain;image-rendering:pixelated;border:1px solid #ccc}"
-            "td.q{background:#eef}.missing{width:128px;height:128px;background:#eee}</style>"
-            "<h1>Lookalike matches</h1><table>" + "".join(rows) + "</table>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)

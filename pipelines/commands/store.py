@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import time
 from pathlib import Path
 
+from pipelines.commands import stop_on_sigterm
+from storage.server import lookalike_home
+
+
 ORDER = 10
-
-
-def lookalike_home() -> Path:
-    return Path(os.environ.get("LOOKALIKE_HOME", ".lookalike"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="where objects live on disk (default: $LOOKALIKE_HOME/s3, LOOKALIKE_HOME=.lookalike)")
     up.add_argument("--port", type=int, default=9000, help="port on 127.0.0.1 (default 9000)")
     up.add_argument("--access-key", default=None, help="access key (default: $LOOKALIKE_S3_ACCESS_KEY or lookalike)")
-    up.add_argument("--secret-key", default=None, help="secret key (default: $LOOKALIKE_S3_SECRET_KEY or lookalike-secret)")
+    up.add_argument("--secret-key", default=None,
+                    help="secret key (default: $LOOKALIKE_S3_SECRET_KEY or lookalike-secret)")
     up.set_defaults(func=_up)
     st = verbs.add_parser("status", help="check that the configured store answers and the bucket exists")
     st.set_defaults(func=_status)
@@ -51,15 +50,9 @@ def _up(args: argparse.Namespace) -> int:
     for key, value in settings.to_env().items():
         print(f"  export {key}={value}")
     print("Ctrl-C stops it.", flush=True)
-    stop = False
-
-    def _handle(signum, frame):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _handle)
+    stop = stop_on_sigterm()
     try:
-        while not stop and server.running:
+        while not stop.is_set() and server.running:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
@@ -90,7 +83,8 @@ def _ls(args: argparse.Namespace) -> int:
     for version in models.versions():
         tags = [a for a, v in aliases.items() if v == version]
         indexes = index_repo(store, version).versions()
-        print(f"model {version}{'  [' + ', '.join(tags) + ']' if tags else ''}  indexes: {', '.join(indexes) or 'none'}")
+        shown_tags = "  [" + ", ".join(tags) + "]" if tags else ""
+        print(f"model {version}{shown_tags}  indexes: {', '.join(indexes) or 'none'}")
     if not models.versions():
         print("models: none")
     return 0

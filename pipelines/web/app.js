@@ -1,0 +1,337 @@
+/*
+ * Lookalike's try page, and the reference JavaScript client of its public endpoint.
+ *
+ * The client is one function, usable from any page or app that can reach the transformer (same origin,
+ * or behind a proxy that adds CORS headers; `lookalike serve` puts this page on such an origin):
+ *
+ *     import { searchPhoto, SearchError } from "./app.js";
+ *
+ *     const result = await searchPhoto(file, { topK: 10 });   // file: a File or Blob of a JPEG/PNG/WebP
+ *     result.matches       // the top listings, each once, best first: [{listing_id, title, score,
+ *                          //   labels: {category, color, ...}, metadata: {url, price, ...},
+ *                          //   photo_id (the photo that matched), image_url (that photo, fetchable),
+ *                          //   image_urls (all the listing's photos), category, image}, ...]
+ *     result.labels        // {category: {label, probability}, ...} predicted for the photo
+ *     result.modelVersion  // the model version that answered
+ *     result.indexVersion  // the index version that answered
+ *     result.requestId     // the id the server logged the request under
+ *     result.elapsedMs     // round trip, measured here
+ *
+ *     // on failure it throws SearchError {status, message}: message is the server's own text,
+ *     // e.g. 400 "the image is not an image we can read (JPEG, PNG or WebP expected)",
+ *     //      413 "the image is 12,345,678 bytes; the limit is 10,485,760", 503 (not ready)
+ *
+ * Options: topK (1-1000, default 10), filter ("category=footwear", "category=predicted"), nprobe,
+ * model (default "lookalike"), baseUrl (default "": this origin), signal (an AbortSignal).
+ *
+ * On the wire it is a KServe v2 (Open Inference Protocol) REST request with the binary tensor extension:
+ *
+ *     POST /v2/models/lookalike/infer
+ *     Content-Type: application/octet-stream
+ *     Inference-Header-Content-Length: <bytes of the JSON header>
+ *
+ *     {"inputs":[{"name":"image","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":N}}],
+ *      "parameters":{"top_k":10},
+ *      "outputs":[{"name":"matches","parameters":{"binary_data":false}}]}
+ *     <N bytes: the BYTES element = 4-byte little-endian length, then the photo's bytes>
+ *
+ * The photo goes up as raw bytes (no base64). Only the `matches` output is asked for, as JSON: BYTES
+ * outputs in JSON are strings, and `matches` holds one JSON document per photo with everything the page
+ * needs, so the answer is two JSON.parse calls. (Asking for binary outputs would need the reply's
+ * Inference-Header-Content-Length and the same length-prefixed decoding; nothing is gained here.)
+ * The reply's `parameters` carry `model_version` and `index_version`. Errors are v2 errors: a status
+ * (400 bad input, 413 too large, 503 not ready, 504 too slow) and a body {"error": "<message>"}.
+ */
+
+export class SearchError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.name = "SearchError";
+    this.status = status; // the HTTP status; 0 when no server answered at all
+  }
+}
+
+const utf8 = new TextEncoder();
+
+export async function searchPhoto(file, { topK = 10, filter = null, nprobe = null, model = "lookalike",
+                                          baseUrl = "", signal = undefined } = {}) {
+  const photo = new Uint8Array(await file.arrayBuffer());
+
+  // One BYTES element: its length (uint32, little-endian), then its bytes.
+  const element = new Uint8Array(4 + photo.length);
+  new DataView(element.buffer).setUint32(0, photo.length, true);
+  element.set(photo, 4);
+
+  const parameters = { top_k: topK };
+  if (filter) parameters.filter = filter;
+  if (nprobe) parameters.nprobe = nprobe;
+  const header = utf8.encode(JSON.stringify({
+    inputs: [{ name: "image", shape: [1], datatype: "BYTES", parameters: { binary_data_size: element.length } }],
+    parameters,
+    outputs: [{ name: "matches", parameters: { binary_data: false } }],
+  }));
+
+  const started = performance.now();
+  let response;
+  try {
+    response = await fetch(`${baseUrl}/v2/models/${encodeURIComponent(model)}/infer`, {
+      method: "POST",
+      headers: {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": String(header.length), // the JSON part's length in bytes
+      },
+      body: new Blob([header, element]),
+      signal,
+    });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new SearchError(0, `no answer from the server (${err.message}); is \`lookalike serve\` running?`);
+  }
+  const text = await response.text();
+  const elapsedMs = performance.now() - started;
+  if (!response.ok) throw new SearchError(response.status, errorMessage(response, text));
+
+  const body = JSON.parse(text);
+  const out = (body.outputs || []).find((o) => o.name === "matches");
+  if (!out || !Array.isArray(out.data) || out.data.length !== 1) {
+    throw new SearchError(response.status, "the answer holds no 'matches' output for the photo");
+  }
+  const doc = JSON.parse(out.data[0]); // BYTES in JSON: a string, here itself a JSON document
+  const versions = body.parameters || {};
+  return {
+    labels: doc.labels || {},
+    matches: doc.matches || [],
+    modelVersion: String(versions.model_version || body.model_version || ""),
+    indexVersion: String(versions.index_version || ""),
+    requestId: String(body.id || response.headers.get("x-request-id") || ""),
+    elapsedMs,
+  };
+}
+
+/* The server's own words: a v2 error body {"error": ...} (FastAPI's {"detail": ...} for a route it
+   does not know), else the body's text, else the status line. */
+function errorMessage(response, text) {
+  try {
+    const body = JSON.parse(text);
+    if (body && typeof body.error === "string") return body.error;
+    if (body && body.detail) return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+  } catch (_) {
+    // not JSON: show the text as it came
+  }
+  return text.trim() || `${response.status} ${response.statusText}`;
+}
+
+/* Where the page can fetch a listing's photo: the answer's image_url (a catalog URL, or a short-lived
+   presigned URL of the store), else its image: http(s) as it is, s3:// (an older transformer's answer)
+   through the page server's /photo route, anything else (a path on the server's disk) not at all. */
+export function matchPhotoUrl(match) {
+  if (typeof match.image_url === "string" && /^https?:\/\//i.test(match.image_url)) return match.image_url;
+  return photoUrl(match.image);
+}
+
+export function photoUrl(uri) {
+  if (typeof uri !== "string" || !uri) return null;
+  if (uri.startsWith("s3://")) return `/photo?uri=${encodeURIComponent(uri)}`;
+  if (/^https?:\/\//i.test(uri)) return uri;
+  return null;
+}
+
+
+/* ---- the page ---------------------------------------------------------------------------------- */
+
+const MODEL = "lookalike";
+const STATUS_TEXT = { 400: "Bad Request", 404: "Not Found", 411: "Length Required", 413: "Too Large",
+                      500: "Internal Error", 503: "Not Ready", 504: "Timed Out" };
+
+const $ = (id) => document.getElementById(id);
+let current = null;    // the photo being searched with
+let inFlight = null;   // the AbortController of the request under way
+let previewUrl = null;
+
+function show(el, visible) { el.hidden = !visible; }
+
+/* Small photos (Fashion-MNIST is 28 px) are shown enlarged with hard pixel edges, not blurred. */
+function pixelateWhenEnlarged(img) {
+  const mark = () => img.classList.toggle("pixelated", img.naturalWidth > 0 && img.naturalWidth < img.clientWidth);
+  if (img.complete) mark(); else img.addEventListener("load", mark, { once: true });
+}
+
+function element(tag, className, text) {
+  const el = document.createElement(tag);
+  if (className) el.className = className;
+  if (text !== undefined) el.textContent = text; // never innerHTML: listing titles are data
+  return el;
+}
+
+function showError(status, message) {
+  $("error-title").textContent = status
+    ? `The server answered ${status} ${STATUS_TEXT[status] || ""}`.trim()
+    : "No answer from the server";
+  $("error-message").textContent = message || "(the server sent no message)";
+  show($("error"), true);
+  $("error").scrollIntoView({ block: "nearest" }); // on a phone the box is below the photo
+}
+
+function clearResults() {
+  show($("error"), false);
+  show($("answer"), false);
+  show($("labels-box"), false);
+  $("matches").replaceChildren();
+  $("labels").replaceChildren();
+}
+
+function renderLabels(labels) {
+  const list = $("labels");
+  for (const [task, { label, probability }] of Object.entries(labels)) {
+    const item = element("li", "label");
+    item.dataset.task = task;
+    item.append(element("span", "task", task.replace(/_/g, " ")), element("span", "value", label));
+    const bar = element("span", "bar");
+    const fill = element("span", "fill");
+    fill.style.width = `${Math.round(probability * 100)}%`;
+    bar.append(fill);
+    item.append(bar, element("span", "probability", `${(probability * 100).toFixed(0)}%`));
+    list.append(item);
+  }
+  show($("labels-box"), Object.keys(labels).length > 0);
+}
+
+function renderMatch(match, rank) {
+  const item = element("li", "match");
+  item.dataset.listingId = match.listing_id;
+  if (match.photo_id) item.dataset.photoId = match.photo_id;
+  const thumb = element("div", "thumb");
+  const src = matchPhotoUrl(match);
+  if (src) {
+    const img = element("img");
+    img.alt = match.title || match.listing_id;
+    img.src = src;
+    img.addEventListener("error", () => thumb.replaceChildren(element("span", "no-photo", "no photo")));
+    thumb.append(img);
+    pixelateWhenEnlarged(img);
+  } else {
+    thumb.append(element("span", "no-photo", "no photo"));
+  }
+  const score = element("div", "score");
+  score.append(element("span", "rank", `#${rank}`), element("span", "score-value", match.score.toFixed(3)));
+  item.append(thumb, score, element("div", "title", match.title || match.listing_id));
+  const meta = element("div", "meta");
+  meta.append(element("span", "category", match.category || "—"), element("code", "listing-id", match.listing_id));
+  const photos = Array.isArray(match.image_urls) ? match.image_urls.length : 0;
+  if (photos > 1) meta.append(element("span", "photos", `${photos} photos · matched ${match.photo_id}`));
+  item.append(meta);
+  return item;
+}
+
+function render(result) {
+  renderLabels(result.labels);
+  $("model-version").textContent = result.modelVersion || "?";
+  $("index-version").textContent = result.indexVersion || "?";
+  $("elapsed").textContent = `${Math.round(result.elapsedMs)} ms`;
+  $("match-count").textContent = `${result.matches.length} listing${result.matches.length === 1 ? "" : "s"}`;
+  $("answer").title = result.requestId ? `request id ${result.requestId}` : "";
+  show($("answer"), true);
+  $("matches").replaceChildren(...result.matches.map((m, i) => renderMatch(m, i + 1)));
+  show($("empty"), result.matches.length === 0);
+}
+
+async function search() {
+  if (!current) return;
+  if (inFlight) inFlight.abort();
+  const controller = new AbortController();
+  inFlight = controller;
+  clearResults();
+  show($("empty"), false);
+  show($("busy"), true);
+  document.body.dataset.state = "searching";
+  try {
+    const result = await searchPhoto(current, {
+      topK: Number($("top-k").value),
+      filter: $("same-category").checked ? "category=predicted" : null,
+      model: MODEL,
+      signal: controller.signal,
+    });
+    render(result);
+    document.body.dataset.state = "done";
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    showError(err.status, err.message);
+    document.body.dataset.state = "error";
+  } finally {
+    if (inFlight === controller) {
+      inFlight = null;
+      show($("busy"), false);
+    }
+  }
+}
+
+function sizeText(bytes) {
+  if (bytes < 1024) return `${bytes} bytes`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function choose(file) {
+  if (!file) return;
+  current = file;
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = URL.createObjectURL(file);
+  const preview = $("preview");
+  preview.classList.remove("pixelated");
+  preview.onload = () => pixelateWhenEnlarged(preview);
+  preview.onerror = () => { show(preview, false); show($("no-preview"), true); }; // the server will say why
+  preview.src = previewUrl;
+  show(preview, true);
+  show($("no-preview"), false);
+  show($("drop-hint"), false);
+  $("photo-name").textContent = `${file.name || "pasted photo"} · ${sizeText(file.size)}`;
+  show($("photo-name"), true);
+  search();
+}
+
+async function checkReady() {
+  const status = $("status");
+  try {
+    const response = await fetch(`/v2/models/${MODEL}/ready`, { cache: "no-store" });
+    if (response.ok) {
+      status.textContent = `${MODEL} · ready`;
+      status.dataset.state = "ready";
+    } else {
+      status.textContent = `${MODEL} · not ready: ${errorMessage(response, await response.text())}`;
+      status.dataset.state = "down";
+    }
+  } catch (err) {
+    status.textContent = `the page server does not answer (${err.message})`;
+    status.dataset.state = "down";
+  }
+}
+
+function wire() {
+  for (const id of ["photo", "camera"]) {
+    $(id).addEventListener("change", (event) => {
+      choose(event.target.files[0]);
+      event.target.value = ""; // choosing the same file again searches again
+    });
+  }
+  $("top-k").addEventListener("change", search);
+  $("same-category").addEventListener("change", search);
+
+  const drop = $("drop");
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (event) => { event.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    drop.addEventListener(type, () => drop.classList.remove("over"));
+  }
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    choose(event.dataTransfer.files[0]);
+  });
+  window.addEventListener("paste", (event) => {
+    const file = [...(event.clipboardData?.files || [])][0];
+    if (file) choose(file);
+  });
+  checkReady();
+}
+
+if (typeof document !== "undefined" && document.getElementById("photo")) wire();
