@@ -23,6 +23,7 @@ from transformer.preprocessing import PreprocessSpec, preprocess
 
 TINY = dict(image_size=64, crop="none", steps=4, samples_per_task=4, warmup_steps=2, eval_every=2,
             eval_catalog_limit=120, eval_queries=40, phone_queries=20, eval_batch=32)
+QUICK = dict(TINY, select_listings=0, test_listings=0, objective="ce")  # no held-out evaluation at all
 COLOURS = {"red": (200, 30, 30), "blue": (30, 60, 200), "green": (30, 160, 50)}
 
 
@@ -135,7 +136,7 @@ def test_training_moves_the_trainable_stages_only(trained):
 
 
 def test_same_seed_same_run(tiny):
-    config = TrainConfig(**{**TINY, "steps": 3, "phone_p": 0.5, "test_listings": 0})
+    config = TrainConfig(**{**TINY, "steps": 3, "phone_p": 0.5, "test_listings": 0, "select_listings": 0})
     a = train(tiny[0], config, progress=False, seed=5)
     b = train(tiny[0], config, progress=False, seed=5)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
@@ -334,7 +335,7 @@ def test_task_with_labels_missing_everywhere_is_skipped_with_a_warning(tiny, cap
 
 def test_task_with_one_class_is_skipped_and_said_so(tmp_path):
     path = write_tiny_catalog(tmp_path / "c", 40, extra_labels=lambda i: {"material": "cotton"})
-    result = train(Catalog.open(path), TrainConfig(**{**TINY, "steps": 1, "objective": "ce"}), progress=False)
+    result = train(Catalog.open(path), TrainConfig(**{**QUICK, "steps": 1}), progress=False)
     assert "material" not in result.model_config.heads
     assert any("'material' is skipped: it has a single class ('cotton')" in w for w in result.warnings)
 
@@ -344,7 +345,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     rows = Catalog.open(path).rows
     (tmp_path / "c" / rows[3].image).write_bytes(b"not an image at all")
     (tmp_path / "c" / rows[7].image).unlink()
-    result = train(Catalog.open(path), TrainConfig(**{**TINY, "steps": 1, "objective": "ce"}), progress=False)
+    result = train(Catalog.open(path), TrainConfig(**{**QUICK, "steps": 1}), progress=False)
     assert any(w.startswith("2 of 40 images could not be read") for w in result.warnings)
     bank = ImageBank.load(Catalog.open(path), progress=False)
     assert {lid for lid, _ in bank.skipped} == {rows[3].listing_id, rows[7].listing_id}

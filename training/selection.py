@@ -3,10 +3,11 @@ weights of its best evaluation are the ones kept.
 
 The set (`Selector`) is built once before training from photos the training never sees: the photos that
 `training.queries.hold_out` set aside for selection (a held-out view of a listing looks for the listing's
-other photos; a held-out single-photo listing asks for its labels), simulated phone photos of the
-EVALUATION recipe (seeded apart from the final evaluation's), and a small gallery (those listings' photos
-plus distractors). Its score is the mean of what it can measure: same-listing recall (the mean of @1
-and @10) of the held-out views and of the phone photos, and label precision@10 averaged over the tasks.
+other photos; a held-out single-photo listing asks for its labels), twice as many simulated phone photos
+of the EVALUATION recipe (50 to 200, seeded apart from the final evaluation's), and a small gallery
+(those listings' photos plus distractors). Its score is the mean of what it can measure: same-listing
+recall (the mean of @1 and @10) of the held-out views and of the phone photos, and label precision@10
+averaged over the tasks.
 
 Cheap by construction: the frozen trunk's output of every selection image is computed once and kept, so
 an evaluation runs only the trained tail (at 224 px with three trained stages, a few seconds for a few
@@ -33,7 +34,7 @@ class Selector:
     """Scores the model on a small held-out set and keeps the best weights seen."""
 
     def __init__(self, model: LookalikeModel, bank: ImageBank, select_rows: np.ndarray, *, gallery_size: int = 400,
-                 phone: int = 200, seed: int = 0, patience: int = 5, device: torch.device | str = "cpu",
+                 phone: int | None = None, seed: int = 0, patience: int = 5, device: torch.device | str = "cpu",
                  batch_size: int = 64):
         self.patience, self.device, self.batch_size = patience, torch.device(device), batch_size
         spec = model.config.preprocessing
@@ -50,6 +51,7 @@ class Selector:
         self.labels = {task: ([bank.rows[r].labels.get(task) for r in select_rows],
                               [bank.rows[r].labels.get(task) for r in gallery]) for task in model.config.heads}
         trained = [r for r in gallery if r not in held]
+        phone = phone if phone is not None else int(np.clip(2 * len(select_rows), 50, 200))
         phones = phone_queries(bank, np.array(trained, dtype=np.int64), phone, SELECTION_SEED + seed,
                                name="select-phone",
                                out_size=min(PHONE_SIZE, max(2 * spec.size, 64)))

@@ -48,7 +48,7 @@ class TrainConfig:
     architecture: str = DEFAULT_ARCHITECTURE
     pretrained: str | None = "package"  # "package", a weights file (path or s3://), or None
     embedding_dim: int = 128
-    trainable_blocks: int = AUTO_BLOCKS  # the last stages fine-tuned (-1: all); AUTO_BLOCKS: from the catalog
+    trainable_blocks: int = AUTO_BLOCKS  # last stages fine-tuned (-1: all); AUTO: measured, training/defaults.py
     image_size: int = 0  # square input side; 0: from the catalog (training.defaults)
     crop: str = "auto"  # "none": squash to a square; "center": resize the short side, then crop; "auto"
     tasks: list[str] | None = None  # default: every label of the catalog
