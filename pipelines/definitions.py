@@ -20,9 +20,10 @@ Parameters are declared once, in `PARAMETERS`: type, default and the description
 `lookalike pipeline run NAME --help` show. Each pipeline names the groups it takes (`CATALOG`,
 `TRAINING`, `MODEL_GATES`, `INDEXING`, `RUNNING`) and `_pipeline` builds the signature KFP compiles
 from them; the body reads them as `p.<name>`. The training defaults are `training.train.TrainConfig`'s,
-the one source `lookalike train` reads too, so both train the same model unless told otherwise. They
-are measured for a 2-core CPU (80 px, the last 3 stages, 1400 steps); on a GPU pool raise them with
---param (image_size, steps); `lookalike demo` passes smaller ones.
+the one source `lookalike train` reads too, so both train the same model unless told otherwise. Left at
+0 (image_size, steps) or -2 (trainable_blocks), they are chosen from the catalog (`training/defaults.py`:
+224 px and 2 stages for photos, 80 px and 3 stages for thumbnails, a length in epochs); on a GPU pool
+raise them with --param; `lookalike demo` passes smaller ones.
 
 Why `train-and-index` does not run the `train` and `index` pipelines as tasks: kfp.local 2.17 can run a
 pipeline nested in another (its enhanced DAG orchestrator runs sub-DAGs, as KFP does), but `train`
