@@ -42,7 +42,7 @@ from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from storage.artifacts import index_repo, model_repo
 from storage.errors import InputError
 from storage.s3 import ObjectStore, connect
-from transformer.decoding import ImageError, ImageLimits, decode_images
+from transformer.decoding import ImageLimits, decode_images
 from transformer.answers import join, text
 from transformer.metadata import ListingMetadata, PhotoUrls
 from transformer.metrics import RequestTrace, set_serving_versions
@@ -239,10 +239,8 @@ class LookalikeTransformer(kserve.Model):
         min_side = state.spec.preprocessing.resize
         if box is not None:  # the box must still hold `resize` pixels on its shorter side
             min_side = math.ceil(min_side / min(box[2] - box[0], box[3] - box[1]))
-        try:
-            images = decode_images(items, self.settings.limits, min_side=min_side)
-        except ImageError as exc:
-            raise (TooLarge if exc.status == 413 else BadInput)(str(exc)) from exc
+        # An ImageError carries its own status (400 or 413): as_v2_error answers with it.
+        images = decode_images(items, self.settings.limits, min_side=min_side)
         return [crop_to_box(img, box) for img in images] if box is not None else images
 
     def _decode_and_preprocess(self, items: list[bytes], state: _State) -> np.ndarray:
