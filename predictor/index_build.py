@@ -23,7 +23,7 @@ import numpy as np
 from predictor import index_drift as drift
 from predictor import index_tuning as tuning
 from predictor.index_errors import BadIndexInput
-from predictor.index_factory import DEFAULT_FACTORY, METRIC, Plan
+from predictor.index_factory import DEFAULT_FACTORY, HNSW_QUANTIZER_EF, METRIC, Plan
 from predictor.index_gpu import add_chunks, train_and_add
 from predictor.index_refine import RefineCopy
 from transformer.index_card import IndexCard
@@ -65,6 +65,9 @@ def train_index(x: np.ndarray, keys: np.ndarray, built: Plan, *, model_version: 
             raise BadIndexInput(f"FAISS cannot build factory {built.base!r} for {d}-d vectors: "
                                 f"{str(exc).splitlines()[0]}") from exc
         ivf = faiss.extract_index_ivf(index)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):  # an HNSW coarse quantizer: see index_factory
+            quantizer.hnsw.efSearch = HNSW_QUANTIZER_EF
         ivf.cp.seed = seed
         ivf.cp.spherical = True  # centroids on the unit sphere, like the vectors
         sample = np.sort(rng.choice(n, tuning.training_sample_size(n, built.nlist), replace=False))

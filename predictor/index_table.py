@@ -39,6 +39,8 @@ TABLE_FILE = "listings.npz"
 IDS_FILE = "listing_ids.json"
 PHOTO_IDS_FILE = "photo_ids.json"
 MAX_CACHED_FILTERS = 64
+KEYS_PER_BUCKET = 2            # rows_of's buckets of the key space: about this many keys in each
+MAX_BUCKET_WINDOW = 64         # a fuller bucket (keys that are not hashes) falls back to binary search
 
 
 class ListingTable:
@@ -75,6 +77,7 @@ class ListingTable:
     def _reindex(self) -> None:
         self._sorter = np.argsort(self.keys, kind="stable")
         self._sorted = self.keys[self._sorter]
+        self._index_buckets()
         self._owner_sorter = np.argsort(self.owners, kind="stable")
         self._owners_sorted = self.owners[self._owner_sorter]
         if len(self._owners_sorted):
@@ -99,9 +102,27 @@ class ListingTable:
         pos = np.searchsorted(self._owners_sorted, owners).clip(0, len(self._owners_sorted) - 1)
         return self._owners_sorted[pos] == owners
 
+    def _index_buckets(self) -> None:
+        """Where each bucket of the key space starts in the sorted keys. Keys are uniform hashes, so their top
+        bits name a bucket of ~KEYS_PER_BUCKET keys: a lookup reads the bucket's start and one short window of
+        the sorted keys, two cache misses instead of the ~24 of a binary search over 10M keys (which cost a
+        re-ranked query 400 candidates x 24 misses, ~0.3 ms)."""
+        n = len(self._sorted)
+        bits = max(1, min(62, int(np.ceil(np.log2(max(n, 2) / KEYS_PER_BUCKET)))))
+        self._shift = 63 - bits
+        starts = np.r_[np.searchsorted(self._sorted, np.arange(2 ** bits, dtype=np.int64) << self._shift), n]
+        self._starts = starts.astype(np.int32 if n < 2**31 else np.int64)  # ~2 bytes per photo
+        self._window = int(np.diff(self._starts).max()) if n else 0
+        # the window may run past the last key: pad with a key larger than any
+        self._padded = np.r_[self._sorted, np.full(self._window, np.iinfo(np.int64).max, np.int64)]
+
     def rows_of(self, keys: np.ndarray) -> np.ndarray:
         """Row numbers of photo keys known to be in the table."""
-        return self._sorter[np.searchsorted(self._sorted, keys)]
+        if not 0 < self._window <= MAX_BUCKET_WINDOW or keys.size == 0 or keys.min() < 0:
+            return self._sorter[np.searchsorted(self._sorted, keys)]
+        lo = self._starts[keys >> self._shift]
+        window = self._padded[lo[..., None] + np.arange(self._window)]
+        return self._sorter[lo + (window < keys[..., None]).sum(axis=-1)]
 
     def rows_of_listings(self, owners: np.ndarray) -> np.ndarray:
         """Row numbers (sorted) of every photo of the listings with these keys."""

@@ -83,6 +83,25 @@ def test_listing_key_is_stable_non_negative_63_bit():
     assert len(keys) == 5000 and all(0 <= k < 2**63 for k in keys)
 
 
+def test_rows_of_finds_keys_through_buckets_and_falls_back_for_keys_that_are_not_hashes():
+    """The table maps FAISS ids to rows through buckets of the (hashed, uniform) key space; keys bunched in one
+    bucket take the binary search instead. Both give the same rows."""
+    from predictor.index_table import MAX_BUCKET_WINDOW, ListingTable
+
+    rng = np.random.default_rng(3)
+    for keys in (np.unique(rng.integers(0, 2**63 - 1, 50_000, dtype=np.int64)),   # hashes: buckets
+                 np.arange(5_000, dtype=np.int64) * 7):                             # bunched: binary search
+        rng.shuffle(keys)
+        table = ListingTable()
+        table.keys, table.owners = keys, keys.copy()
+        table._reindex()
+        assert (table._window <= MAX_BUCKET_WINDOW) == (keys.max() > 2**40)
+        rows = rng.integers(0, len(keys), (7, 40))
+        np.testing.assert_array_equal(table.rows_of(keys[rows]), rows)
+        np.testing.assert_array_equal(table.rows_of(keys[rows[0]]), rows[0])
+        np.testing.assert_array_equal(table.rows_of(keys[[0, len(keys) - 1]]), [0, len(keys) - 1])
+
+
 def test_nlist_rule_and_training_floor():
     assert tuning.choose_nlist(1_000_000) == 4096
     assert tuning.choose_nlist(100_000) == 1024
@@ -154,10 +173,28 @@ def test_factory_setting():
         VectorIndex.build(x, ids_for(2000), model_version=MODEL, factory="HNSW32")
 
 
+def test_large_nlist_gets_an_hnsw_coarse_quantizer(data, tmp_path, monkeypatch):
+    """From 16,384 lists on, the chosen nlist is found through an HNSW graph over the centroids (a flat
+    quantizer would cost 16,384·D per vector added); it trains, tunes, updates and saves like any IVF."""
+    from predictor import index_factory
+
+    assert index_factory.plan(None, 256, 10_000_000).base == "IVF16384_HNSW32,Flat"
+    assert index_factory.plan(index_factory.PQ_FACTORY, 256, 10_000_000).base == "IVF16384_HNSW32,PQ128x4fsr"
+    assert index_factory.plan(None, 256, 1_000_000).base == "IVF4096,Flat"   # below the threshold: flat
+    monkeypatch.setattr(index_factory, "HNSW_QUANTIZER_MIN_NLIST", 64)      # the same path at test size
+    idx = VectorIndex.build(data, ids_for(N), model_version=MODEL)
+    assert idx.info["factory"] == "IVF64_HNSW32,Flat" and idx.info["target_reached"]
+    res = idx.search(data[:20], 5)
+    assert [row[0] for row in res.listing_ids] == ids_for(N)[:20]   # each vector finds itself first
+    idx.add(clustered(10, seed=77), ids_for(10, prefix="new"))
+    loaded = VectorIndex.load(idx.save(tmp_path / "hnsw"), model_version=MODEL)
+    assert len(loaded) == N + 10 and loaded.search(data[:5], 5).listing_ids == idx.search(data[:5], 5).listing_ids
+
+
 def test_ivf_pq_with_re_ranking(data, tmp_path):
     idx = VectorIndex.build(data, ids_for(N), model_version=MODEL, factory=PQ_FACTORY, target_recall=0.9)
     info = idx.info
-    assert info["factory"] == "IVF64,PQ8x4fsr,Refine(SQ8)" and info["refine"]["codec"] == "SQ8"
+    assert info["factory"] == "IVF64,PQ16x4fsr,Refine(SQ8)" and info["refine"]["codec"] == "SQ8"
     assert info["recall_at_10"] >= 0.9
     codes = idx._refine.codes[:50]  # the numpy decoder is FAISS's 8-bit rule
     np.testing.assert_allclose(idx._refine.decode(codes), idx._refine.codec.sa_decode(codes), atol=1e-6)
