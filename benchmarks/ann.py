@@ -294,6 +294,37 @@ def bench_milvus(base, queries, gt, table, nlist: int, nprobe: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def bench_flat(base, listing_ids, queries, gt, key_to_row, table, exact_single, cores, progress) -> dict:
+    """IVF-Flat through the project's API, and raw FAISS on the same index (the API's cost)."""
+    import faiss
+
+    from predictor.index import VectorIndex
+
+    n = len(base)
+    start = time.perf_counter()
+    flat = VectorIndex.build(base, listing_ids, model_version="bench", progress=progress)
+    build = time.perf_counter() - start
+    size = faiss_bytes(flat._index)
+    info = flat.info
+    print(f"IVF-Flat: {info['factory']}, tuned nprobe {info['nprobe']} (held-out recall@10 "
+          f"{info['recall_at_10']:.3f}; curve {[(c['nprobe'], c['recall_at_10']) for c in info['recall_curve']]})",
+          flush=True)
+    r, q1, _ = bench_project("IVF-Flat (project API)", flat, build, size / n, queries, gt, key_to_row, table)
+    q1_all = time_single(lambda q: flat.search(q, top_k=K), queries, threads=cores)
+    print(f"IVF-Flat single queries with {cores} FAISS threads: {q1_all:.0f} q/s "
+          f"({q1_all / exact_single:.0f}x exact at {SINGLE_THREADS} thread)", flush=True)
+    raw = flat._index
+    params = faiss.SearchParametersIVF()
+    params.nprobe = flat.nprobe
+    _, raw_ids = raw.search(queries, K, params=params)
+    r_raw = recall(np.where(raw_ids >= 0, key_to_row(raw_ids.clip(0)), -1), gt)
+    q1_raw = time_single(lambda q: raw.search(q, K, params=params), queries)
+    q64_raw = time_batches(lambda q: raw.search(q, K, params=params), queries)
+    table.row("IVF-Flat (raw FAISS, same index)", build, size / n, f"nprobe={flat.nprobe}", r_raw, q1_raw, r_raw,
+              q64_raw)
+    return {"recall": r, "q1": q1, "q1_raw": q1_raw, "bytes": size, "nlist": flat.nlist, "nprobe": flat.nprobe}
+
+
 # ---- main -----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hnsw-ef-construction", type=int, default=None,
                         help="hnswlib efConstruction (default 48 with --quick, else 100)")
     parser.add_argument("--progress", action="store_true", help="progress bars for builds")
+    parser.add_argument("--skip-flat", action="store_true",
+                        help="measure only the compact index (IVF-Flat's memory is then its formula, 4·D + 8 bytes "
+                             "per vector); at 10M vectors each build takes about ten minutes on 2 cores")
     parser.add_argument("--incremental", action="store_true",
                         help=f"also run the incremental-update build above {INCREMENTAL_MAX_N:,} vectors")
     parser.add_argument("--refine-k-factor", type=int, default=None,
@@ -322,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
 
     from predictor.index import PQ_FACTORY, VectorIndex, listing_keys
-    from predictor.index_factory import REFINE_K_FACTOR
+    from predictor.index_factory import REFINE_K_FACTOR, flat_bytes_per_vector
 
     base, queries, gt, source = load_data(args)
     n, d = base.shape
@@ -345,32 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(exact_single, exact_batch)
     table.row("exact brute force (baseline)", 0.0, 4 * d, "-", 1.0, exact_single, 1.0, exact_batch)
 
-    # IVF-Flat through the project's API
-    start = time.perf_counter()
-    flat = VectorIndex.build(base, listing_ids, model_version="bench", progress=args.progress)
-    flat_build = time.perf_counter() - start
-    flat_bytes = faiss_bytes(flat._index)
-    info = flat.info
-    print(f"IVF-Flat: {info['factory']}, tuned nprobe {info['nprobe']} (held-out recall@10 "
-          f"{info['recall_at_10']:.3f}; curve {[(c['nprobe'], c['recall_at_10']) for c in info['recall_curve']]})",
-          flush=True)
-    r_flat, q1_flat, _ = bench_project("IVF-Flat (project API)", flat, flat_build, flat_bytes / n, queries, gt,
-                                       key_to_row, table)
     cores = os.cpu_count() or 1
-    q1_flat_all = time_single(lambda q: flat.search(q, top_k=K), queries, threads=cores)
-    print(f"IVF-Flat single queries with {cores} FAISS threads: {q1_flat_all:.0f} q/s "
-          f"({q1_flat_all / exact_single:.0f}x exact at {SINGLE_THREADS} thread)", flush=True)
-    raw = flat._index
-    params = faiss.SearchParametersIVF()
-    params.nprobe = flat.nprobe
-    _, raw_ids = raw.search(queries, K, params=params)
-    r_raw = recall(np.where(raw_ids >= 0, key_to_row(raw_ids.clip(0)), -1), gt)
-    q1_raw = time_single(lambda q: raw.search(q, K, params=params), queries)
-    q64_raw = time_batches(lambda q: raw.search(q, K, params=params), queries)
-    table.row("IVF-Flat (raw FAISS, same index)", flat_build, flat_bytes / n, f"nprobe={flat.nprobe}", r_raw,
-              q1_raw, r_raw, q64_raw)
-    nlist, nprobe = flat.nlist, flat.nprobe
-    flat = raw = None  # free its memory (10 GB at 10M vectors) before the next build
+    flat = None if args.skip_flat else bench_flat(base, listing_ids, queries, gt, key_to_row, table, exact_single,
+                                                  cores, args.progress)
+    if flat is None:
+        print("IVF-Flat: skipped (--skip-flat); its memory below is its formula, 4·D + 8 bytes per vector")
 
     # IVF-PQ, re-ranked from an 8-bit scalar-quantized copy
     start = time.perf_counter()
@@ -389,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # incremental: train on 90%, add the other 10% without retraining, same nprobe as the full build
     r_inc = None
-    if n > INCREMENTAL_MAX_N and not args.incremental:
+    if flat is None:
+        print("incremental: skipped with IVF-Flat")
+    elif n > INCREMENTAL_MAX_N and not args.incremental:
         print(f"incremental: skipped above {INCREMENTAL_MAX_N:,} vectors (a third full build; --incremental runs it)")
     else:
         cut = int(n * 0.9)
@@ -397,37 +412,46 @@ def main(argv: list[str] | None = None) -> int:
         inc = VectorIndex.build(base[:cut], listing_ids[:cut], model_version="bench", progress=args.progress)
         inc.add(base[cut:], listing_ids[cut:])
         inc_build = time.perf_counter() - start
-        inc_res = inc.search(queries, K, nprobe=nprobe)
+        inc_res = inc.search(queries, K, nprobe=flat["nprobe"])
         r_inc = recall(rows_of_result(inc_res, key_to_row), gt)
         drift = inc.drift()
         print(f"incremental: 90% trained ({inc.nlist} lists) + 10% added in {inc_build:.1f}s: recall@10 {r_inc:.3f} "
-              f"at nprobe {nprobe} vs {r_flat:.3f} for the full build (diff {r_inc - r_flat:+.3f}); drift: "
+              f"at nprobe {flat['nprobe']} vs {flat['recall']:.3f} for the full build (diff "
+              f"{r_inc - flat['recall']:+.3f}); drift: "
               f"rebuild_due={drift['rebuild_due']} ({drift['why']})", flush=True)
         del inc
 
-    if args.skip_peers:
-        print("peers: skipped (--skip-peers)")
+    if args.skip_peers or flat is None:
+        print("peers: skipped (--skip-peers or --skip-flat)")
     else:
         m = args.hnsw_m or (16 if args.quick else 32)
         efc = args.hnsw_ef_construction or (48 if args.quick else 100)
         bench_hnswlib(base, queries, gt, table, m, efc)
-        bench_milvus(base, queries, gt, table, nlist, nprobe)
+        bench_milvus(base, queries, gt, table, flat["nlist"], flat["nprobe"])
 
-    speedup, pq_speedup = q1_flat / exact_single, q1_pq / exact_single
-    pq_ratio = pq_bytes / flat_bytes
     verdict = {True: "ok", False: "MISSED"}
-    incremental = ("skipped" if r_inc is None else
-                   f"{r_inc - r_flat:+.3f} (within 0.01: {verdict[abs(r_inc - r_flat) <= 0.01]})")
-    pq_speed_target = 2000 if n >= 10_000_000 else None
-    print(f"targets: IVF-Flat recall@10 {r_flat:.3f} (>= 0.95: {verdict[r_flat >= 0.95]}), single-query speed-up "
-          f"{speedup:.0f}x (>= 500x at 1M: {verdict[speedup >= 500] if n >= 1_000_000 else 'applies to 1M vectors'}); "
-          f"compact IVF-PQ recall@10 {r_pq:.3f} (>= 0.95: {verdict[r_pq >= 0.95]}), speed-up {pq_speedup:.0f}x "
-          f"(>= 2000x at 10M: {verdict[pq_speedup >= 2000] if pq_speed_target else 'applies to 10M vectors'}), "
-          f"{pq_ratio:.2f} of IVF-Flat's memory (<= 0.35: {verdict[pq_ratio <= 0.35]}); incremental diff "
-          f"{incremental}; API overhead {(1 / q1_flat - 1 / q1_raw) * 1e6:.0f} us/query over raw FAISS")
-    print(f"ann: recall@10={r_flat:.3f} speedup_vs_exact={speedup:.0f}x (single query, IVF-Flat, N={n}) "
-          f"bytes_per_vector={flat_bytes / n:.0f}")
-    print(f"ann: recall@10={r_pq:.3f} speedup_vs_exact={q1_pq / exact_single:.0f}x (single query, IVF-PQ+SQ8 "
+    pq_speedup = q1_pq / exact_single
+    flat_bytes = flat["bytes"] if flat else n * flat_bytes_per_vector(d)
+    pq_ratio = pq_bytes / flat_bytes
+    parts = []
+    if flat:
+        speedup = flat["q1"] / exact_single
+        one_m = verdict[speedup >= 500] if n >= 1_000_000 else "applies to 1M vectors"
+        parts.append(f"IVF-Flat recall@10 {flat['recall']:.3f} (>= 0.95: {verdict[flat['recall'] >= 0.95]}), "
+                     f"single-query speed-up {speedup:.0f}x (>= 500x at 1M: {one_m})")
+    ten_m = verdict[pq_speedup >= 2000] if n >= 10_000_000 else "applies to 10M vectors"
+    parts.append(f"compact IVF-PQ recall@10 {r_pq:.3f} (>= 0.95: {verdict[r_pq >= 0.95]}), speed-up "
+                 f"{pq_speedup:.0f}x (>= 2000x at 10M: {ten_m}), {pq_ratio:.2f} of IVF-Flat's memory (<= 0.35: "
+                 f"{verdict[pq_ratio <= 0.35]})")
+    if r_inc is not None:
+        diff = r_inc - flat["recall"]
+        parts.append(f"incremental diff {diff:+.3f} (within 0.01: {verdict[abs(diff) <= 0.01]})")
+    if flat:
+        parts.append(f"API overhead {(1 / flat['q1'] - 1 / flat['q1_raw']) * 1e6:.0f} us/query over raw FAISS")
+        print(f"ann: recall@10={flat['recall']:.3f} speedup_vs_exact={flat['q1'] / exact_single:.0f}x (single query, "
+              f"IVF-Flat, N={n}) bytes_per_vector={flat['bytes'] / n:.0f}")
+    print("targets: " + "; ".join(parts))
+    print(f"ann: recall@10={r_pq:.3f} speedup_vs_exact={pq_speedup:.0f}x (single query, IVF-PQ+SQ8 "
           f"re-rank, N={n}) bytes_per_vector={pq_bytes / n:.0f}")
     return 0
 

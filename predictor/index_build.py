@@ -34,6 +34,17 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def widen_graph_search(index) -> None:
+    """After training, before adding: an HNSW coarse quantizer (see index_factory) looks further from now on.
+    k-means trains with FAISS's default (16: its many assignments only need to be roughly right), but each
+    vector added stays in the list it is assigned to, and a search visits the lists the graph finds."""
+    import faiss
+
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = HNSW_QUANTIZER_EF
+
+
 @dataclass
 class TrainedIndex:
     """A filled FAISS index, its re-ranking copy (IVF-PQ only) and its card (nprobe not tuned yet)."""
@@ -65,15 +76,12 @@ def train_index(x: np.ndarray, keys: np.ndarray, built: Plan, *, model_version: 
             raise BadIndexInput(f"FAISS cannot build factory {built.base!r} for {d}-d vectors: "
                                 f"{str(exc).splitlines()[0]}") from exc
         ivf = faiss.extract_index_ivf(index)
-        quantizer = faiss.downcast_index(ivf.quantizer)
-        if isinstance(quantizer, faiss.IndexHNSW):  # an HNSW coarse quantizer: see index_factory
-            quantizer.hnsw.efSearch = HNSW_QUANTIZER_EF
         ivf.cp.seed = seed
         ivf.cp.spherical = True  # centroids on the unit sphere, like the vectors
         sample = np.sort(rng.choice(n, tuning.training_sample_size(n, built.nlist), replace=False))
         xt = x[sample]
         train_sample = len(xt)
-        index, built_on = train_and_add(index, xt, x, keys, gpu, progress)
+        index, built_on = train_and_add(index, xt, x, keys, gpu, progress, before_add=widen_graph_search)
         ivf = faiss.extract_index_ivf(index)
         fit = drift.centroid_fit(ivf, xt)
         if built.refine:

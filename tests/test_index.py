@@ -189,6 +189,10 @@ def test_large_nlist_gets_an_hnsw_coarse_quantizer(data, tmp_path, monkeypatch):
     idx.add(clustered(10, seed=77), ids_for(10, prefix="new"))
     loaded = VectorIndex.load(idx.save(tmp_path / "hnsw"), model_version=MODEL)
     assert len(loaded) == N + 10 and loaded.search(data[:5], 5).listing_ids == idx.search(data[:5], 5).listing_ids
+    import faiss
+
+    graph = faiss.downcast_index(loaded._ivf.quantizer)   # adds and searches look further than FAISS's 16
+    assert isinstance(graph, faiss.IndexHNSW) and graph.hnsw.efSearch == index_factory.HNSW_QUANTIZER_EF
 
 
 def test_ivf_pq_with_re_ranking(data, tmp_path):
