@@ -835,7 +835,9 @@ def _stream_through(stack, pair, swap, key: str, new_value: str, clients: int = 
     for t in threads:
         t.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60  # every client answered before the swap, however busy the machine
+        while len(seen) < clients and not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
         swap()
         deadline = time.monotonic() + 30
         while new_value not in seen[-clients:] and time.monotonic() < deadline:

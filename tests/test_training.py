@@ -22,7 +22,7 @@ from transformer.model_card import ModelCard
 from transformer.preprocessing import PreprocessSpec, preprocess
 
 TINY = dict(image_size=64, crop="none", steps=4, samples_per_task=4, warmup_steps=2, eval_every=2,
-            eval_catalog_limit=120, eval_queries=40, phone_queries=20, eval_batch=32)
+            eval_catalog_limit=120, eval_queries=40, phone_queries=20, eval_batch=32, l2sp_weight=0.01)
 QUICK = dict(TINY, select_listings=0, test_listings=0, objective="ce")  # no held-out evaluation at all
 COLOURS = {"red": (200, 30, 30), "blue": (30, 60, 200), "green": (30, 160, 50)}
 
@@ -229,19 +229,23 @@ def test_defaults_come_from_the_catalog_with_their_reasons():
 
     photos, why = resolve(TrainConfig(), sizes=[(640, 480)] * 9 + [(30, 30)], train_photos=3000, n_tasks=3,
                           device="cpu", views=2)
-    assert (photos.image_size, photos.crop, photos.trainable_blocks) == (224, "center", 2)
+    assert (photos.image_size, photos.crop, photos.trainable_blocks, photos.l2sp_weight) == (224, "center", 2, 0.01)
     assert "photo catalog" in {c.setting: c.why for c in why}["image_size"]
     assert photos.preprocessing().resize == 256
     minutes = photos.steps * 48 / cpu_images_per_second(224) / 60
     assert 5 < minutes <= 12  # a few-thousand-photo catalog trains in minutes, not hours, on 2 CPU cores
     thumbs, _ = resolve(TrainConfig(), sizes=[(28, 28)] * 10, train_photos=59300, n_tasks=3, device="cpu", views=2)
-    assert (thumbs.image_size, thumbs.crop, thumbs.trainable_blocks) == (80, "none", 3)
+    assert (thumbs.image_size, thumbs.crop, thumbs.trainable_blocks, thumbs.l2sp_weight) == (80, "none", 3, 0.0)
     assert 1300 <= thumbs.steps <= 1500  # Fashion-MNIST keeps the length measured for it (1400 steps)
     given, why = resolve(TrainConfig(image_size=96, crop="none", epochs=2), sizes=[(640, 480)], train_photos=480,
                          n_tasks=1, device="cpu", views=2)
     assert (given.image_size, given.steps) == (96, 60) and "2 epochs" in {c.setting: c.why for c in why}["steps"]
     assert resolve(TrainConfig(steps=7), sizes=[(28, 28)], train_photos=10, n_tasks=1, device="cpu",
                    views=1)[0].steps == 7
+    assert resolve(TrainConfig(l2sp_weight=0.5), sizes=[(28, 28)], train_photos=10, n_tasks=1, device="cpu",
+                   views=1)[0].l2sp_weight == 0.5  # a given weight is kept
+    with pytest.raises(ValueError, match="l2sp_weight must be 0 or more"):
+        TrainConfig(l2sp_weight=-0.5)
 
 
 def test_a_photo_catalog_trains_at_224_and_the_card_says_why(tmp_path):

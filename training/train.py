@@ -34,7 +34,7 @@ from storage.artifacts import new_version
 from storage.errors import InputError
 from training.catalog import Catalog
 from training.data import Augment, BatchLoader, ImageBank, build_tasks, kept_side, make_sampler
-from training.defaults import AUTO_BLOCKS, Choice, preprocessing_for, resolve
+from training.defaults import AUTO_BLOCKS, AUTO_L2SP, Choice, preprocessing_for, resolve
 from training.losses import ListingProxies, LossConfig, l2_sp, multitask_loss, similarity_distillation
 from training.model import DEFAULT_ARCHITECTURE, LookalikeModel, ModelConfig, backbone_tail, create_model
 from training.queries import hold_out
@@ -75,7 +75,7 @@ class TrainConfig:
     proxy_negatives: int = 4096  # sampled other listings in the identity softmax
     proxy_lr: float = 5e-3
     pca_init: int = 1000  # photos whose pretrained features start the projection as their PCA whitening
-    l2sp_weight: float = 0.01  # pull of the trained backbone weights towards the pretrained ones
+    l2sp_weight: float = AUTO_L2SP  # pull of the trained backbone towards the pretrained weights; AUTO: by catalog
     distill_weight: float = 0.0  # keep the batch's similarity structure of the pretrained features
     # augmentation
     phone_p: float = 0.3  # probability that a first view becomes a simulated phone photo (training recipe)
@@ -110,6 +110,9 @@ class TrainConfig:
         if self.trainable_blocks < AUTO_BLOCKS:
             raise InputError(f"trainable_blocks is the number of final stages to fine-tune (-1: all, "
                              f"{AUTO_BLOCKS}: chosen from the catalog), got {self.trainable_blocks}")
+        if self.l2sp_weight < 0 and self.l2sp_weight != AUTO_L2SP:
+            raise InputError(f"l2sp_weight must be 0 or more ({AUTO_L2SP:g}: chosen from the catalog), "
+                             f"got {self.l2sp_weight}")
 
     def preprocessing(self):
         if not self.image_size or self.crop == "auto":

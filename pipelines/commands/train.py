@@ -75,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="loss weight of a task (repeatable; default 1)")
     o.add_argument("--triplet-margin", type=float, default=d.triplet_margin)
     o.add_argument("--l2sp-weight", type=float, default=d.l2sp_weight,
-                   help="pull of the fine-tuned backbone weights towards the pretrained ones")
+                   help="pull of the fine-tuned backbone weights towards the pretrained ones (default: chosen from the "
+                        "catalog, 0.01 for photos, 0 for thumbnails)")
     o.add_argument("--distill-weight", type=float, default=d.distill_weight,
                    help="keep each batch's similarity structure close to the pretrained features'")
     o.add_argument("--phone-p", type=float, default=d.phone_p,
