@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,6 +17,18 @@ def s3_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@contextmanager
+def fresh_bucket(s3_server, prefix: str, **env: str) -> Iterator[ObjectStore]:
+    """A new bucket on the session's S3 server, with the LOOKALIKE_S3_* environment (and `env`) pointing at it
+    until the block ends: for module-scoped fixtures, which cannot use the function-scoped monkeypatch."""
+    store = ObjectStore(s3_server.settings.with_bucket(f"{prefix}-{uuid.uuid4().hex[:10]}"))
+    store.check(create_bucket=True)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {**store.settings.to_env(), **env}.items():
+            patch.setenv(key, value)
+        yield store
 
 
 @pytest.fixture

@@ -16,16 +16,15 @@ import io
 import json
 import os
 import time
-import uuid
 
 import httpx
 import numpy as np
 import pytest
+from conftest import fresh_bucket
 from PIL import Image, ImageOps
 
 from pipelines.local import PipelineFailed, run_local
 from storage.artifacts import index_repo
-from storage.s3 import ObjectStore
 from transformer.preprocessing import PreprocessSpec
 
 pytestmark = pytest.mark.slow
@@ -75,14 +74,10 @@ def served(s3_server, tmp_path_factory):
     from training.importers import import_folder, load_fashion_mnist
     from training.model import ModelConfig, create_model
 
-    settings = s3_server.settings.with_bucket(f"listings-{uuid.uuid4().hex[:10]}")
-    store = ObjectStore(settings)
-    store.check(create_bucket=True)
     home = tmp_path_factory.mktemp("home")
-    env = {**settings.to_env(), "LOOKALIKE_CACHE": str(home / "cache"), "LOOKALIKE_HOME": str(home)}
-    with pytest.MonkeyPatch.context() as patch:  # module-scoped: restored when the module's tests are done
-        for key, value in env.items():
-            patch.setenv(key, value)
+    dirs = {"LOOKALIKE_CACHE": str(home / "cache"), "LOOKALIKE_HOME": str(home)}
+    with fresh_bucket(s3_server, "listings", **dirs) as store:
+        env = {**store.settings.to_env(), **dirs}
         images, labels = load_fashion_mnist("train")
         picks = np.random.default_rng(13).choice(len(labels), LISTINGS + 10, replace=False)
         folder = tmp_path_factory.mktemp("catalog")
@@ -252,8 +247,19 @@ def _put_catalog(store, name: str, lines: list[dict]) -> str:
     return store.uri(f"catalogs/{name}/catalog.jsonl")
 
 
+def _update_fails(served, uri: str) -> PipelineFailed:
+    """Run the update pipeline on new listings that must fail it; nothing may be published or re-aliased."""
+    indexes = index_repo(served["store"], served["model_version"])
+    before = indexes.versions(), indexes.aliases()
+    with pytest.raises(PipelineFailed) as failed:
+        run_local("update", {"new_listings_uri": uri, **INDEX_PARAMS}, root=served["home"] / "runs",
+                  out=io.StringIO())
+    assert (indexes.versions(), indexes.aliases()) == before
+    return failed.value
+
+
 def test_an_update_whose_listings_all_fail_to_decode_publishes_nothing(served):
-    store, home = served["store"], served["home"]
+    store = served["store"]
     store.put_bytes("catalogs/broken/images/a.png", b"\x89PNG\r\n\x1a\n not a png")
     store.put_bytes("catalogs/broken/images/b.jpg", b"\xff\xd8\xff\xe0 not a jpeg")
     uri = _put_catalog(store, "broken", [
@@ -261,29 +267,21 @@ def test_an_update_whose_listings_all_fail_to_decode_publishes_nothing(served):
          "images": [store.uri("catalogs/broken/images/a.png"), store.uri("catalogs/broken/images/b.jpg")]},
         {"listing_id": "b-2", "labels": {"category": "bags"},
          "images": [store.uri("catalogs/broken/images/gone.png")]}])
-    indexes = index_repo(store, served["model_version"])
-    before = indexes.versions(), indexes.aliases()
-    with pytest.raises(PipelineFailed) as failed:
-        run_local("update", {"new_listings_uri": uri, **INDEX_PARAMS}, root=home / "runs", out=io.StringIO())
-    assert failed.value.step == "embed-catalog"
-    message = str(failed.value)
+    failed = _update_fails(served, uri)
+    assert failed.step == "embed-catalog"
+    message = str(failed)
     assert "none of the 2 listings" in message and "has a photo that can be read" in message
     assert "Nothing was published" in message
-    assert (indexes.versions(), indexes.aliases()) == before
 
 
 def test_an_update_with_duplicate_photos_or_bad_metadata_fails_at_prepare(served):
-    store, home = served["store"], served["home"]
+    store = served["store"]
     photo = served["catalog_uri"].rsplit("/", 1)[0] + "/images/m-010/front.png"
     uri = _put_catalog(store, "sloppy", [
         {"listing_id": "s-1", "labels": {"category": "bags"}, "images": [photo, photo]},
         {"listing_id": "s-2", "labels": {"category": "tops"}, "metadata": {"sizes": ["S", "M"]}, "images": [photo]}])
-    indexes = index_repo(store, served["model_version"])
-    before = indexes.versions(), indexes.aliases()
-    with pytest.raises(PipelineFailed) as failed:
-        run_local("update", {"new_listings_uri": uri, **INDEX_PARAMS}, root=home / "runs", out=io.StringIO())
-    assert failed.value.step == "prepare-catalog"
-    message = str(failed.value)
+    failed = _update_fails(served, uri)
+    assert failed.step == "prepare-catalog"
+    message = str(failed)
     assert f"line 1 (s-1): photo {photo} is listed twice" in message
     assert "line 2 (s-2): metadata field 'sizes' is a list" in message
-    assert (indexes.versions(), indexes.aliases()) == before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import fresh_bucket
 
 from pipelines.local import PipelineFailed, run_local
 from storage.artifacts import index_repo, model_repo
@@ -22,19 +23,11 @@ TINY = {"holdout_fraction": 0.2, "image_size": 64, "steps": 4, "samples_per_task
 @pytest.fixture(scope="module")
 def published(s3_server, tmp_path_factory):
     """A fresh bucket, a 100-row catalog and one successful train-and-index run into it."""
-    import uuid
 
-    from storage.s3 import ObjectStore
     from training.importers import import_fashion_mnist
 
-    settings = s3_server.settings.with_bucket(f"e2e-{uuid.uuid4().hex[:10]}")
     home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as env:  # module-scoped: restored when the module's tests are done
-        for key, value in {**settings.to_env(), "LOOKALIKE_CACHE": str(home / "cache"),
-                           "LOOKALIKE_HOME": str(home)}.items():
-            env.setenv(key, value)
-        store = ObjectStore(settings)
-        store.check(create_bucket=True)
+    with fresh_bucket(s3_server, "e2e", LOOKALIKE_CACHE=str(home / "cache"), LOOKALIKE_HOME=str(home)) as store:
         uri = import_fashion_mnist(store, split_names=("test",), limit=100, progress=False)["test"]
         # By name, as `lookalike train --catalog` takes it: catalogs/fashion-mnist-test/ in this bucket.
         run = run_local("train-and-index", {"catalog_uri": "fashion-mnist-test", **TINY}, root=home / "runs")

@@ -29,9 +29,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import fresh_bucket
 from PIL import Image
 
-from storage.s3 import ObjectStore
 from transformer.decoding import decode_image
 from transformer.preprocessing import PreprocessSpec, preprocess_batch
 
@@ -224,13 +224,9 @@ def pair(s3_server, tmp_path_factory):
     from training.importers import import_fashion_mnist
     from training.model import ModelConfig, create_model
 
-    settings = s3_server.settings.with_bucket(f"serving-{uuid.uuid4().hex[:10]}")
-    store = ObjectStore(settings)
-    store.check(create_bucket=True)
     cache = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as env:  # module-scoped: restored when the module's tests are done
-        for key, value in {**settings.to_env(), "LOOKALIKE_CACHE": str(cache)}.items():
-            env.setenv(key, value)
+    with fresh_bucket(s3_server, "serving", LOOKALIKE_CACHE=str(cache)) as store:
+        settings = store.settings
         catalog_uri = import_fashion_mnist(store, split_names=("train",), limit=60, progress=False)["train"]
         from training.catalog import Catalog
 
