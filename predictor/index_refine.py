@@ -32,13 +32,17 @@ def refine_codec(kind: str, dim: int) -> Any:
     return faiss.IndexFlatIP(dim)
 
 
-def _decoder(codec: Any, kind: str) -> Callable[[np.ndarray], np.ndarray]:
+def _sq8_range(codec: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(vmin, vdiff/255) of a trained 8-bit scalar quantizer: code c decodes to vmin + (c + 0.5)·vdiff/255."""
     import faiss
 
+    trained = faiss.vector_to_array(codec.sq.trained).astype(np.float32)
+    return trained[:codec.d], trained[codec.d:] / 255.0
+
+
+def _decoder(codec: Any, kind: str) -> Callable[[np.ndarray], np.ndarray]:
     if kind == "SQ8":
-        dim = codec.d
-        trained = faiss.vector_to_array(codec.sq.trained).astype(np.float32)
-        vmin, vdiff = trained[:dim], trained[dim:] / 255.0
+        vmin, vdiff = _sq8_range(codec)
         return lambda c: vmin + (c.astype(np.float32) + 0.5) * vdiff  # faiss's 8-bit rule
     if kind == "SQfp16":
         return lambda c: c.view(np.float16).astype(np.float32)
@@ -52,12 +56,8 @@ def _scorer(codec: Any, kind: str, decode: Callable[[np.ndarray], np.ndarray]
     For SQ8 the decoding is folded into the query: q·(vmin + (c + 0.5)·vdiff) = c·(q·vdiff) + q·(vmin +
     vdiff/2), one matrix-vector product on the codes instead of decoding M vectors first (a query's 400
     candidates in ~40 us rather than ~200)."""
-    import faiss
-
     if kind == "SQ8":
-        dim = codec.d
-        trained = faiss.vector_to_array(codec.sq.trained).astype(np.float32)
-        vmin, vdiff = trained[:dim], trained[dim:] / 255.0
+        vmin, vdiff = _sq8_range(codec)
         centre = vmin + 0.5 * vdiff
         return lambda c, q: c.astype(np.float32) @ (q * vdiff) + np.float32(q @ centre)
     return lambda c, q: decode(c) @ q

@@ -113,16 +113,15 @@ class ListingTable:
         starts = np.r_[np.searchsorted(self._sorted, np.arange(2 ** bits, dtype=np.int64) << self._shift), n]
         self._starts = starts.astype(np.int32 if n < 2**31 else np.int64)  # ~2 bytes per photo
         self._window = int(np.diff(self._starts).max()) if n else 0
-        # the window may run past the last key: pad with a key larger than any
-        self._padded = np.r_[self._sorted, np.full(self._window, np.iinfo(np.int64).max, np.int64)]
 
     def rows_of(self, keys: np.ndarray) -> np.ndarray:
         """Row numbers of photo keys known to be in the table."""
         if not 0 < self._window <= MAX_BUCKET_WINDOW or keys.size == 0 or keys.min() < 0:
             return self._sorter[np.searchsorted(self._sorted, keys)]
         lo = self._starts[keys >> self._shift]
-        window = self._padded[lo[..., None] + np.arange(self._window)]
-        return self._sorter[lo + (window < keys[..., None]).sum(axis=-1)]
+        # a window running past the last key repeats it, which no key in the table is greater than
+        at = np.minimum(lo[..., None] + np.arange(self._window), len(self._sorted) - 1)
+        return self._sorter[lo + (self._sorted[at] < keys[..., None]).sum(axis=-1)]
 
     def rows_of_listings(self, owners: np.ndarray) -> np.ndarray:
         """Row numbers (sorted) of every photo of the listings with these keys."""
