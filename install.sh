@@ -17,7 +17,7 @@ step() { printf '\n==> %s\n' "$*"; }
 step "Debian packages: dataset-fashion-mnist, chromium, fonts-noto-color-emoji, unicode-data"
 DEBS=()
 [ -d /usr/share/datasets/fashion-mnist ] || DEBS+=(dataset-fashion-mnist)
-# The emoji catalog (training/emoji_catalog.py): Noto Color Emoji renders and Unicode's emoji names.
+# The emoji catalog (lookalike/catalogs/emoji.py): Noto Color Emoji renders and Unicode's emoji names.
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || DEBS+=(fonts-noto-color-emoji)
 [ -f /usr/share/unicode/emoji/emoji-test.txt ] || DEBS+=(unicode-data)
 # The try page's browser test runs Debian's chromium; Playwright (a dev dependency) only drives it:

@@ -10,7 +10,7 @@ Data: DIR/base.npy, queries.npy, gt.npy as written by the project's yardstick ge
 Measured in one run, on the same vectors and queries:
 - exact search (FAISS brute force, as IndexFlatIP runs it): the baseline every speed-up is relative to;
 - IVF-Flat and IVF-PQ re-ranked from an 8-bit copy, both through the project's own search API
-  (`predictor.index.VectorIndex.search`: input checks, the filter path, ids mapped to listing ids),
+  (`lookalike.predictor.index.VectorIndex.search`: input checks, the filter path, ids mapped to listing ids),
   at the nprobe the build tuned for recall@10 0.95; raw FAISS on the same IVF-Flat shows the API's cost;
 - incremental updates: an index trained on 90% of the vectors, the other 10% added without
   retraining, against the full build at the same nprobe;
@@ -103,7 +103,7 @@ def load_data(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
 
 def recall(found_rows: np.ndarray, gt: np.ndarray) -> float:
     """recall@K against exact search, by the project's one definition (FAISS's knn_intersection_measure)."""
-    from predictor.index_tuning import recall_at_k
+    from lookalike.predictor.index import recall_at_k
 
     return recall_at_k(found_rows, gt, K)
 
@@ -298,7 +298,7 @@ def bench_flat(base, listing_ids, queries, gt, key_to_row, table, exact_single, 
     """IVF-Flat through the project's API, and raw FAISS on the same index (the API's cost)."""
     import faiss
 
-    from predictor.index import VectorIndex
+    from lookalike.predictor.index import VectorIndex
 
     n = len(base)
     start = time.perf_counter()
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"also run the incremental-update build above {INCREMENTAL_MAX_N:,} vectors")
     parser.add_argument("--refine-k-factor", type=int, default=None,
                         help="IVF-PQ candidates re-ranked per result wanted (default: the index's own, "
-                             "predictor.index_factory.REFINE_K_FACTOR)")
+                             "lookalike.predictor.index.factory.REFINE_K_FACTOR)")
     parser.add_argument("--single-threads", type=int, default=1,
                         help="FAISS threads for one-query-at-a-time timings (default 1: one query per core, as a "
                              "server runs them; the IVF-Flat line is also timed with every core)")
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import faiss
 
-    from predictor.index import PQ_FACTORY, VectorIndex, listing_keys
-    from predictor.index_factory import REFINE_K_FACTOR, flat_bytes_per_vector
+    from lookalike.predictor.index import (PQ_FACTORY, REFINE_K_FACTOR, VectorIndex, flat_bytes_per_vector,
+                                           listing_keys)
 
     base, queries, gt, source = load_data(args)
     n, d = base.shape

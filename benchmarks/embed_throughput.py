@@ -5,7 +5,7 @@
 - baseline: the served model (ONNX Runtime on a CPU, torch on CUDA) embedding preprocessed tensors that
   are already in memory, at batch sizes 1, 2, 4, 8, 16 and 32; its best images/s is what the hardware
   can do with this model;
-- the embed step (`pipelines.steps.embed.embed_catalog`, what each shard task of the `index` pipeline
+- the embed step (`lookalike.pipelines.steps.embed.embed_catalog`, what each shard task of the `index` pipeline
   runs): photos streamed from a real S3 server, decoded (JPEG draft to the model's resize), preprocessed
   and embedded, with decoding overlapped with the model.
 
@@ -59,8 +59,8 @@ def make_photos(n: int, seed: int = 0) -> list[bytes]:
 
 def publish_catalog(store, photos: list[bytes], workdir: Path) -> Artifact:
     """The photos as a one-photo-per-listing catalog in the store, prepared as the pipeline prepares it."""
-    from pipelines.steps.catalog import prepare_catalog
-    from training.catalog import CatalogRow, write_catalog
+    from lookalike.pipelines.steps.prepare import prepare_catalog
+    from lookalike.catalogs.rows import CatalogRow, write_catalog
 
     rows = []
     for i, data in enumerate(photos):
@@ -75,10 +75,10 @@ def publish_catalog(store, photos: list[bytes], workdir: Path) -> Artifact:
 
 
 def publish_model(store, size: int) -> Path:
-    from storage.artifacts import model_repo, new_version
-    from training.export import export_model, publish_model
-    from training.model import ModelConfig, create_model
-    from transformer.preprocessing import PreprocessSpec
+    from lookalike.core.artifacts import model_repo, new_version
+    from lookalike.training.export import export_model, publish_model
+    from lookalike.training.model import ModelConfig, create_model
+    from lookalike.core.preprocessing import PreprocessSpec
 
     config = ModelConfig(embedding_dim=128, heads={"category": ["a", "b"]},
                          preprocessing=PreprocessSpec(size=size, resize=round(size * 256 / 224)))
@@ -112,9 +112,9 @@ def main() -> int:
     args = parser.parse_args()
     os.environ["LOOKALIKE_PROGRESS"] = "0"
 
-    from pipelines.steps.embed import embed_catalog, load_embedder
-    from storage.s3 import ObjectStore
-    from storage.server import EmbeddedS3Server
+    from lookalike.pipelines.steps.embed import embed_catalog, load_embedder
+    from lookalike.core.s3 import ObjectStore
+    from lookalike.core.store_server import EmbeddedS3Server
 
     workdir = Path(tempfile.mkdtemp(prefix="lookalike-embed-bench-"))
     os.environ.setdefault("LOOKALIKE_CACHE", str(workdir / "cache"))

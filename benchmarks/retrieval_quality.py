@@ -37,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # other and training runs several times slower. Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from training.catalog import Catalog, CatalogRow  # noqa: E402
-from training.data import ImageBank, kept_side  # noqa: E402
-from training.importers import (BROAD_CATEGORY, FASHION_MNIST_CLASSES, FASHION_MNIST_SPLITS,  # noqa: E402
+from lookalike.catalogs.rows import Catalog, CatalogRow  # noqa: E402
+from lookalike.core.settings import cache_dir  # noqa: E402
+from lookalike.training.data import ImageBank, kept_side  # noqa: E402
+from lookalike.catalogs.importers import (BROAD_CATEGORY, FASHION_MNIST_CLASSES, FASHION_MNIST_SPLITS,  # noqa: E402
                                 SHADE_FRACTION, load_fashion_mnist, shade_of)
-from training.train import TrainConfig, train  # noqa: E402
+from lookalike.training.train import TrainConfig, train  # noqa: E402
 
 TARGETS = {  # what the issue asks, per catalog: same-listing recall@10 ratio, label P@10
     "fashion-mnist": "fine_category P@10 >= 0.88 and phone recall@10 >= 3x pretrained",
@@ -71,7 +72,7 @@ def fashion_mnist_bank(split: str, seed: int = 0) -> tuple[Catalog, ImageBank]:
 
 def emoji_banks(limit: int | None, seed: int) -> tuple[Catalog, ImageBank, Catalog, ImageBank]:
     """The emoji catalog and its held-out design set from the configured store (a seeded `limit` listings)."""
-    from training.importers import resolve_catalog_uri
+    from lookalike.catalogs.importers import resolve_catalog_uri
 
     catalog = Catalog.open(resolve_catalog_uri("emoji"))
     shopper = Catalog.open(resolve_catalog_uri("emoji-shopper"))
@@ -80,7 +81,7 @@ def emoji_banks(limit: int | None, seed: int) -> tuple[Catalog, ImageBank, Catal
         keep = set(np.random.default_rng([seed, 11]).choice(ids, size=min(limit, len(ids)), replace=False).tolist())
         catalog = catalog.subset([r for r in catalog.rows if r.listing_id in keep])
         shopper = shopper.subset([r for r in shopper.rows if r.listing_id in keep])
-    cache = str(Path(os.environ.get("LOOKALIKE_CACHE", Path.home() / ".cache" / "lookalike")) / "images")
+    cache = str(cache_dir() / "images")
     return (catalog, ImageBank.load(catalog, max_side=kept_side(), cache_dir=cache, progress=False), shopper,
             ImageBank.load(shopper, max_side=kept_side(), cache_dir=cache, progress=False))
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{result.images_per_second:.1f} views/s ====\n{report}", flush=True)
         runs[objective] = result.metrics["eval"]
     if len(runs) > 1:
-        from training.report import comparison_lines
+        from lookalike.training.report import comparison_lines
 
         print("\n".join(["objectives side by side (fine-tuned; the pretrained model last):", *comparison_lines(runs)]))
     ev = runs[objectives[0]]

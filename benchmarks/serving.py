@@ -53,15 +53,15 @@ def report(name: str, samples_s: list[float], wall_s: float, images: int) -> dic
 
 
 def build_pair(store, catalog_size: int, size: int) -> tuple[str, str, list]:
-    from predictor.embedder import Embedder
-    from predictor.index import VectorIndex
-    from storage.artifacts import model_repo, new_version
-    from training.catalog import Catalog
-    from training.export import export_model, publish_model
-    from training.importers import import_fashion_mnist
-    from training.model import ModelConfig, create_model
-    from transformer.decoding import decode_image
-    from transformer.preprocessing import PreprocessSpec, preprocess_batch
+    from lookalike.predictor.embedder import Embedder
+    from lookalike.predictor.index import VectorIndex
+    from lookalike.core.artifacts import model_repo, new_version
+    from lookalike.catalogs.rows import Catalog
+    from lookalike.training.export import export_model, publish_model
+    from lookalike.catalogs.importers import import_fashion_mnist
+    from lookalike.training.model import ModelConfig, create_model
+    from lookalike.core.decoding import decode_image
+    from lookalike.core.preprocessing import PreprocessSpec, preprocess_batch
 
     uri = import_fashion_mnist(store, split_names=("train",), limit=catalog_size, progress=False)["train"]
     catalog = Catalog.open(uri, store)
@@ -150,9 +150,9 @@ def real_phone_photos() -> dict[str, list[bytes]]:
 
 
 def in_process(store, photos: list[bytes], n: int, batching: bool = False):
-    from predictor.service import SearchService, ServingPair
-    from transformer.decoding import decode_image
-    from transformer.preprocessing import preprocess_batch
+    from lookalike.predictor.service import SearchService, ServingPair
+    from lookalike.core.decoding import decode_image
+    from lookalike.core.preprocessing import preprocess_batch
 
     pair = ServingPair.from_store(store, "production", "latest")
     service = SearchService(pair, batching=batching)
@@ -248,9 +248,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     args = parser.parse_args()
 
-    from pipelines.serving_stack import ServingStack
-    from storage.s3 import ObjectStore
-    from storage.server import EmbeddedS3Server
+    from lookalike.app.serving_stack import ServingStack
+    from lookalike.core.s3 import ObjectStore
+    from lookalike.core.store_server import EmbeddedS3Server
 
     cores = os.cpu_count() or 1
     workdir = Path(tempfile.mkdtemp(prefix="lookalike-bench-"))
@@ -289,8 +289,8 @@ def main() -> int:
         print(f"\n(e) micro-batching in process, {args.clients} threads for 5 s each")
         for batching in (False, True):
             svc, spec, call = in_process(store, photos, 0, batching=batching)
-            from transformer.decoding import decode_image
-            from transformer.preprocessing import preprocess_batch
+            from lookalike.core.decoding import decode_image
+            from lookalike.core.preprocessing import preprocess_batch
 
             def submit(photo, svc=svc, spec=spec):
                 batch = preprocess_batch([decode_image(photo, min_side=spec.resize)], spec)

@@ -1,6 +1,6 @@
 """Training throughput: the full loop ÷ a bare forward+backward loop of the same model, same batch, same run.
 
-Full loop: `training.train.train` with the default `TrainConfig` — balanced sampler, decoded images,
+Full loop: `lookalike.training.train.train` with the default `TrainConfig` — balanced sampler, decoded images,
 augmentation (phone-photo simulation included) in the background loader thread, masked multitask CE
 and the triplet loss, optimiser step. Bare loop: the same model, the same batch size, one in-memory
 random tensor, cross-entropy on one head, backward and optimiser step — the cost of the network alone.
@@ -28,8 +28,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from retrieval_quality import fashion_mnist_bank  # noqa: E402
-from training.model import ModelConfig, create_model  # noqa: E402
-from training.train import TrainConfig, build_optimizer, train  # noqa: E402
+from lookalike.training.model import ModelConfig, create_model  # noqa: E402
+from lookalike.training.train import TrainConfig, build_optimizer, train  # noqa: E402
 
 
 def bare_rate(config: TrainConfig, heads: dict[str, list[str]], batch: int, steps: int, skip: int) -> float:

@@ -1,6 +1,6 @@
 """Compile every pipeline to Kubeflow's IR YAML; the results are checked in under pipelines/compiled/.
 
-`python -m pipelines.compile [OUT_DIR]` or `lookalike pipeline compile` rewrites them; a test fails when
+`python -m lookalike.pipelines.compile [OUT_DIR]` or `lookalike pipeline compile` rewrites them; a test fails when
 the checked-in files are stale.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from storage.errors import InputError
+from lookalike.core.errors import InputError
 
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
 
@@ -24,7 +24,7 @@ def compile_pipeline(name: str, out_dir: str | Path = COMPILED_DIR) -> Path:
     """Compile one pipeline (`train`, `index`, `update`, `train-and-index`) to OUT_DIR/NAME.yaml."""
     from kfp import compiler
 
-    from pipelines.definitions import PIPELINES
+    from lookalike.pipelines.definitions import PIPELINES
 
     if name not in PIPELINES:
         raise InputError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
@@ -65,7 +65,7 @@ def _sorted(value: Any) -> Any:
 
 def compile_all(out_dir: str | Path = COMPILED_DIR) -> list[Path]:
     """Compile every pipeline into `out_dir`; return the files written."""
-    from pipelines.definitions import PIPELINES
+    from lookalike.pipelines.definitions import PIPELINES
 
     return [compile_pipeline(name, out_dir) for name in PIPELINES]
 

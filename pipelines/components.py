@@ -1,6 +1,6 @@
-"""The Kubeflow components: thin wrappers that hand typed artifacts to the work in `pipelines.steps`.
+"""The Kubeflow components: thin wrappers that hand typed artifacts to the work in `lookalike.pipelines.steps`.
 
-Each component runs in the project's own image (`pipelines.cluster`), where the project is installed,
+Each component runs in the project's own image (`lookalike.pipelines.cluster`), where the project is installed,
 so the function body only imports it: nothing is pip-installed at task start (`install_kfp_package=False`
 and no `packages_to_install`). Locally, `kfp.local.SubprocessRunner(use_venv=False)` runs the same body
 in this Python. Each body imports the module of `pipelines/steps/` that holds its work (as `work`) and
@@ -15,7 +15,7 @@ summaries are `Markdown`.
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from pipelines.cluster import CPU_IMAGE
+from lookalike.pipelines.cluster import CPU_IMAGE
 
 component = dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 
@@ -25,8 +25,8 @@ def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_
                     catalog: Output[Dataset], train_set: Output[Dataset], eval_set: Output[Dataset],
                     report: Output[Markdown]):
     """Validate the catalog, reporting every bad row, and hold out an evaluation set."""
-    from pipelines.steps import catalog as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import prepare as work
+    from lookalike.pipelines.steps.runner import run_step
 
     run_step("prepare catalog", work.prepare_catalog, catalog_uri=catalog_uri,
              holdout_fraction=holdout_fraction, seed=seed, check_images=check_images,
@@ -35,19 +35,13 @@ def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_
 
 
 @component
-def train_model(train_set: Input[Dataset], architecture: str, image_size: int,
-                embedding_dim: int, trainable_blocks: int, steps: int, samples_per_task: int,
-                learning_rate: float, train_options: dict, seed: int, device: str,
-                model: Output[Model], metrics: Output[Metrics]):
+def train_model(train_set: Input[Dataset], settings: dict, seed: int, model: Output[Model], metrics: Output[Metrics]):
     """Fine-tune the pretrained backbone with one head per label set; export the model folder."""
-    from pipelines.steps import model as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import model as work
+    from lookalike.pipelines.steps.runner import run_step
 
-    run_step("train", work.train_model, train_set=train_set,
-             architecture=architecture, image_size=image_size, embedding_dim=embedding_dim,
-             trainable_blocks=trainable_blocks, steps=steps, samples_per_task=samples_per_task,
-             learning_rate=learning_rate, train_options=train_options, seed=seed, device=device,
-             model=model, metrics=metrics)
+    run_step("train", work.train_model, train_set=train_set, settings=settings, seed=seed, model=model,
+             metrics=metrics)
 
 
 @component
@@ -57,8 +51,8 @@ def evaluate_model(model: Input[Model], eval_set: Input[Dataset], catalog: Input
     """Per-head accuracy, retrieval recall@k on held-out items (catalog and simulated phone photos),
     beside the ImageNet-pretrained baseline; an HTML report with the plots; a confusion matrix of every
     head (JSON). Returns the model's heads."""
-    from pipelines.steps import evaluation as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import evaluation as work
+    from lookalike.pipelines.steps.runner import run_step
 
     return run_step("evaluate model", work.evaluate_model, model=model, eval_set=eval_set, catalog=catalog,
                     phone_queries=phone_queries, seed=seed, metrics=metrics, report=report,
@@ -69,8 +63,8 @@ def evaluate_model(model: Input[Model], eval_set: Input[Dataset], catalog: Input
 def show_confusion_matrix(matrices: Input[Artifact], head: str, confusion: Output[ClassificationMetrics]):
     """One head's confusion matrix on held-out rows, as the ClassificationMetrics the KFP UI draws (a
     component's outputs are fixed when it is compiled, so the pipeline runs this once per head)."""
-    from pipelines.steps import evaluation as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import evaluation as work
+    from lookalike.pipelines.steps.runner import run_step
 
     run_step(f"confusion matrix of {head}", work.show_confusion_matrix, matrices=matrices, head=head,
              confusion=confusion)
@@ -84,8 +78,8 @@ def check_model_gates(model: Input[Model], metrics: Input[Metrics], eval_set: In
     """Fail the run unless the model meets every gate, is not worse than the ImageNet-pretrained model
     (within `pretrained_margin`) nor than `compare_to` (within `max_regression`), measured on the same
     held-out items."""
-    from pipelines.steps import gates as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import gates as work
+    from lookalike.pipelines.steps.runner import run_step
 
     run_step("model gates", work.check_model_gates, model=model, metrics=metrics, eval_set=eval_set,
              catalog=catalog, min_recall_at_10=min_recall_at_10, min_head_accuracy=min_head_accuracy,
@@ -97,8 +91,8 @@ def check_model_gates(model: Input[Model], metrics: Input[Metrics], eval_set: In
 def publish_model(model: Input[Model], evaluation: Input[Metrics], report: Input[HTML], alias: str) -> str:
     """Publish the model folder, with its evaluation and report, as a new version (whole or not at all);
     point `alias` at it."""
-    from pipelines.steps import model as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import model as work
+    from lookalike.pipelines.steps.runner import run_step
 
     return run_step("publish model", work.publish_model, model=model, evaluation=evaluation, report=report,
                     alias=alias)
@@ -107,8 +101,8 @@ def publish_model(model: Input[Model], evaluation: Input[Metrics], report: Input
 @component
 def fetch_model(model_ref: str, model: Output[Model]):
     """Download a published model version (a version, an alias or `latest`), checked against its manifest."""
-    from pipelines.steps import model as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import model as work
+    from lookalike.pipelines.steps.runner import run_step
 
     run_step("fetch model", work.fetch_model, model_ref=model_ref, model=model)
 
@@ -116,8 +110,8 @@ def fetch_model(model_ref: str, model: Output[Model]):
 @component
 def shard_numbers(shards: int) -> list:
     """0 .. shards-1: the items the embedding fan-out loops over (a pipeline parameter sets how many)."""
-    from pipelines.steps import embed as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import embed as work
+    from lookalike.pipelines.steps.runner import run_step
 
     return run_step("plan shards", work.shard_numbers, shards=shards)
 
@@ -126,8 +120,8 @@ def shard_numbers(shards: int) -> list:
 def embed_catalog(model: Input[Model], catalog: Input[Dataset], batch_size: int, device: str, shard: int,
                   shards: int, embeddings: Output[Dataset]):
     """Embed every photo of one shard of the catalog with the model, through the serving preprocessing."""
-    from pipelines.steps import embed as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import embed as work
+    from lookalike.pipelines.steps.runner import run_step
 
     run_step("embed catalog", work.embed_catalog, model=model, catalog=catalog, batch_size=batch_size,
              device=device, embeddings=embeddings, shard=shard, shards=shards)
@@ -139,8 +133,8 @@ def build_index(embeddings: Input[list[Dataset]], model: Input[Model], index_fac
                 seed: int, device: str, index: Output[Model], metrics: Output[Metrics]):
     """Train the IVF centroids, add every vector with its listing id, tune nprobe until the index finds
     what exact search finds (recall@10 of at least 0.95, or min_index_recall if higher)."""
-    from pipelines.steps import index as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import index as work
+    from lookalike.pipelines.steps.runner import run_step
 
     run_step("build index", work.build_index, embeddings=embeddings, model=model,
              index_factory=index_factory, memory_budget=memory_budget, min_index_recall=min_index_recall,
@@ -153,8 +147,8 @@ def evaluate_index(index: Input[Model], model: Input[Model], queries: Input[Data
                    seed: int, metrics: Output[Metrics], report: Output[Markdown]):
     """Search the index with simulated phone photos of listings in `queries` (held-out items when there
     was training): recall@k of the exact listing, through the serving preprocessing."""
-    from pipelines.steps import index as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import index as work
+    from lookalike.pipelines.steps.runner import run_step
 
     run_step("evaluate index", work.evaluate_index, index=index, model=model, queries=queries,
              phone_queries=phone_queries, seed=seed, metrics=metrics, report=report)
@@ -164,8 +158,8 @@ def evaluate_index(index: Input[Model], model: Input[Model], queries: Input[Data
 def check_index_gates(build_metrics: Input[Metrics], search_metrics: Input[Metrics], min_index_recall: float,
                       min_recall_at_10: float, verdict: Output[Markdown]):
     """Fail the run unless the IVF index finds what exact search finds, and the search itself works."""
-    from pipelines.steps import gates as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import gates as work
+    from lookalike.pipelines.steps.runner import run_step
 
     run_step("index gates", work.check_index_gates, build_metrics=build_metrics,
              search_metrics=search_metrics, min_index_recall=min_index_recall,
@@ -175,8 +169,8 @@ def check_index_gates(build_metrics: Input[Metrics], search_metrics: Input[Metri
 @component
 def publish_index(index: Input[Model], alias: str) -> str:
     """Publish the index as a new version under the model version it was built with; point `alias` at it."""
-    from pipelines.steps import index as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import index as work
+    from lookalike.pipelines.steps.runner import run_step
 
     return run_step("publish index", work.publish_index, index=index, alias=alias)
 
@@ -186,8 +180,8 @@ def update_index(model: Input[Model], embeddings: Input[list[Dataset]], index_re
                  index: Output[Model], metrics: Output[Metrics]):
     """Add new listings to the published index without retraining its centroids and remove delisted
     ids; report drift (a due rebuild is the index pipeline's job)."""
-    from pipelines.steps import index as work
-    from pipelines.steps.runner import run_step
+    from lookalike.pipelines.steps import index as work
+    from lookalike.pipelines.steps.runner import run_step
 
     run_step("update index", work.update_index, model=model, embeddings=embeddings,
              index_ref=index_ref, delisted_uri=delisted_uri, index=index, metrics=metrics)

@@ -2,8 +2,8 @@
 
 Each publishes last, and only after its gates pass: a gate that fails fails the run at the gate step
 with a message saying what to do, nothing is published and the `production` aliases stay where they
-were. The same definitions compile to IR YAML for Kubeflow (`pipelines.compile`) and run on one
-machine with `kfp.local` (`pipelines.local`).
+were. The same definitions compile to IR YAML for Kubeflow (`lookalike.pipelines.compile`) and run on one
+machine with `kfp.local` (`lookalike.pipelines.local`).
 
     train             prepare → train (GPU) → evaluate (+ a confusion matrix per head) → model gates → publish model
     index             fetch model, prepare → embed (GPU, `embed_shards` tasks in parallel) → build (GPU) →
@@ -19,7 +19,7 @@ machine with `kfp.local` (`pipelines.local`).
 Parameters are declared once, in `PARAMETERS`: type, default and the description the KFP UI and
 `lookalike pipeline run NAME --help` show. Each pipeline names the groups it takes (`CATALOG`,
 `TRAINING`, `MODEL_GATES`, `INDEXING`, `RUNNING`) and `_pipeline` builds the signature KFP compiles
-from them; the body reads them as `p.<name>`. The training defaults are `training.train.TrainConfig`'s,
+from them; the body reads them as `p.<name>`. The training defaults are `lookalike.training.train.TrainConfig`'s,
 the one source `lookalike train` reads too, so both train the same model unless told otherwise. Left at
 0 (image_size, steps) or -2 (trainable_blocks), they are chosen from the catalog (`training/defaults.py`:
 224 px and 2 stages for photos, 80 px and 3 stages for thumbnails, a length in epochs); on a GPU pool
@@ -43,10 +43,10 @@ from collections.abc import Callable
 
 from kfp import dsl
 
-from pipelines import components as c
-from pipelines.cluster import (DEFAULT_GPU_NODE_SELECTOR, DEFAULT_GPU_TOLERATION, S3_SECRET, impure, on_cpu,
-                               on_gpu, pure, transient, uses_store)
-from training.train import TrainConfig
+from lookalike.pipelines import components as c
+from lookalike.pipelines.cluster import (DEFAULT_GPU_NODE_SELECTOR, DEFAULT_GPU_TOLERATION, S3_SECRET, impure, on_cpu,
+                                         on_gpu, pure, transient, uses_store)
+from lookalike.training.settings import pipeline_parameters
 
 EMBED_PARALLELISM = 8  # embedding tasks running at once (KFP fixes a loop's parallelism when it compiles)
 DEFAULT_CATALOG = "fashion-mnist-train"  # a catalog name: catalogs/<name>/catalog.jsonl in the configured bucket
@@ -65,7 +65,6 @@ class Param:
         return replace(self, **changes)
 
 
-_TRAIN = TrainConfig()
 _CATALOG_FORMS = ("a name such as fashion-mnist-train (catalogs/<name>/catalog.jsonl in the configured bucket), "
                   "an s3:// URI or a path of a catalog.jsonl")
 
@@ -77,21 +76,7 @@ PARAMETERS: dict[str, Param] = {
     "seed": Param(int, 0, "seed of the split, the training and the simulated phone photos (those the pipeline has)."),
     "check_images": Param(bool, True, "decode every catalog image while validating (slower, catches broken "
                                       "images early)."),
-    # training: TrainConfig's defaults, shared with `lookalike train`
-    "architecture": Param(str, _TRAIN.architecture, "timm backbone with packaged ImageNet weights "
-                                                    "(tf_efficientnet_lite0 or tf_efficientnet_lite1)."),
-    "image_size": Param(int, _TRAIN.image_size, "input side in pixels the model sees (its preprocessing spec)."),
-    "embedding_dim": Param(int, _TRAIN.embedding_dim, "dimension of the shared embedding (the index's vector size)."),
-    "trainable_blocks": Param(int, _TRAIN.trainable_blocks, "final backbone stages fine-tuned; the earlier ones "
-                                                            "stay frozen (-1: all)."),
-    "steps": Param(int, _TRAIN.steps, "optimiser steps."),
-    "samples_per_task": Param(int, _TRAIN.samples_per_task, "rows of every task in each balanced batch."),
-    "learning_rate": Param(float, _TRAIN.lr, "peak learning rate of the embedding and heads."),
-    "train_options": Param(dict, {}, "any other training setting by name (a field of TrainConfig in "
-                                     'training/train.py), e.g. {"objective": "ce", "warmup_steps": 100}.'),
     # evaluation and the model gates
-    "phone_queries": Param(int, 500, "simulated phone photos used to measure recall@k (of held-out listings "
-                                     "when the pipeline trains, else of the listings it indexes)."),
     "min_recall_at_10": Param(float, 0.2, "gate: phone-photo recall@10 of the photographed listing must reach "
                                           "this, in each evaluation the pipeline runs (the model's exact search "
                                           "over held-out listings, the search through the index)."),
@@ -129,18 +114,19 @@ PARAMETERS: dict[str, Param] = {
     # publishing, and where the tasks run
     "publish_alias": Param(str, "production", "alias pointed at what the run publishes (the model, the index, "
                                               'or both) once its gates pass ("" for none).'),
-    "device": Param(str, _TRAIN.device, "auto, cpu or cuda for the GPU steps (training, embedding, building the "
-                                        "index); cuda fails on a machine without a GPU."),
     "gpu_node_selector": Param(dict, DEFAULT_GPU_NODE_SELECTOR, "node selector of the GPU node pool (GPU tasks "
                                                                 "only)."),
     "gpu_toleration": Param(dict, DEFAULT_GPU_TOLERATION, "toleration of the GPU node pool's taint (GPU tasks only)."),
     "s3_secret": Param(str, S3_SECRET, "Kubernetes Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of "
                                        "the store."),
 }
+# Every training setting a pipeline takes, declared once in lookalike/training/settings.py: its name,
+# type, default and help are the ones `lookalike train` shows. `phone_queries` also sizes the
+# evaluation steps, `device` places every GPU step.
+PARAMETERS.update({name: Param(kind, default, help) for name, (kind, default, help) in pipeline_parameters().items()})
 
 CATALOG = ("catalog_uri", "holdout_fraction", "seed", "check_images")
-TRAINING = ("architecture", "image_size", "embedding_dim", "trainable_blocks", "steps", "samples_per_task",
-            "learning_rate", "train_options")
+TRAINING = tuple(name for name in pipeline_parameters() if name not in ("phone_queries", "device"))
 MODEL_GATES = ("phone_queries", "min_recall_at_10", "min_head_accuracy", "max_regression", "compare_to",
                "pretrained_margin")
 INDEXING = ("embed_batch_size", "embed_shards", "index_factory", "index_memory_budget", "min_index_recall")
@@ -207,10 +193,10 @@ def _prepare(pool: _Pool, catalog_uri, holdout_fraction, seed, check_images, nam
 
 def _train_and_gate(pool: _Pool, prepared, p):
     sets = prepared.outputs
-    train = c.train_model(train_set=sets["train_set"], architecture=p.architecture, image_size=p.image_size,
-                          embedding_dim=p.embedding_dim, trainable_blocks=p.trainable_blocks, steps=p.steps,
-                          samples_per_task=p.samples_per_task, learning_rate=p.learning_rate,
-                          train_options=p.train_options, seed=p.seed, device=p.device)
+    # The training settings travel as one dict (KFP fills in each parameter's value at run time); the
+    # step reads each back with its declared type.
+    settings = {name: getattr(p, name) for name in (*TRAINING, "phone_queries", "device")}
+    train = c.train_model(train_set=sets["train_set"], settings=settings, seed=p.seed)
     train = transient(pure(pool.gpu(train, "train (GPU)")), retries=1)
     evaluate = c.evaluate_model(model=train.outputs["model"], eval_set=sets["eval_set"], catalog=sets["catalog"],
                                 phone_queries=p.phone_queries, seed=p.seed)

@@ -21,7 +21,7 @@ What differs from a cluster, on purpose:
   names the step and carries its message.
 
 Errors: a run that fails raises `PipelineFailed` and a pipeline or parameter that does not exist an
-`InputError`, both of the `storage.errors` family, so the command line prints them as one line.
+`InputError`, both of the `lookalike.core.errors` family, so the command line prints them as one line.
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines.steps import STEP_FAILED
-from storage.errors import InputError, LookalikeError
+from lookalike.core.settings import home
+from lookalike.pipelines.steps import STEP_FAILED
+from lookalike.core.errors import InputError, LookalikeError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
@@ -66,7 +67,7 @@ class LocalRun:
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("LOOKALIKE_HOME", ".lookalike")) / "pipeline-runs"
+    return home() / "pipeline-runs"
 
 
 def run_local(name: str, params: dict[str, Any] | None = None, *, root: str | Path | None = None,
@@ -79,7 +80,7 @@ def run_local(name: str, params: dict[str, Any] | None = None, *, root: str | Pa
     from kfp import local
     from kfp.local import pipeline_orchestrator
 
-    from pipelines.definitions import PIPELINES
+    from lookalike.pipelines.definitions import PIPELINES
 
     if name not in PIPELINES:
         raise InputError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")

@@ -1,6 +1,6 @@
 """Send a pipeline to a real Kubeflow Pipelines endpoint: one run, or a recurring run on a cron schedule.
 
-The pipeline is compiled fresh from `pipelines.definitions` (the same YAML `lookalike pipeline compile`
+The pipeline is compiled fresh from `lookalike.pipelines.definitions` (the same YAML `lookalike pipeline compile`
 writes), so what runs is what the code says. The tasks find the store through the `lookalike-settings`
 ConfigMap and the `lookalike-s3` Secret of the run's namespace (see manifests/base).
 """
@@ -10,7 +10,7 @@ import tempfile
 import warnings
 from typing import Any
 
-from storage.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 
 
 class SubmitError(LookalikeError):
@@ -32,7 +32,7 @@ def submit(name: str, host: str, params: dict[str, Any] | None = None, *, schedu
            experiment: str = "lookalike", namespace: str | None = None, run_name: str | None = None,
            token: str | None = None) -> str:
     """Create a run (or, with `schedule`, a recurring run) of pipeline `name`; return a line saying what was made."""
-    from pipelines.compile import compile_pipeline
+    from lookalike.pipelines.compile import compile_pipeline
 
     cron = kfp_cron(schedule) if schedule else None
     with tempfile.TemporaryDirectory(prefix="lookalike-submit-") as tmp:

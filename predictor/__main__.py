@@ -1,6 +1,6 @@
-"""`python -m predictor`: the KServe predictor server (REST and gRPC, KServe v2).
+"""`python -m lookalike.predictor`: the KServe predictor server (REST and gRPC, KServe v2).
 
-    python -m predictor --model_name lookalike --http_port 8081 --grpc_port 8082 \
+    python -m lookalike.predictor --model_name lookalike --http_port 8081 --grpc_port 8082 \
         --model_version production --index_version latest
 
 Takes kserve's model-server options (ports, workers, logging) plus where to find the model/index pair:
@@ -21,7 +21,7 @@ MOUNTED_MODELS = Path("/mnt/models")  # where KServe's storage initializer puts 
 
 
 def _mounted_models() -> str | None:
-    from transformer.model_card import ModelCard, ModelCardError
+    from lookalike.core.model_card import ModelCard, ModelCardError
 
     try:
         ModelCard.locate(MOUNTED_MODELS)
@@ -32,7 +32,7 @@ def _mounted_models() -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m predictor", parents=[model_server.parser],
+        prog="python -m lookalike.predictor", parents=[model_server.parser],
         description="Lookalike predictor: embeds preprocessed images and searches the FAISS index (KServe v2).")
     parser.set_defaults(model_name="lookalike")
     env = os.environ.get
@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, _ = build_parser().parse_known_args(argv)
-    from predictor.server import LookalikePredictor, PredictorSettings, ReloadingRepository
-    from transformer.metrics import configure_logging
-    from transformer.protocol import ModelServer
+    from lookalike.predictor.server import LookalikePredictor, PredictorSettings, ReloadingRepository
+    from lookalike.serving.metrics import configure_logging
+    from lookalike.serving.protocol import ModelServer
 
     configure_logging()
     settings = PredictorSettings(model_ref=args.model_version, index_ref=args.index_version, model_dir=args.model_dir,

@@ -14,16 +14,16 @@ Every backend answers the same question: `embed(images [N,3,S,S]) -> (embeddings
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from storage.errors import InputError
-from transformer.model_card import ONNX_FILE, ModelCard, ModelCardError
-from transformer.preprocessing import PreprocessSpec
+from lookalike.core.settings import cpu_limit, ort_spin, ort_threads
+from lookalike.core.errors import InputError
+from lookalike.core.model_card import ONNX_FILE, ModelCard, ModelCardError
+from lookalike.core.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class _OnnxRunner:
         import onnxruntime as ort
 
         graph = card.file(ONNX_FILE)
-        self.cores = threads or int(os.environ.get("LOOKALIKE_ORT_THREADS", 0)) or (os.cpu_count() or 1)
+        self.cores = threads or ort_threads() or cpu_limit()
         self.wide = self._session(ort, graph, self.cores)
         self.narrow = self._session(ort, graph, 1) if self.cores > 1 else self.wide
         self.input_name = card.onnx_input
@@ -188,7 +188,7 @@ class _OnnxRunner:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if os.environ.get("LOOKALIKE_ORT_SPIN", "0") != "1":
+        if not ort_spin():
             # Idle intra-op threads spin by default; on a shared CPU (the transformer beside us, other pods)
             # the spinning steals the cores the next request needs.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -215,7 +215,7 @@ class _OnnxRunner:
 def _torch_runner(card: ModelCard):
     import torch
 
-    from training.export import load_model
+    from lookalike.training.export import load_model
 
     model, _ = load_model(card)  # the card was verified when it was read: no second hashing
     tasks = card.tasks

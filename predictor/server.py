@@ -35,14 +35,14 @@ import numpy as np
 import kserve
 from kserve.model_repository import ModelRepository
 from kserve.protocol.infer_type import InferRequest, InferResponse
-from predictor.service import (DEFAULT_MODEL_REF, Matches, SearchService, ServingPair, parse_filters,
-                               resolve_model)
-from storage.artifacts import index_repo
-from storage.s3 import connect
-from transformer.metrics import RequestTrace, observe_batch, set_serving_versions
-from transformer.protocol import (BadInput, ModelMoved, TooLarge, Unavailable, as_v2_error, int_parameter,
-                                  parameters_of, output, request_id, requested, single_input, tensor_as_numpy,
-                                  wants_binary)
+from lookalike.predictor.service import (DEFAULT_MODEL_REF, Matches, SearchService, ServingPair, parse_filters,
+                                         resolve_model)
+from lookalike.core.artifacts import index_repo
+from lookalike.core.s3 import connect
+from lookalike.serving.metrics import RequestTrace, observe_batch, set_serving_versions
+from lookalike.serving.errors import BadInput, ModelMoved, TooLarge, Unavailable, as_v2_error
+from lookalike.serving.protocol import (int_parameter, output, parameters_of, request_id, requested, single_input,
+                                        tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from predictor.embedder import Embedder
-from predictor.index import VectorIndex
-from storage.artifacts import ArtifactError, VersionNotFound, model_repo
-from storage.errors import InputError
-from storage.s3 import ObjectStore
-from transformer.model_card import ModelCard
+from lookalike.predictor.embedder import Embedder
+from lookalike.predictor.index import VectorIndex
+from lookalike.core.artifacts import ArtifactError, VersionNotFound, model_repo
+from lookalike.core.errors import InputError
+from lookalike.core.s3 import ObjectStore
+from lookalike.core.model_card import ModelCard
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from storage.s3 import ObjectStore
-from storage.server import EmbeddedS3Server
+from lookalike.core.s3 import ObjectStore
+from lookalike.core.store_server import EmbeddedS3Server
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def _verbs(parser, prefix=()):
 
 
 def test_every_verb_has_help(capsys):
-    from pipelines.cli import build_parser, main
+    from lookalike.cli.main import build_parser, main
 
     verbs = list(_verbs(build_parser()))
     assert ("store", "up") in verbs

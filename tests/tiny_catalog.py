@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.importers import BROAD_CATEGORY, FASHION_MNIST_CLASSES, load_fashion_mnist
+from lookalike.catalogs.importers import BROAD_CATEGORY, FASHION_MNIST_CLASSES, load_fashion_mnist
 
 
 def write_tiny_catalog(directory: Path, n: int = 200, *, split: str = "train", seed: int = 0,

@@ -7,7 +7,7 @@
   labels); the label vocabulary comes from the catalog. A task without labels, or with a single class,
   cannot be trained: it is skipped with a warning that says so. No task left is an error.
 - `Augment`: flips and a mild random crop on a catalog photo, or a simulated phone photo of the training
-  recipe, then THE preprocessing (`transformer.preprocessing`), so training sees what serving will feed.
+  recipe, then THE preprocessing (`lookalike.core.preprocessing`), so training sees what serving will feed.
 - `BatchLoader`: turns the sampler's plans (P listings per task) into K views of each listing, built in a
   background thread a few batches ahead. A listing's views are its own photos first (another catalog
   view, a user photo) and simulated phone photos; a view whose colour cast is strong loses its colour
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.catalog import Catalog, CatalogError, CatalogRow
-from training.phone_photos import STRONG_CAST, TRAINING, simulate
-from training.sampler import BalancedTaskSampler, BatchPlan, class_balanced_weights
-from transformer.preprocessing import PreprocessSpec, normalize, resize_and_crop
+from lookalike.catalogs.rows import Catalog, CatalogError, CatalogRow
+from lookalike.training.phone_photos import STRONG_CAST, TRAINING, simulate
+from lookalike.training.sampler import BalancedTaskSampler, BatchPlan, class_balanced_weights
+from lookalike.core.preprocessing import PreprocessSpec, normalize, resize_and_crop
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transformer.preprocessing import PreprocessSpec
+from lookalike.training.settings import AUTO_BLOCKS, AUTO_L2SP
 
 if TYPE_CHECKING:
-    from training.train import TrainConfig
+    from lookalike.training.settings import TrainConfig
 
-AUTO_BLOCKS = -2  # TrainConfig.trainable_blocks: chosen from the catalog
 PHOTO_MIN_SIDE = 200  # px: a median shorter side from here on is a photo catalog
 PHOTO_SIZE = 224  # EfficientNet-Lite0's own input size (its ImageNet weights' best)
 THUMBNAIL_SIZE = 80  # measured on Fashion-MNIST: better fine-category P@10 than 96 px at equal compute
@@ -39,7 +38,6 @@ THUMBNAIL_SIZE = 80  # measured on Fashion-MNIST: better fine-category P@10 than
 #   300 held-out listings). 2 stages: phone 0.170 / 0.185, fine_category P@10 0.765 / 0.752; 3 stages:
 #   0.300 / 0.185 and 0.762 / 0.752. 28-px grey products are far from ImageNet: they need the third.
 PHOTO_BLOCKS, THUMBNAIL_BLOCKS = 2, 3
-AUTO_L2SP = -1.0  # TrainConfig.l2sp_weight: chosen from the catalog
 # L2-SP (the pull of the fine-tuned weights towards the pretrained ones) keeps a photo catalog close to what
 # ImageNet knew of designs it never showed (emoji, above). Thumbnails are far from ImageNet's photos: on
 # the whole of Fashion-MNIST (1,401 steps, 80 px; fine-tuned / pretrained, benchmarks/retrieval_quality.py)
@@ -67,13 +65,6 @@ class Choice:
 
     def to_dict(self) -> dict[str, Any]:
         return {"value": self.value, "why": self.why}
-
-
-def preprocessing_for(size: int, crop: str) -> PreprocessSpec:
-    """The spec of a square `size` input: squashed whole ("none") or the model's own centre crop of a
-    shorter side resized to size x 8/7 ("center", 224 → 256)."""
-    resize = size if crop == "none" else round(size * 8 / 7)
-    return PreprocessSpec(size=size, resize=resize, crop=crop, interpolation="bicubic")
 
 
 def cpu_images_per_second(size: int) -> float:

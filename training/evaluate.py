@@ -1,7 +1,7 @@
 """Evaluation, always beside the ImageNet-pretrained model at its own best settings, on the same queries.
 
 The gallery is catalog photos; a search returns LISTINGS ranked by their best photo, never one twice
-(as the index does). Query sets (`QuerySet`, built by `training.queries`) are photos the training never
+(as the index does). Query sets (`QuerySet`, built by `lookalike.training.queries`) are photos the training never
 generated: held-out real views of a listing (another photo of it: the query photo itself is left out of
 the gallery, the listing's other photos stay), user photos, a held-out catalog such as emoji-shopper, and
 simulated phone photos of the EVALUATION recipe. Figures:
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from training.model import LookalikeModel, backbone_tail, backbone_trunk
-from transformer.preprocessing import PreprocessSpec, preprocess
+from lookalike.training.model import LookalikeModel, backbone_tail, backbone_trunk
+from lookalike.core.preprocessing import PreprocessSpec, preprocess
 
 FINETUNED, BASELINE = "finetuned", "baseline"
 BASELINE_SPEC = PreprocessSpec(size=224, resize=256, crop="center", interpolation="bicubic")

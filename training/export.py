@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from storage.errors import LookalikeError
-from training.model import LookalikeModel, ModelConfig, create_model
-from transformer.model_card import (CARD_FILE, ONNX_FILE, ONNX_INPUT, WEIGHTS_FILE, ModelCard, ModelCardError,
-                                    output_names)
+from lookalike.core.errors import LookalikeError
+from lookalike.training.model import LookalikeModel, ModelConfig, create_model
+from lookalike.core.model_card import (CARD_FILE, ONNX_FILE, ONNX_INPUT, WEIGHTS_FILE, ModelCard, ModelCardError,
+                                       output_names)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def code_version() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "training", "transformer"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "training", "lookalike/core"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -67,7 +67,7 @@ def export_model(model: LookalikeModel, config: ModelConfig, out_dir: str | Path
                  check_batch: torch.Tensor | None = None) -> Path:
     """Write model.safetensors, model.onnx (checked against PyTorch) and model.json into `out_dir`.
 
-    `model_version` is the name the training run minted when it started (storage.artifacts.new_version),
+    `model_version` is the name the training run minted when it started (lookalike.core.artifacts.new_version),
     so the folder, its card, its metrics and the published version all carry the one name.
     """
     from safetensors.torch import save_file
@@ -153,7 +153,7 @@ def load_model(model: ModelCard | str | Path) -> tuple[LookalikeModel, ModelCard
 def publish_model(store, out_dir: str | Path, *, alias: str | None = None) -> str:
     """Publish an exported model folder as a new version of `models/` (whole or not at all), under the
     version its card was exported with; point `alias` at it. The folder is not edited."""
-    from storage.artifacts import model_repo
+    from lookalike.core.artifacts import model_repo
 
     card = ModelCard.read(out_dir)
     for name in (WEIGHTS_FILE, ONNX_FILE):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.errors import InputError
+from lookalike.core.errors import InputError
 
 PARTS = ("ce", "proxy", "triplet")
 OBJECTIVES = ("ce", "proxy", "triplet", "ce+proxy", "ce+triplet", "proxy+triplet", "ce+proxy+triplet")
@@ -222,7 +222,7 @@ def multitask_loss(out: dict, task_ids: torch.Tensor, targets: torch.Tensor, lis
         logged["triplet"] = float(trip.detach())
     if config.uses_proxy:
         if proxies is None:
-            raise InputError("the proxy objective needs the listing proxies (training.losses.ListingProxies)")
+            raise InputError("the proxy objective needs the listing proxies (lookalike.training.losses.ListingProxies)")
         proxy = proxies.loss(out["embedding"], listing, config.proxy_scale)
         total = total + config.proxy_weight * proxy
         logged["proxy"] = float(proxy.detach())

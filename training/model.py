@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.errors import InputError
-from transformer.preprocessing import PreprocessSpec
+from lookalike.core.errors import InputError
+from lookalike.core.preprocessing import PreprocessSpec
 
 DEFAULT_ARCHITECTURE = "tf_efficientnet_lite0"
 
@@ -211,7 +211,7 @@ def create_backbone(architecture: str) -> nn.Module:
 
 def create_model(config: ModelConfig) -> LookalikeModel:
     """Build the model and load its backbone's ImageNet weights as `config.pretrained` says."""
-    from training.pretrained import load_pretrained
+    from lookalike.training.pretrained import load_pretrained
 
     backbone = create_backbone(config.architecture)
     description = load_pretrained(backbone, config.architecture, config.pretrained)

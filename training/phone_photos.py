@@ -21,8 +21,8 @@ label (`STRONG_CAST`) instead of teaching that a tinted product is another colou
 
 Any metric computed on these photos must be printed with SIMULATED_NOTE beside it.
 
-Run `python -m training.phone_photos grid docs/images/phone_photos.png` for a picture of originals beside
-their simulations (`--recipe evaluation` for the other recipe), and `python -m training.phone_photos bench`
+Run `python -m lookalike.training.phone_photos grid docs/images/phone_photos.png` for a picture of originals beside
+their simulations (`--recipe evaluation` for the other recipe), and `python -m lookalike.training.phone_photos bench`
 for its speed.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 if TYPE_CHECKING:
-    from training.catalog import Catalog
+    from lookalike.catalogs.rows import Catalog
 
 SIMULATED_NOTE = ("simulated phone photos (evaluation recipe): catalog images cut out or pasted whole on real "
                   "background photos, with perspective, light, colour cast, blur, noise and JPEG; not real "
@@ -103,7 +103,7 @@ def recipe_of(recipe: Recipe | str) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if recipe not in RECIPES:
-        from storage.errors import InputError
+        from lookalike.core.errors import InputError
 
         raise InputError(f"unknown phone-photo recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     return RECIPES[recipe]
@@ -337,7 +337,7 @@ def make_phone_queries(catalog: Catalog, n: int, seed: int, *, strength: float =
 
 def _sample_images(count: int, seed: int = 0) -> list[Image.Image]:
     """`count` Fashion-MNIST test images, cycling over the classes."""
-    from training.importers import load_fashion_mnist
+    from lookalike.catalogs.importers import load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     rng = np.random.default_rng(seed)
@@ -363,7 +363,7 @@ def _main(argv: list[str] | None = None) -> int:
     import argparse
     import time
 
-    parser = argparse.ArgumentParser(prog="python -m training.phone_photos",
+    parser = argparse.ArgumentParser(prog="python -m lookalike.training.phone_photos",
                                      description="Look at the phone-photo simulator, or time it.")
     sub = parser.add_subparsers(dest="action", required=True)
     g = sub.add_parser("grid", help="save 16 Fashion-MNIST originals beside their simulated phone photos")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from storage.errors import InputError
+from lookalike.core.errors import InputError
 
 # architecture -> (module, class exposing get_model_file_path(), distribution name)
 PACKAGE_WEIGHTS: dict[str, tuple[str, str, str]] = {
@@ -94,7 +94,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_s3_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    from storage.s3 import ObjectStore, S3Settings, parse_s3_uri
+    from lookalike.core.s3 import ObjectStore, S3Settings, parse_s3_uri
 
     bucket, key = parse_s3_uri(uri)
     store = ObjectStore(S3Settings.from_env().with_bucket(bucket))

@@ -8,7 +8,7 @@ EVALUATION recipe; and the gallery they search. Nothing here is ever trained on.
   then only ask for its labels).
 - `gallery_rows`: the catalog photos searched: every photo of the listings the queries look for, plus a
   seeded sample of the others up to a limit.
-- `view_queries`, `catalog_queries`, `phone_queries`: the query sets (`training.evaluate.QuerySet`).
+- `view_queries`, `catalog_queries`, `phone_queries`: the query sets (`lookalike.training.evaluate.QuerySet`).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.data import ImageBank
-from training.evaluate import Gallery, QuerySet
-from training.phone_photos import EVALUATION, SIMULATED_NOTE, simulate_phone_photo
+from lookalike.training.data import ImageBank
+from lookalike.training.evaluate import Gallery, QuerySet
+from lookalike.training.phone_photos import EVALUATION, SIMULATED_NOTE, simulate_phone_photo
 
 PHONE_SIZE = 320  # simulated phone photos are made at this size, whatever the model's input size
 HOLDOUT_SHARE = 0.1  # at most this share of the listings is held out for each purpose

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from training.evaluate import BASELINE, FINETUNED, summary_lines
+from lookalike.training.evaluate import BASELINE, FINETUNED, summary_lines
 
 _SKIP = {"step", "loss", "images_per_s", "time_s", "l2sp"}
 _COLOURS = {FINETUNED: "#1f77b4", BASELINE: "#aaaaaa"}

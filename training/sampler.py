@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from storage.errors import InputError
+from lookalike.core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 weights of its best evaluation are the ones kept.
 
 The set (`Selector`) is built once before training from photos the training never sees: the photos that
-`training.queries.hold_out` set aside for selection (a held-out view of a listing looks for the listing's
+`lookalike.training.queries.hold_out` set aside for selection (a held-out view of a listing looks for the listing's
 other photos; a held-out single-photo listing asks for its labels), twice as many simulated phone photos
 of the EVALUATION recipe (50 to 200, seeded apart from the final evaluation's), and a small gallery
 (those listings' photos plus distractors). Its score is the mean of what it can measure: same-listing
@@ -20,10 +20,10 @@ import logging
 import numpy as np
 import torch
 
-from training.data import ImageBank, plain
-from training.evaluate import label_precision, listing_topk
-from training.model import LookalikeModel
-from training.queries import PHONE_SIZE, gallery_rows, phone_queries
+from lookalike.training.data import ImageBank, plain
+from lookalike.training.evaluate import label_precision, listing_topk
+from lookalike.training.model import LookalikeModel
+from lookalike.training.queries import PHONE_SIZE, gallery_rows, phone_queries
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ stopping on held-out retrieval, then evaluation beside the pretrained model and 
             ─▶ evaluate beside the pretrained model at 224 px on held-out views, an eval catalog and
                simulated phone photos of the evaluation recipe ─▶ export (settings and reasons on the card)
 
-Defaults left at 0/"auto" are chosen from the catalog (`training.defaults`): 224 px with the model's own
+Defaults left at 0/"auto" are chosen from the catalog (`lookalike.training.defaults`): 224 px with the model's own
 centre crop for photo catalogs, Fashion-MNIST's measured 80 px for thumbnails, and a length in epochs
 that fits a CPU budget. On CUDA the loop runs with autocast (fp16 + loss scaling) and channels-last.
 Deterministic for a seed on CPU: the sampler and each batch's augmentation are functions of (seed, step),
@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -30,101 +30,18 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from storage.artifacts import new_version
-from storage.errors import InputError
-from training.catalog import Catalog
-from training.data import Augment, BatchLoader, ImageBank, build_tasks, kept_side, make_sampler
-from training.defaults import AUTO_BLOCKS, AUTO_L2SP, Choice, preprocessing_for, resolve
-from training.losses import ListingProxies, LossConfig, l2_sp, multitask_loss, similarity_distillation
-from training.model import DEFAULT_ARCHITECTURE, LookalikeModel, ModelConfig, backbone_tail, create_model
-from training.queries import hold_out
+from lookalike.core.artifacts import new_version
+from lookalike.core.errors import InputError
+from lookalike.core.settings import cache_dir
+from lookalike.catalogs.rows import Catalog
+from lookalike.training.data import Augment, BatchLoader, ImageBank, build_tasks, kept_side, make_sampler
+from lookalike.training.defaults import Choice, resolve
+from lookalike.training.losses import ListingProxies, l2_sp, multitask_loss, similarity_distillation
+from lookalike.training.model import LookalikeModel, ModelConfig, backbone_tail, create_model
+from lookalike.training.queries import hold_out
+from lookalike.training.settings import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    # model
-    architecture: str = DEFAULT_ARCHITECTURE
-    pretrained: str | None = "package"  # "package", a weights file (path or s3://), or None
-    embedding_dim: int = 128
-    trainable_blocks: int = AUTO_BLOCKS  # last stages fine-tuned (-1: all); AUTO: measured, training/defaults.py
-    image_size: int = 0  # square input side; 0: from the catalog (training.defaults)
-    crop: str = "auto"  # "none": squash to a square; "center": resize the short side, then crop; "auto"
-    tasks: list[str] | None = None  # default: every label of the catalog
-    # length and batches
-    steps: int = 0  # 0: from `epochs`, or from the catalog and a CPU budget (training.defaults)
-    epochs: float = 0.0  # 0: chosen from the catalog
-    max_epochs: float = 30.0
-    samples_per_task: int = 8  # listings of every task in a batch (P); each is seen in `views` views (K)
-    views: int = 2
-    class_power: float = 0.5  # within a task, class c is drawn in proportion to n_c^power (sampler.py)
-    # optimisation
-    lr: float = 2e-3  # projection and heads
-    backbone_lr_scale: float = 0.25  # the fine-tuned backbone stages learn this much slower
-    weight_decay: float = 1e-4  # projection and heads; the backbone is held by L2-SP instead
-    warmup_steps: int = 0  # 0: a tenth of the run, at most 50
-    # objective
-    objective: str = "ce+proxy"  # parts of ce, proxy, triplet joined by "+"
-    label_smoothing: float = 0.1
-    task_weights: dict[str, float] = field(default_factory=dict)
-    triplet_margin: float = 0.2
-    triplet_weight: float = 1.0
-    proxy_weight: float = 1.0
-    proxy_scale: float = 16.0
-    proxy_negatives: int = 4096  # sampled other listings in the identity softmax
-    proxy_lr: float = 5e-3
-    pca_init: int = 1000  # photos whose pretrained features start the projection as their PCA whitening
-    l2sp_weight: float = AUTO_L2SP  # pull of the trained backbone towards the pretrained weights; AUTO: by catalog
-    distill_weight: float = 0.0  # keep the batch's similarity structure of the pretrained features
-    # augmentation
-    phone_p: float = 0.3  # probability that a first view becomes a simulated phone photo (training recipe)
-    second_view_phone_p: float = 0.8  # probability that a further view is one
-    phone_strength: float = 1.0
-    flip: bool = True
-    crop_scale: float = 0.85
-    # held out of training
-    select_listings: int = 200  # listings giving up a photo to early stopping
-    eval_every: int = 0  # steps between held-out evaluations; 0: about ten per run
-    patience: int = 5  # evaluations without a better score before stopping
-    test_listings: int = 500  # listings giving up a photo to the final evaluation (0: none)
-    # final evaluation
-    eval_catalog_limit: int = 10000  # gallery: photos of the training catalog searched
-    eval_queries: int = 2000  # photos of the evaluation catalog used as queries
-    phone_queries: int = 1000  # simulated phone photos (evaluation recipe) of gallery listings
-    eval_batch: int = 64
-    # runtime
-    device: str = "auto"  # auto, cpu or cuda
-    threads: int | None = None  # torch intra-op threads on CPU (default: all cores)
-    amp: bool = True  # autocast on CUDA
-    log_every: int = 10
-
-    def __post_init__(self):
-        LossConfig(self.objective, self.label_smoothing)  # validates the objective early
-        if self.steps < 0 or self.epochs < 0 or self.image_size < 0:
-            raise InputError("steps, epochs and image_size must be positive (0: chosen from the catalog)")
-        if self.crop not in ("auto", "none", "center"):
-            raise InputError(f"crop must be auto, none or center, got {self.crop!r}")
-        if self.views < 1:
-            raise InputError("views must be at least 1")
-        if self.trainable_blocks < AUTO_BLOCKS:
-            raise InputError(f"trainable_blocks is the number of final stages to fine-tune (-1: all, "
-                             f"{AUTO_BLOCKS}: chosen from the catalog), got {self.trainable_blocks}")
-        if self.l2sp_weight < 0 and self.l2sp_weight != AUTO_L2SP:
-            raise InputError(f"l2sp_weight must be 0 or more ({AUTO_L2SP:g}: chosen from the catalog), "
-                             f"got {self.l2sp_weight}")
-
-    def preprocessing(self):
-        if not self.image_size or self.crop == "auto":
-            raise InputError("the input size and crop are chosen from the catalog: resolve the config first")
-        return preprocessing_for(self.image_size, self.crop)
-
-    def loss(self) -> LossConfig:
-        return LossConfig(self.objective, self.label_smoothing, dict(self.task_weights), self.triplet_margin,
-                          self.triplet_weight, self.proxy_weight, self.proxy_scale)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -164,16 +81,17 @@ def build_optimizer(model: LookalikeModel, config: TrainConfig) -> torch.optim.O
     if config.pca_init > 0:
         slow += list(model.projection.parameters())
         fast = [p for p in fast if all(p is not q for q in model.projection.parameters())]
-    groups = [{"params": fast, "lr": config.lr, "base_lr": config.lr, "weight_decay": config.weight_decay}]
+    lr = config.learning_rate
+    groups = [{"params": fast, "lr": lr, "base_lr": lr, "weight_decay": config.weight_decay}]
     if slow:
-        lr = config.lr * config.backbone_lr_scale
+        lr = config.learning_rate * config.backbone_lr_scale
         decay = 0.0 if config.l2sp_weight > 0 else config.weight_decay  # decay towards 0 would fight L2-SP
         groups.append({"params": slow, "lr": lr, "base_lr": lr, "weight_decay": decay})
     return torch.optim.AdamW(groups)
 
 
 def bank_side(config: TrainConfig) -> int:
-    """How large photos are kept in memory (`training.data.kept_side`)."""
+    """How large photos are kept in memory (`lookalike.training.data.kept_side`)."""
     return kept_side(config.preprocessing() if config.image_size and config.crop != "auto" else None)
 
 
@@ -186,12 +104,12 @@ def train(catalog: Catalog, config: TrainConfig | None = None, *, eval_catalog: 
     simulated phone photos); export to `out_dir`.
 
     `model_version` names the exported model; whoever starts the run mints it once
-    (storage.artifacts.new_version) so folder, card and published version agree. Minted here when not given.
+    (lookalike.core.artifacts.new_version) so folder, card and published version agree. Minted here when not given.
     `bank`/`eval_bank` reuse images already decoded (benchmarks, repeated runs on one catalog).
     `announce` is told each setting chosen from the catalog, and why, before training starts.
     """
-    from training.evaluate import pretrained_backbone_copy
-    from training.selection import Selector
+    from lookalike.training.evaluate import pretrained_backbone_copy
+    from lookalike.training.selection import Selector
 
     config = config or TrainConfig()
     device = resolve_device(config.device)
@@ -354,7 +272,7 @@ def _init_projection(model: LookalikeModel, bank: ImageBank, config: TrainConfig
                      seed: int) -> None:
     """The projection starts as the PCA whitening of the pretrained features of a seeded sample of the
     training photos (`LookalikeModel.init_projection`)."""
-    from training.evaluate import run_batches
+    from lookalike.training.evaluate import run_batches
 
     rng = np.random.default_rng([seed, 0x9CA])
     picks = np.sort(rng.choice(len(bank), size=min(config.pca_init, len(bank)), replace=False))
@@ -370,8 +288,8 @@ def evaluate_after_training(model: LookalikeModel, baseline: torch.nn.Module, ba
                             device: torch.device, progress: bool, seed: int) -> dict[str, Any]:
     """Held-out views of the training catalog, photos of `eval_catalog` and simulated phone photos of the
     evaluation recipe search a seeded gallery of the training catalog; the pretrained model likewise."""
-    from training.evaluate import evaluate
-    from training.queries import catalog_queries, gallery_of, gallery_rows, phone_queries, view_queries
+    from lookalike.training.evaluate import evaluate
+    from lookalike.training.queries import catalog_queries, gallery_of, gallery_rows, phone_queries, view_queries
 
     if eval_bank is None and eval_catalog is not None:
         eval_bank = ImageBank.load(eval_catalog, max_side=bank_side(config), progress=progress, cache_dir=_cache_dir())
@@ -387,8 +305,8 @@ def evaluate_after_training(model: LookalikeModel, baseline: torch.nn.Module, ba
 
 
 def _export(model, model_config, out_dir, metrics, history, lineage, model_version: str) -> Path:
-    from training.export import export_model
-    from training.report import write_report
+    from lookalike.training.export import export_model
+    from lookalike.training.report import write_report
 
     model_dir = export_model(model.cpu().float(), model_config, out_dir, model_version=model_version, metrics=metrics,
                              lineage=lineage)
@@ -397,5 +315,4 @@ def _export(model, model_config, out_dir, metrics, history, lineage, model_versi
 
 
 def _cache_dir() -> str:
-    home = os.environ.get("LOOKALIKE_CACHE", str(Path.home() / ".cache" / "lookalike"))
-    return str(Path(home) / "images")
+    return str(cache_dir() / "images")

@@ -1,4 +1,4 @@
-"""`python -m transformer --predictor_host HOST:GRPC_PORT`: the KServe transformer server (REST and gRPC).
+"""`python -m lookalike.transformer --predictor_host HOST:GRPC_PORT`: the KServe transformer server (REST and gRPC).
 
 It reads the model's preprocessing from the model's own model.json (from the store configured by
 LOOKALIKE_S3_*, or --model_dir), and calls the predictor over gRPC v2.
@@ -14,7 +14,7 @@ from kserve import model_server
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m transformer", parents=[model_server.parser],
+        prog="python -m lookalike.transformer", parents=[model_server.parser],
         description="Lookalike transformer: decodes and preprocesses shoppers' photos, calls the predictor, joins "
                     "listing metadata (KServe v2).")
     parser.set_defaults(model_name="lookalike", predictor_protocol="grpc-v2")
@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print("transformer: only --predictor_protocol grpc-v2 is supported (tensors travel binary over gRPC)",
               file=sys.stderr)
         return 2
-    from transformer.decoding import ImageLimits
-    from transformer.metrics import configure_logging
-    from transformer.protocol import ModelServer
-    from transformer.server import LookalikeTransformer, TransformerSettings
+    from lookalike.core.decoding import ImageLimits
+    from lookalike.serving.metrics import configure_logging
+    from lookalike.serving.protocol import ModelServer
+    from lookalike.transformer.server import LookalikeTransformer, TransformerSettings
 
     configure_logging()
     catalogs = list(args.catalog) + [c for c in os.environ.get("LOOKALIKE_CATALOG", "").split(",") if c]

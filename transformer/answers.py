@@ -14,7 +14,7 @@ Per photo searched with, one `matches` JSON document:
 
 and the BYTES tensors [N, k] `titles`, `categories`, `image_uris` (the matched photo, fetchable) and
 `photo_ids` beside the predictor's `listing_ids` and `scores`. A photo is never answered as a bare
-`s3://` URI (see `transformer.metadata.PhotoUrls`); a catalog photo on the server's disk is answered by
+`s3://` URI (see `lookalike.transformer.metadata.PhotoUrls`); a catalog photo on the server's disk is answered by
 its path in `image`/`image_uris` only (no app can fetch it: `image_url` is "").
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from transformer.metadata import ListingMetadata, PhotoUrls
+from lookalike.transformer.metadata import ListingMetadata, PhotoUrls
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Listing metadata joined to search results: per listing its title (or the id), labels, free-form metadata
 and every photo's location, and fetchable URLs for those photos.
 
-Read from the catalog JSONL itself (one listing per line, or old one-photo rows: `transformer.catalog_format`),
+Read from the catalog JSONL itself (one listing per line, or old one-photo rows: `lookalike.catalogs.format`),
 from `s3://` or a path. Which catalogs: the ones given explicitly, else every one the served index names in
 its `index.json` (the build's catalog and each update's), and the model's lineage - so the transformer
 follows the predictor through a swap, and through updates, without configuration.
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.s3 import ObjectStore, S3Settings, StoreError, parse_s3_uri
-from transformer.catalog_format import read_listings
+from lookalike.core.s3 import ObjectStore, S3Settings, StoreError, parse_s3_uri
+from lookalike.catalogs.format import read_listings
 
 log = logging.getLogger(__name__)
 

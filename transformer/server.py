@@ -10,7 +10,7 @@ Outputs:             listing_ids, photo_ids, scores, label_<task>, prob_<task> (
                      catalogs: titles, categories, image_uris (fetchable URLs)  BYTES [N, k]; matches
                      BYTES [N]: one JSON document per photo with what an app displays per listing (title,
                      metadata, all labels, the matched photo's URL and all its photos' URLs, score; see
-                     `transformer.answers`)
+                     `lookalike.transformer.answers`)
 
 preprocess: check limits (images per request, bytes, pixels), decode with EXIF orientation, apply the
             model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S]
@@ -28,7 +28,6 @@ import base64
 import binascii
 import logging
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,20 +38,22 @@ import numpy as np
 import kserve
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
-from storage.artifacts import index_repo, model_repo
-from storage.errors import InputError
-from storage.s3 import ObjectStore, connect
-from transformer.decoding import ImageLimits, decode_images
-from transformer.answers import join, text
-from transformer.metadata import ListingMetadata, PhotoUrls
-from transformer.metrics import RequestTrace, set_serving_versions
-from transformer.index_card import CARD_FILE as INDEX_CARD_FILE
-from transformer.index_card import IndexCard
-from transformer.model_card import CARD_FILE, ModelCard
-from transformer.preprocessing import preprocess_batch
-from transformer.protocol import (REQUEST_ID_HEADER, BadInput, ModelMoved, Timeout, TooLarge, Unavailable, V2Error,
-                                  as_v2_error, int_parameter, output, parameters_of, request_id, requested,
-                                  single_input, tensor_as_numpy, wants_binary)
+from lookalike.core.artifacts import index_repo, model_repo
+from lookalike.core.errors import InputError
+from lookalike.core.s3 import ObjectStore, connect
+from lookalike.core.decoding import ImageLimits, decode_images
+from lookalike.transformer.answers import join, text
+from lookalike.transformer.metadata import ListingMetadata, PhotoUrls
+from lookalike.serving.metrics import RequestTrace, set_serving_versions
+from lookalike.core.index_card import CARD_FILE as INDEX_CARD_FILE
+from lookalike.core.index_card import IndexCard
+from lookalike.core.model_card import CARD_FILE, ModelCard
+from lookalike.core.preprocessing import preprocess_batch
+from lookalike.core.settings import cpu_limit, decode_threads
+from lookalike.serving.errors import (BadInput, ModelMoved, Timeout, TooLarge, Unavailable, V2Error, as_v2_error,
+                                      status_for)
+from lookalike.serving.protocol import (REQUEST_ID_HEADER, int_parameter, output, parameters_of, request_id,
+                                        requested, single_input, tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,7 @@ class LookalikeTransformer(kserve.Model):
         self._stub = None
         # Pixel work (decode, preprocess) is CPU-bound: one thread per core, since more would only
         # time-slice the same cores against each other and against the predictor beside us.
-        self._pixels = ThreadPoolExecutor(max_workers=int(os.environ.get("LOOKALIKE_DECODE_THREADS", 0))
-                                          or os.cpu_count() or 1, thread_name_prefix="pixels")
+        self._pixels = ThreadPoolExecutor(max_workers=decode_threads() or cpu_limit(), thread_name_prefix="pixels")
 
     # ---- loading -----------------------------------------------------------------------------
     @property
@@ -122,7 +122,7 @@ class LookalikeTransformer(kserve.Model):
                                                                     CARD_FILE))
 
     def _resolve(self, ref: str) -> str:
-        from storage.artifacts import VersionNotFound
+        from lookalike.core.artifacts import VersionNotFound
 
         repo = model_repo(self.store)
         try:
@@ -448,22 +448,22 @@ def to_plain(params: Any) -> dict[str, Any]:
 
 
 def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float) -> V2Error:
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    """What the client is told when the predictor answers with a gRPC error (its status read back through
+    the wire table): the predictor's own client errors as they are, the rest said from our side."""
+    status, details = status_for(exc.code()), exc.details() or ""
+    if status == 504:
         return Timeout(f"the predictor at {host} did not answer within {timeout:g} s; retry later")
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if status == 503:
         first_line = details.splitlines()[0] if details else "unavailable"
         return Unavailable(f"the predictor at {host} is not reachable or not ready ({first_line}); "
                            f"retry shortly")
-    if code == grpc.StatusCode.FAILED_PRECONDITION and ModelMoved.version_in(details):
+    if status == 409 and ModelMoved.version_in(details):
         return ModelMoved(ModelMoved.version_in(details), details.split(";", 1)[-1].strip())
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return BadInput(details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return TooLarge(details)
-    if code == grpc.StatusCode.NOT_FOUND:
+    if status in (400, 413):
+        return V2Error(details, status=status)
+    if status == 404:
         return Unavailable(f"the predictor at {host} does not serve this model ({details})")
-    return V2Error(f"the predictor failed: {details or code.name}")
+    return V2Error(f"the predictor failed: {details or exc.code().name}")
 
 
 def _as_v2_error(exc: BaseException, rid: str) -> BaseException:

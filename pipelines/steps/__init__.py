@@ -14,10 +14,10 @@ metrics artifacts also have `log_metric` / `log_confusion_matrix`.
     embed.py        embed catalog images through the serving preprocessing
     index.py        build, evaluate, update and publish the FAISS index
 
-Every failure a user can fix raises an error of the `storage.errors` family (`StepError`, a catalog,
+Every failure a user can fix raises an error of the `lookalike.core.errors` family (`StepError`, a catalog,
 store or artifact error) with a message that says what to do; `run_step` prints it on one marked line,
 so a local run shows the user the message of the step that failed instead of a stack trace.
 """
-from pipelines.steps.runner import STEP_FAILED, GateFailed, StepError, run_step
+from lookalike.pipelines.steps.runner import STEP_FAILED, GateFailed, StepError, run_step
 
 __all__ = ["STEP_FAILED", "GateFailed", "StepError", "run_step"]

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.steps.catalog import open_catalog
-from pipelines.steps.runner import StepError, check_device, progress
-from storage.errors import LookalikeError
+from lookalike.pipelines.steps.prepare import open_catalog
+from lookalike.pipelines.steps.runner import StepError, check_device, progress
+from lookalike.core.errors import LookalikeError
 
 CPU_BATCH = 4  # images per ONNX Runtime call on a CPU: fastest per image at 2-4 on 2 cores (embed_throughput.py)
 DECODE_WORKERS = 4  # threads decoding ahead of the model (I/O-bound fetches overlap; Pillow releases the GIL)
@@ -29,7 +29,7 @@ DECODE_WORKERS = 4  # threads decoding ahead of the model (I/O-bound fetches ove
 
 def load_embedder(model_dir: str | Path, device: str):
     """The model folder's embedder: ONNX Runtime on a CPU, PyTorch on CUDA, the machine's best for auto."""
-    from predictor.embedder import Embedder
+    from lookalike.predictor.embedder import Embedder
 
     device = check_device(device)
     backend = {"auto": "auto", "cpu": "onnxruntime", "cuda": "torch"}[device]
@@ -47,7 +47,7 @@ def embed_images(embedder, catalog, rows, batch_size: int = 32, desc: str = "emb
     import numpy as np
     from tqdm import tqdm
 
-    from transformer.preprocessing import preprocess
+    from lookalike.core.preprocessing import preprocess
 
     spec = embedder.card.preprocessing
     chunks, probs = [], {t: [] for t in embedder.tasks}

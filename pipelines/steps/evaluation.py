@@ -7,16 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.steps.catalog import image_cache_dir, open_catalog
-from pipelines.steps.embed import embed_images, load_embedder
-from pipelines.steps.report import write_html_report
-from pipelines.steps.runner import StepError, progress, write_metrics
+from lookalike.pipelines.steps.prepare import image_cache_dir, open_catalog
+from lookalike.pipelines.steps.embed import embed_images, load_embedder
+from lookalike.pipelines.steps.report import write_html_report
+from lookalike.pipelines.steps.runner import StepError, progress, write_metrics
 
 
 def _pretrained_baseline(model):
     """The ImageNet-pretrained backbone of the model's architecture, untouched by fine-tuning."""
-    from training.evaluate import pretrained_backbone_copy
-    from training.model import create_model
+    from lookalike.training.evaluate import pretrained_backbone_copy
+    from lookalike.training.model import create_model
 
     return pretrained_backbone_copy(create_model(model.config.replace(pretrained="package")))
 
@@ -34,10 +34,10 @@ def measure_model(model_dir: str | Path, eval_path: str | Path, catalog_path: st
     import numpy as np
     import torch
 
-    from training.data import ImageBank, kept_side
-    from training.evaluate import evaluate
-    from training.export import load_model
-    from training.queries import gallery_of, gallery_rows, phone_queries as make_phone_queries, view_queries
+    from lookalike.training.data import ImageBank, kept_side
+    from lookalike.training.evaluate import evaluate
+    from lookalike.training.export import load_model
+    from lookalike.training.queries import gallery_of, gallery_rows, phone_queries as make_phone_queries, view_queries
 
     model, _ = load_model(model_dir)
     held = open_catalog(eval_path)
@@ -89,7 +89,7 @@ def evaluate_model(model, eval_set, catalog, phone_queries: int, seed: int, metr
     The matrices land as JSON in `confusion_matrices` ({head: {"labels", "matrix"}}); returns the heads,
     which the pipeline turns into one ClassificationMetrics artifact each (`show_confusion_matrix`).
     """
-    from training.phone_photos import SIMULATED_NOTE
+    from lookalike.training.phone_photos import SIMULATED_NOTE
 
     flat, nested = measure_model(model.path, eval_set.path, catalog.path, phone_queries=phone_queries, seed=seed)
     write_metrics(metrics, flat)

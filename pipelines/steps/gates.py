@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.steps.evaluation import measure_model
-from pipelines.steps.model import read_card
-from pipelines.steps.runner import GateFailed, StepError, read_metrics
+from lookalike.pipelines.steps.evaluation import measure_model
+from lookalike.pipelines.steps.model import read_card
+from lookalike.pipelines.steps.runner import GateFailed, StepError, read_metrics
 
 Check = tuple[str, float, str, float, bool]  # (gate, measured, rule, bound, passed)
 
@@ -57,8 +57,8 @@ def check_model_gates(model, metrics, eval_set, catalog, min_recall_at_10: float
     comparison with `compare_to` (production) measures that model on the same held-out listings and the
     same simulated photos, so the two numbers are comparable.
     """
-    from storage.artifacts import VersionNotFound, model_repo
-    from storage.s3 import connect
+    from lookalike.core.artifacts import VersionNotFound, model_repo
+    from lookalike.core.s3 import connect
 
     flat = read_metrics(metrics)
     checks: list[Check] = []
@@ -103,7 +103,7 @@ def check_model_gates(model, metrics, eval_set, catalog, min_recall_at_10: float
                 "learning_rate, or relax the comparison with --param pretrained_margin=..." if lost else "")
         raise GateFailed(
             f"the new model did not pass: {_failures(checks)}. Nothing was published and {where}. To go on: "
-            f"train longer or on more rows (steps, train_options), or, if the bar itself is wrong, lower it "
+            f"train longer or on more rows (steps, epochs), or, if the bar itself is wrong, lower it "
             f"(--param min_recall_at_10=..., min_head_accuracy=..., max_regression=...){hint}")
     return {"passed": True, "compared_with": compared, "checks": len(checks)}
 

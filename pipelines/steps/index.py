@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.steps.catalog import open_catalog
-from predictor.index_factory import parse_bytes
-from pipelines.steps.embed import load_embedder, load_embeddings
-from pipelines.steps.model import read_card
-from pipelines.steps.runner import StepError, check_device, progress, write_metrics
+from lookalike.pipelines.steps.prepare import open_catalog
+from lookalike.predictor.index import parse_bytes
+from lookalike.pipelines.steps.embed import load_embedder, load_embeddings
+from lookalike.pipelines.steps.model import read_card
+from lookalike.pipelines.steps.runner import StepError, check_device, progress, write_metrics
 
 
 def _labels_by_task(labels: list[dict[str, str]]) -> dict[str, list[str | None]]:
@@ -45,7 +45,7 @@ def build_index(embeddings, model, index_factory: str, min_index_recall: float, 
                 index, metrics, memory_budget: str = "") -> dict[str, Any]:
     """Train the IVF centroids, add every vector with its listing id, tune nprobe for recall@10 against
     exact search of at least 0.95 (or the gate's bar, if higher), so the gate has headroom."""
-    from predictor.index import VectorIndex
+    from lookalike.predictor.index import VectorIndex
 
     device = check_device(device)
     vectors, ids, labels, info = load_embeddings(_paths(embeddings))
@@ -73,9 +73,9 @@ def evaluate_index(index, model, queries, phone_queries: int, seed: int, metrics
     index: recall@1/5/10 of the photographed listing."""
     import numpy as np
 
-    from predictor.index import VectorIndex
-    from training.phone_photos import SIMULATED_NOTE, make_phone_queries
-    from transformer.preprocessing import preprocess
+    from lookalike.predictor.index import VectorIndex
+    from lookalike.training.phone_photos import SIMULATED_NOTE, make_phone_queries
+    from lookalike.core.preprocessing import preprocess
 
     embedder = load_embedder(model.path, "auto")
     built = VectorIndex.load(index.path, model_version=embedder.model_version)
@@ -114,9 +114,9 @@ def evaluate_index(index, model, queries, phone_queries: int, seed: int, metrics
 
 def publish_index(index, alias: str) -> str:
     """Publish the index folder as a new version under its model; point `alias` at it."""
-    from predictor.index import VectorIndex
-    from storage.artifacts import model_repo
-    from storage.s3 import connect
+    from lookalike.predictor.index import VectorIndex
+    from lookalike.core.artifacts import model_repo
+    from lookalike.core.s3 import connect
 
     store = connect()
     built = VectorIndex.load(index.path)
@@ -131,7 +131,7 @@ def publish_index(index, alias: str) -> str:
 
 
 def _read_ids(uri: str) -> list[str]:
-    from storage.s3 import ObjectStore, S3Settings, parse_s3_uri
+    from lookalike.core.s3 import ObjectStore, S3Settings, parse_s3_uri
 
     if uri.startswith("s3://"):
         bucket, key = parse_s3_uri(uri)
@@ -148,9 +148,9 @@ def update_index(model, embeddings, index_ref: str, delisted_uri: str, index, me
     listing, and one that is not in the index is reported (one line) and changes nothing. The new catalog
     is recorded on the card beside the ones the index already names. Reports drift: when a rebuild is due,
     run the index pipeline."""
-    from predictor.index import VectorIndex
-    from storage.artifacts import VersionNotFound
-    from storage.s3 import connect
+    from lookalike.predictor.index import VectorIndex
+    from lookalike.core.artifacts import VersionNotFound
+    from lookalike.core.s3 import connect
 
     store = connect()
     model_version = read_card(model).model_version

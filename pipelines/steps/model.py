@@ -1,7 +1,7 @@
 """The model steps: train (fine-tune and export a model folder), fetch a published version, publish one.
 
 A model version is named once, when its training starts: the train step mints it
-(`storage.artifacts.new_version`) and the export writes it on the model card, so the index built from
+(`lookalike.core.artifacts.new_version`) and the export writes it on the model card, so the index built from
 the folder records the model version it belongs to before either is published, and publishing uses
 the card's name. Nobody renames it later and no step edits an input artifact.
 """
@@ -9,45 +9,37 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 
-from pipelines.steps.catalog import open_catalog
-from pipelines.steps.runner import StepError, check_device, progress, read_metrics, write_metrics
+from lookalike.pipelines.steps.prepare import open_catalog
+from lookalike.pipelines.steps.runner import StepError, check_device, progress, read_metrics, write_metrics
 
 
 def read_card(model):
     """The model card of a model artifact (its folder, checked against its manifest when it has one)."""
-    from transformer.model_card import ModelCard
+    from lookalike.core.model_card import ModelCard
 
     return ModelCard.read(model.path)
 
 
-def train_model(train_set, architecture: str, image_size: int, embedding_dim: int,
-                trainable_blocks: int, steps: int, samples_per_task: int, learning_rate: float,
-                train_options: dict, seed: int, device: str, model, metrics):
+def train_model(train_set, settings: dict, seed: int, model, metrics):
     """Fine-tune on the training rows and export the model folder under a version minted here, once.
 
-    `train_options` sets any other field of `training.train.TrainConfig` by name. `image_size` and `steps`
-    at 0 are chosen from the catalog (printed with the reason). The training holds out only the few photos
-    its early stopping needs: the evaluate step judges the model on the held-out listings.
+    `settings` holds the training settings by name (`lookalike.training.settings.TrainConfig`, the
+    pipeline's training parameters). Those at their catalog sentinel (image_size 0, steps 0, ...) are
+    chosen from the catalog (printed with the reason). The training holds out only the few photos its
+    early stopping needs: the evaluate step judges the model on the held-out listings.
     """
-    from storage.artifacts import new_version
-    from training.train import TrainConfig, train
+    from lookalike.core.artifacts import new_version
+    from lookalike.core.errors import InputError
+    from lookalike.training.settings import TrainConfig
+    from lookalike.training.train import train
 
-    check_device(device)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(train_options) - known)
-    if unknown:
-        raise StepError(f"train_options has unknown settings {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    settings = {"architecture": architecture, "image_size": int(image_size), "embedding_dim": int(embedding_dim),
-                "trainable_blocks": int(trainable_blocks), "steps": int(steps),
-                "samples_per_task": int(samples_per_task), "lr": float(learning_rate), "device": device,
-                "test_listings": 0, **train_options}
     try:
-        config = TrainConfig(**settings)
-    except (TypeError, ValueError) as exc:
+        config = TrainConfig.from_settings({**settings, "test_listings": 0})
+    except InputError as exc:
         raise StepError(f"bad training settings: {exc}") from None
+    check_device(config.device)
     catalog = open_catalog(train_set.path)
     if not catalog.rows:
         raise StepError("the training set is empty: the catalog has too few rows for holdout_fraction")
@@ -60,7 +52,8 @@ def train_model(train_set, architecture: str, image_size: int, embedding_dim: in
                            "image_size": card.preprocessing.size, "heads": card.tasks})
     train_stats = result.metrics.get("train", {})
     stopping = train_stats.get("early_stopping") or {}
-    write_metrics(metrics, {"steps": train_stats.get("steps", steps), "image_size": float(card.preprocessing.size),
+    write_metrics(metrics, {"steps": train_stats.get("steps", config.steps),
+                            "image_size": float(card.preprocessing.size),
                             **({"best_step": stopping["best_step"]} if stopping else {}),
                             "images_per_second": train_stats.get("images_per_second", result.images_per_second),
                             **{f"final_loss_{k}": v for k, v in train_stats.get("final_loss", {}).items()}})
@@ -73,8 +66,8 @@ def train_model(train_set, architecture: str, image_size: int, embedding_dim: in
 
 def fetch_model(model_ref: str, model) -> str:
     """Download a published model (version, alias or latest) into the artifact folder, verified."""
-    from storage.artifacts import VersionNotFound, model_repo
-    from storage.s3 import connect
+    from lookalike.core.artifacts import VersionNotFound, model_repo
+    from lookalike.core.s3 import connect
 
     repo = model_repo(connect())
     try:
@@ -98,9 +91,9 @@ def publish_model(model, alias: str, evaluation=None, report=None) -> str:
     input artifact is never edited. Publishing a version that is already complete (a cached re-run)
     only moves the alias.
     """
-    from storage.artifacts import MANIFEST, model_repo
-    from storage.s3 import connect
-    from training.export import publish_model as publish
+    from lookalike.core.artifacts import MANIFEST, model_repo
+    from lookalike.core.s3 import connect
+    from lookalike.training.export import publish_model as publish
 
     store = connect()
     card = read_card(model)

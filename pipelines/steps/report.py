@@ -11,9 +11,9 @@ from pathlib import Path
 def write_html_report(path: Path, model_dir: str | Path, flat: dict[str, float], nested: dict,
                       matrices: dict[str, tuple[list[str], list[list[int]]]]) -> None:
     """Write the page for the model folder `model_dir`, its flat and nested evaluation and its matrices."""
-    from training.phone_photos import SIMULATED_NOTE
-    from training.report import write_report
-    from transformer.model_card import ModelCard
+    from lookalike.training.phone_photos import SIMULATED_NOTE
+    from lookalike.training.report import write_report
+    from lookalike.core.model_card import ModelCard
 
     card = ModelCard.read(model_dir)
     with tempfile.TemporaryDirectory(prefix="report-") as tmp:

@@ -1,24 +1,24 @@
 """How a step runs: its one marked failure line, the errors it raises, the device it asks for, its metrics.
 
 A KFP component calls `run_step(name, work, **artifacts)`. A failure the project raises on purpose (the
-`storage.errors` family: a bad catalog, a store that does not answer, a failed gate) prints one line
-marked with `STEP_FAILED` and its message, without a traceback; `pipelines.local` finds that line and
+`lookalike.core.errors` family: a bad catalog, a store that does not answer, a failed gate) prints one line
+marked with `STEP_FAILED` and its message, without a traceback; `lookalike.pipelines.local` finds that line and
 shows it as the run's error. Anything else is a bug: its traceback is printed first, then the same line.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from storage.errors import LookalikeError, is_user_error
+from lookalike.core.settings import progress_bars
+from lookalike.core.errors import LookalikeError, is_user_error
 
-STEP_FAILED = "lookalike-step-failed:"  # the marker line a failed step prints (read by pipelines.local)
+STEP_FAILED = "lookalike-step-failed:"  # the marker line a failed step prints (read by lookalike.pipelines.local)
 
 # KFP's executor logs at INFO; FAISS's loader would then list every CPU-specific build it did not find.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -50,7 +50,7 @@ def run_step(name: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
 
 def progress() -> bool:
     """Whether steps draw progress bars (LOOKALIKE_PROGRESS=0 turns them into nothing)."""
-    return os.environ.get("LOOKALIKE_PROGRESS", "1") != "0"
+    return progress_bars()
 
 
 def check_device(device: str) -> str:

@@ -1,0 +1,154 @@
+"""The InferenceService's two halves on one machine: the predictor and the transformer as two KServe model
+server processes on loopback ports (REST and gRPC each), started and stopped together, exactly as the two
+containers of the InferenceService. `lookalike serve`, `lookalike demo`, the tests and
+benchmarks/serving.py all run this one stack.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from collections.abc import Sequence
+
+from lookalike.core.settings import home
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODEL_NAME = "lookalike"
+
+
+class ServingStack:
+    """The predictor and the transformer as child processes on loopback ports."""
+
+    def __init__(self, env: dict[str, str] | None = None, *, model_version: str = "production",
+                 index_version: str = "latest", ports: dict[str, int] | None = None, log_dir: str | Path | None = None,
+                 predictor_args: Sequence[str] = (), transformer_args: Sequence[str] = (), name: str = MODEL_NAME,
+                 predictor_timeout_s: float = 10.0):
+        from lookalike.core.store_server import free_port
+
+        self.env = dict(os.environ if env is None else env)
+        self.name = name
+        ports = dict(ports or {})
+        for key in ("predictor_http", "predictor_grpc", "transformer_http", "transformer_grpc"):
+            ports.setdefault(key, free_port())
+        self.ports = ports
+        self.model_version, self.index_version = model_version, index_version
+        self.log_dir = Path(log_dir or home() / "logs")
+        self.predictor_args, self.transformer_args = list(predictor_args), list(transformer_args)
+        self.predictor_timeout_s = predictor_timeout_s
+        self.predictor: subprocess.Popen | None = None
+        self.transformer: subprocess.Popen | None = None
+
+    # ---- endpoints ---------------------------------------------------------------------------
+    @property
+    def endpoints(self) -> dict[str, str]:
+        p = self.ports
+        return {"transformer_rest": f"http://127.0.0.1:{p['transformer_http']}",
+                "transformer_grpc": f"127.0.0.1:{p['transformer_grpc']}",
+                "predictor_rest": f"http://127.0.0.1:{p['predictor_http']}",
+                "predictor_grpc": f"127.0.0.1:{p['predictor_grpc']}"}
+
+    # ---- processes ---------------------------------------------------------------------------
+    def _spawn(self, module: str, args: list[str], log_name: str) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / log_name, "ab")
+        try:
+            return subprocess.Popen([sys.executable, "-m", f"lookalike.{module}", *args], cwd=REPO_ROOT, env=self.env,
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)  # Ctrl-C reaches us; we stop them in order
+        finally:
+            log.close()
+
+    def start_predictor(self, timeout_s: float = 180.0) -> None:
+        p = self.ports
+        self.predictor = self._spawn("predictor", [
+            "--model_name", self.name, "--http_port", str(p["predictor_http"]), "--grpc_port", str(p["predictor_grpc"]),
+            "--model_version", self.model_version, "--index_version", self.index_version,
+            "--enable_latency_logging", "false",
+            # Local stacks swap pairs on request (tests, `lookalike serve`); a cluster's predictor keeps it off.
+            "--enable_reload_route", *self.predictor_args], "predictor.log")
+        self._wait_ready(self.predictor, self.endpoints["predictor_rest"], "predictor", timeout_s)
+
+    def start_transformer(self, timeout_s: float = 120.0, predictor_host: str | None = None) -> None:
+        p = self.ports
+        self.transformer = self._spawn("transformer", [
+            "--model_name", self.name, "--http_port", str(p["transformer_http"]),
+            "--grpc_port", str(p["transformer_grpc"]),
+            "--predictor_host", predictor_host or self.endpoints["predictor_grpc"],
+            "--model_version", self.model_version, "--predictor_timeout", str(self.predictor_timeout_s),
+            "--enable_latency_logging", "false", *self.transformer_args], "transformer.log")
+        self._wait_ready(self.transformer, self.endpoints["transformer_rest"], "transformer", timeout_s)
+
+    def start(self) -> ServingStack:
+        try:
+            self.start_predictor()
+            self.start_transformer()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, proc: subprocess.Popen, base: str, what: str, timeout_s: float) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        url = f"{base}/v2/models/{self.name}/ready"
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the {what} exited at start (code {proc.returncode}):\n{self.log_tail(what)}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {what} was not ready within {timeout_s:.0f} s:\n{self.log_tail(what)}")
+            time.sleep(0.2)
+
+    def log_tail(self, what: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{what}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Transformer first (no new requests reach the predictor), then the predictor."""
+        for attr in ("transformer", "predictor"):
+            proc = getattr(self, attr)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            setattr(self, attr, None)
+
+    def pids(self) -> dict[str, int | None]:
+        return {"predictor": self.predictor.pid if self.predictor else None,
+                "transformer": self.transformer.pid if self.transformer else None}
+
+    def restart_dead(self) -> list[str]:
+        """Start again whichever server has exited (the predictor first: the transformer needs it); return
+        their names. What a pod's restart policy does in a cluster, for the local stack."""
+        restarted = []
+        if self.predictor is not None and self.predictor.poll() is not None:
+            self.start_predictor()
+            restarted.append("predictor")
+        if self.transformer is not None and self.transformer.poll() is not None:
+            self.start_transformer()
+            restarted.append("transformer")
+        return restarted
+
+    def alive(self) -> bool:
+        return all(p is not None and p.poll() is None for p in (self.predictor, self.transformer))
+
+    def __enter__(self) -> ServingStack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""The `lookalike` command line: `main` finds one module per verb in `commands/`."""

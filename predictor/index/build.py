@@ -1,0 +1,102 @@
+"""A new FAISS index from a plan: the training sample, spherical k-means, filling with 64-bit ids, the
+re-ranking copy, and the first index card.
+
+`VectorIndex.build` checks its input, resolves the factory (`lookalike.predictor.index.factory.plan`), calls
+`train_index`, then tunes nprobe. Kept apart so the build's FAISS mechanics read top to bottom:
+
+- exact search (nlist 0): an `IndexIDMap(IndexFlatIP)`, nothing to train;
+- IVF: k-means on a sample of at least 39·nlist vectors (`index_tuning.training_sample_size`), with
+  centroids on the unit sphere like the vectors, on the GPU when asked (`index_gpu.train_and_add`);
+  how well the sample fits its centroids is recorded as the drift baseline;
+- IVF-PQ with ``Refine(...)``: the re-ranking copy is trained on the same sample.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from lookalike.predictor.index import drift as drift
+from lookalike.predictor.index import tuning as tuning
+from lookalike.predictor.index.errors import BadIndexInput
+from lookalike.predictor.index.factory import DEFAULT_FACTORY, HNSW_QUANTIZER_EF, METRIC, Plan
+from lookalike.predictor.index.gpu import add_chunks, train_and_add
+from lookalike.predictor.index.refine import RefineCopy
+from lookalike.core.index_card import IndexCard
+
+
+def now() -> str:
+    """The card's timestamps: UTC, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def widen_graph_search(index) -> None:
+    """After training, before adding: an HNSW coarse quantizer (see index_factory) looks further from now on.
+    k-means trains with FAISS's default (16: its many assignments only need to be roughly right), but each
+    vector added stays in the list it is assigned to, and a search visits the lists the graph finds."""
+    import faiss
+
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = HNSW_QUANTIZER_EF
+
+
+@dataclass
+class TrainedIndex:
+    """A filled FAISS index, its re-ranking copy (IVF-PQ only) and its card (nprobe not tuned yet)."""
+
+    index: Any
+    refine: RefineCopy | None
+    card: IndexCard
+    started: float             # perf_counter() when training began: the card's build_seconds
+
+
+def train_index(x: np.ndarray, keys: np.ndarray, built: Plan, *, model_version: str, factory: str | None,
+                vocab: dict[str, list[str]], catalogs: Sequence[str] | None, target_recall: float,
+                refine_k_factor: int, rng: np.random.Generator, seed: int, gpu: bool,
+                progress: bool) -> TrainedIndex:
+    """Train and fill the index `built` describes with x (row i has FAISS id keys[i])."""
+    import faiss
+
+    n, d = x.shape
+    started = time.perf_counter()
+    refine = fit = None
+    built_on, train_sample = "cpu", 0
+    if built.nlist == 0:
+        index = faiss.IndexIDMap(faiss.IndexFlatIP(d))
+        add_chunks(index, x, keys, progress, "adding (exact)")
+    else:
+        try:
+            index = faiss.index_factory(d, built.base, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise BadIndexInput(f"FAISS cannot build factory {built.base!r} for {d}-d vectors: "
+                                f"{str(exc).splitlines()[0]}") from exc
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        ivf.cp.spherical = True  # centroids on the unit sphere, like the vectors
+        sample = np.sort(rng.choice(n, tuning.training_sample_size(n, built.nlist), replace=False))
+        xt = x[sample]
+        train_sample = len(xt)
+        index, built_on = train_and_add(index, xt, x, keys, gpu, progress, before_add=widen_graph_search)
+        ivf = faiss.extract_index_ivf(index)
+        fit = drift.centroid_fit(ivf, xt)
+        if built.refine:
+            refine = RefineCopy.train(built.refine, refine_k_factor, xt, x)
+    exact = built.nlist == 0
+    card = IndexCard(
+        model_version=model_version, dim=d, metric=METRIC, factory=built.factory,
+        factory_setting=factory or DEFAULT_FACTORY, kind="exact" if exact else "ivf",
+        exact_fallback=built.fallback, nlist=built.nlist or None, nprobe=None, count=n,
+        recall_at_10=1.0 if exact else None, target_recall=float(target_recall),
+        target_reached=True if exact else None, recall_curve=[], tune_queries=0,
+        refine=refine.describe if refine else None, labels=vocab,
+        catalogs=list(catalogs) if catalogs is not None else None, seed=int(seed),
+        train_sample=train_sample, built_on=built_on, built_at=now(),
+        trained_count=n,  # vectors in the index when its centroids were trained
+        imbalance_at_training=None if exact else drift.imbalance(ivf),
+        centroid_fit_at_training=fit, faiss_version=faiss.__version__)
+    return TrainedIndex(index, refine, card, started)
