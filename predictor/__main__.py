@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="micro-batch concurrent requests: auto measures at start whether a batch of "
                              "--max_batch images embeds faster than --max_batch one-image requests run side by "
                              "side, and batches only then")
+    parser.add_argument("--host", default=env("LOOKALIKE_HOST", "0.0.0.0"),
+                        help="address both transports listen on: 0.0.0.0 in a pod (the kubelet's probes and the "
+                             "cluster reach it), 127.0.0.1 for a local stack [env LOOKALIKE_HOST]")
     parser.add_argument("--max_images", type=int, default=64, help="most images per request (more: 413)")
     parser.add_argument("--mmap_index", action="store_true",
                         default=env("LOOKALIKE_MMAP_INDEX", "") in ("1", "true"),
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     repository = ReloadingRepository()
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, registered_models=repository,
-                workers=args.workers, enable_grpc=args.enable_grpc, unit="predictor",
+                workers=args.workers, enable_grpc=args.enable_grpc, unit="predictor", host=args.host, gate=model.gate,
                 allow_reload=args.enable_reload_route,
                 max_request_bytes=args.max_images * 3 * 512 * 512 * 4).start([model])
     return 0

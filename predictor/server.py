@@ -39,17 +39,18 @@ from lookalike.predictor.service import (DEFAULT_MODEL_REF, Matches, SearchServi
                                          resolve_model)
 from lookalike.core.artifacts import index_repo
 from lookalike.core.s3 import connect
-from lookalike.serving.metrics import RequestTrace, observe_batch, set_serving_versions
+from lookalike.core.settings import cpu_limit
+from lookalike.serving.limits import AdmissionGate
+from lookalike.serving.metrics import RequestTrace, observe_batch, observe_cancelled, set_serving_versions
 from lookalike.serving.errors import BadInput, ModelMoved, TooLarge, Unavailable, as_v2_error
-from lookalike.serving.protocol import (int_parameter, output, parameters_of, request_id, requested, single_input,
-                                        tensor_as_numpy, wants_binary)
+from lookalike.serving.protocol import (MAX_NPROBE, MAX_TOP_K, int_parameter, output, parameters_of, request_id,
+                                        requested, single_input, tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
 INPUT_DATATYPES = ("FP32", "FP16")  # FP32 is what the metadata declares; FP16 is what the transformer sends
 PREPROCESSED_FOR = "preprocessed_for"  # request parameter: the model version whose preprocessing was applied
-MAX_TOP_K = 1000
 BATCH_GAIN_MIN = 1.15  # micro-batching must buy at least this much throughput to be worth the queue
 
 
@@ -63,6 +64,8 @@ class PredictorSettings:
     max_batch: int = 4  # images per embedding batch (micro-batching)
     batching: str = "auto"  # on | off | auto: on when a batch of max_batch embeds faster per image (measured)
     max_images: int = 64  # per request
+    max_queue_images: int = 256  # images waiting for the micro-batcher; past it: 503 + Retry-After
+    max_in_work: int = 0  # requests worked on at once (0: 4 per CPU of the pod's limit); as many more wait
     refresh_seconds: float = 0.0  # poll the aliases and swap when they move; 0 = only on request
 
 
@@ -73,6 +76,17 @@ class LookalikePredictor(kserve.Model):
         self.service: SearchService | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        limit = self.settings.max_in_work or 4 * cpu_limit()
+        self.gate = AdmissionGate(limit=limit, queue=limit)
+
+    async def healthy(self) -> bool:
+        """Readiness says what is true: a pair is loaded and requests are being answered (the batcher is
+        alive and no batch has been stuck); kserve's default would only say "loaded once"."""
+        return bool(self.ready and self.service is not None and self.service.healthy())
+
+    def alive(self) -> bool:
+        """Liveness: False once the batcher is gone or stuck for long, so the pod is restarted."""
+        return self.service is None or self.service.alive()
 
     # ---- loading and swapping ----------------------------------------------------------------
     def _load_pair(self) -> ServingPair:
@@ -89,7 +103,9 @@ class LookalikePredictor(kserve.Model):
         if self.service is None:
             pair = self._load_pair()
             self.service = SearchService(pair, max_batch=self.settings.max_batch, batching=self._batching_pays(pair),
-                                         on_batch=lambda n: observe_batch("predictor", n))
+                                         on_batch=lambda n: observe_batch("predictor", n),
+                                         on_skip=lambda n: observe_cancelled("predictor", n),
+                                         max_queue=max(self.settings.max_queue_images, self.settings.max_images))
             log.info("serving %r as %s", self.name, pair)
             self.ready = True
         elif self.settings.model_dir:
@@ -153,45 +169,50 @@ class LookalikePredictor(kserve.Model):
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         rid = request_id(payload, headers)
         trace = RequestTrace("predictor", rid, model=self.name)
-        images = None
         try:
             if self.service is None:
                 raise Unavailable(f"model {self.name!r} is still loading its model and index; retry shortly")
-            pair = self.service.pair
-            size = pair.embedder.size
-            tensor = single_input(payload, INPUT_NAME, INPUT_DATATYPES, f"preprocessed images [N,3,{size},{size}]")
-            images = tensor_as_numpy(tensor)
-            if images.ndim != 4 or images.shape[1:] != (3, size, size):
-                wanted = str(parameters_of(payload).get(PREPROCESSED_FOR) or "")
-                if wanted and wanted != pair.model_version:  # a transformer still on the previous model
-                    raise ModelMoved(pair.model_version, f"this predictor now serves model {pair.model_version} "
-                                     f"({size} px input); the input was preprocessed for {wanted}")
-                raise BadInput(f"input {INPUT_NAME!r} must have shape [N, 3, {size}, {size}] (this model's input "
-                               f"size is {size}), got {list(images.shape)}")
-            if len(images) == 0:
-                raise BadInput(f"input {INPUT_NAME!r} holds no images")
-            if len(images) > self.settings.max_images:
-                raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
-            params = parameters_of(payload)
-            # A top_k above the catalog's size is answered with every listing, not refused.
-            top_k = min(int_parameter(params, "top_k", 10, 1, MAX_TOP_K), max(1, pair.index.listing_count))
-            nprobe = int_parameter(params, "nprobe", None, 1, 1 << 20)
-            filters = parse_filters(params, pair.heads)
-            if self.service.batcher is not None:
-                future = self.service.submit(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair)
-                matches: Matches = await asyncio.wrap_future(future)
-            else:  # concurrent requests run side by side in the executor's threads
-                matches = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-                    self.service.search, images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair))
-            for stage, seconds in matches.timings.items():
-                trace.add(stage, seconds)
-            response = self._response(rid, payload, matches)
+            async with self.gate.admit():
+                response = await self._predict(payload, rid, trace)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a v2 error with a status
             error = as_v2_error(exc, "predictor", rid)
             trace.finish(error, images=0)
             raise error from exc
-        trace.finish(images=len(images))
+        trace.finish(images=trace.fields.pop("images", 0))
         return response
+
+    async def _predict(self, payload: InferRequest, rid: str, trace: RequestTrace) -> InferResponse:
+        """The work of one admitted request (its failures become v2 errors in `predict`)."""
+        pair = self.service.pair
+        size = pair.embedder.size
+        tensor = single_input(payload, INPUT_NAME, INPUT_DATATYPES, f"preprocessed images [N,3,{size},{size}]")
+        images = tensor_as_numpy(tensor)
+        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+            wanted = str(parameters_of(payload).get(PREPROCESSED_FOR) or "")
+            if wanted and wanted != pair.model_version:  # a transformer still on the previous model
+                raise ModelMoved(pair.model_version, f"this predictor now serves model {pair.model_version} "
+                                 f"({size} px input); the input was preprocessed for {wanted}")
+            raise BadInput(f"input {INPUT_NAME!r} must have shape [N, 3, {size}, {size}] (this model's input "
+                           f"size is {size}), got {list(images.shape)}")
+        if len(images) == 0:
+            raise BadInput(f"input {INPUT_NAME!r} holds no images")
+        if len(images) > self.settings.max_images:
+            raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
+        params = parameters_of(payload)
+        # A top_k above the catalog's size is answered with every listing, not refused.
+        top_k = min(int_parameter(params, "top_k", 10, 1, MAX_TOP_K), max(1, pair.index.listing_count))
+        nprobe = int_parameter(params, "nprobe", None, 1, MAX_NPROBE)
+        filters = parse_filters(params, pair.heads)
+        if self.service.batcher is not None:
+            future = self.service.submit(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair)
+            matches: Matches = await asyncio.wrap_future(future)
+        else:  # concurrent requests run side by side in the executor's threads
+            matches = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                self.service.search, images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair))
+        for stage, seconds in matches.timings.items():
+            trace.add(stage, seconds)
+        trace.fields["images"] = len(images)
+        return self._response(rid, payload, matches)
 
     def _response(self, rid: str, request: InferRequest, m: Matches) -> InferResponse:
         binary = wants_binary(request)

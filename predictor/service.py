@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,9 @@ from lookalike.predictor.index import VectorIndex
 from lookalike.core.artifacts import ArtifactError, VersionNotFound, model_repo
 from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore
+from lookalike.core.settings import cpu_limit
+from lookalike.serving.errors import Overloaded
+from lookalike.serving.protocol import shown
 from lookalike.core.model_card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ def parse_filters(params: dict[str, Any], heads: Mapping[str, Sequence[str]]) ->
     raw = params.get("filter")
     if raw not in (None, ""):
         if not isinstance(raw, str):
-            raise InputError(f"parameter 'filter' must be a string like 'category=footwear', got {raw!r}")
+            raise InputError(f"parameter 'filter' must be a string like 'category=footwear', got {shown(raw)}")
         for part in (p.strip() for p in raw.split(",")):
             if not part:
                 continue
@@ -67,7 +70,7 @@ def parse_filters(params: dict[str, Any], heads: Mapping[str, Sequence[str]]) ->
             elif "=" in part:
                 task, label = (s.strip() for s in part.split("=", 1))
             else:
-                raise InputError(f"filter {part!r} is not understood: use TASK=LABEL, TASK=predicted or "
+                raise InputError(f"filter {shown(part)} is not understood: use TASK=LABEL, TASK=predicted or "
                                  f"predicted:TASK")
             wanted[task] = label
     for key, value in params.items():
@@ -75,15 +78,15 @@ def parse_filters(params: dict[str, Any], heads: Mapping[str, Sequence[str]]) ->
             wanted[key[len("filter_"):]] = str(value)
     unknown = [t for t in wanted if t not in heads]
     if unknown:
-        raise InputError(f"cannot filter on {', '.join(map(repr, unknown))}: this model's tasks are "
+        raise InputError(f"cannot filter on {', '.join(map(shown, unknown[:5]))}: this model's tasks are "
                          f"{', '.join(heads) or 'none'}")
     for task, label in wanted.items():
         if label == PREDICTED:
             continue
         by_case = {known.casefold(): known for known in heads[task]}
         if label.casefold() not in by_case:
-            shown = ", ".join(list(heads[task])[:20]) + (" …" if len(heads[task]) > 20 else "")
-            raise InputError(f"no {task} is called {label!r}: the {task} labels are {shown} (or 'predicted')")
+            labels = ", ".join(list(heads[task])[:20]) + (" …" if len(heads[task]) > 20 else "")
+            raise InputError(f"no {task} is called {shown(label)}: the {task} labels are {labels} (or 'predicted')")
         wanted[task] = by_case[label.casefold()]
     return wanted
 
@@ -252,25 +255,72 @@ class _Job:
     future: Future
 
 
-class MicroBatcher:
-    """One worker thread that embeds queued requests together, without ever waiting for more."""
+def _settle(future: Future, result: Any = None, exception: BaseException | None = None) -> None:
+    """Hand a job its outcome; a caller that is already gone (its future settled or cancelled) is let be."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
-    def __init__(self, max_batch: int = 8, on_batch: Callable[[int], None] | None = None):
+
+class MicroBatcher:
+    """One embedding thread that embeds the queued requests together, without ever waiting for more; each
+    request's search then runs on a pool of search threads, so a slow search holds nobody's embedding.
+
+    It survives its callers: a request whose caller gave up (its future cancelled, as a client deadline
+    does) is skipped before it costs an embedding, an outcome for a caller that left is dropped, and no
+    failure of a request or a batch ends the embedding thread. The queue is bounded (`max_queue` images):
+    past it `submit` refuses at once (`Overloaded`, 503 + Retry-After) instead of growing. `healthy()` is
+    False when the thread is gone or one batch has embedded for longer than `stall_s`: the predictor's
+    readiness reads it, and its liveness reads `alive()` (stalled for `dead_s`) so a stuck worker is
+    restarted by Kubernetes, never a silent hang.
+    """
+
+    def __init__(self, max_batch: int = 8, on_batch: Callable[[int], None] | None = None, *, max_queue: int = 64,
+                 search_threads: int = 0, stall_s: float = 10.0, dead_s: float = 60.0,
+                 on_skip: Callable[[int], None] | None = None):
         self.max_batch = max(1, int(max_batch))
-        self.on_batch = on_batch
+        self.max_queue = max(self.max_batch, int(max_queue))
+        self.on_batch, self.on_skip = on_batch, on_skip
+        self.stall_s, self.dead_s = stall_s, dead_s
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queued = 0  # images submitted and not yet taken into a batch
+        self._lock = threading.Lock()
         self._carry: _Job | None = None
+        self._busy_since: float | None = None  # when the batch being embedded started
+        self.skipped = 0  # requests dropped because their caller had gone
+        self.batches = 0
+        self._searches = ThreadPoolExecutor(max_workers=search_threads or cpu_limit(), thread_name_prefix="search")
         self._thread = threading.Thread(target=self._loop, name="embed-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, pair: ServingPair, images: np.ndarray,
                finish: Callable[[np.ndarray, dict[str, np.ndarray], float], Any]) -> Future:
+        with self._lock:
+            if self._queued + len(images) > self.max_queue:
+                raise Overloaded(f"the embedding queue is full ({self._queued} images waiting, at most "
+                                 f"{self.max_queue}); retry in a second", retry_after_s=1)
+            self._queued += len(images)
         job = _Job(pair, images, finish, Future())
         self._queue.put(job)
         return job.future
 
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self._stalled_for() < self.stall_s
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._stalled_for() < self.dead_s
+
+    def _stalled_for(self) -> float:
+        busy = self._busy_since
+        return 0.0 if busy is None else time.monotonic() - busy
+
     def close(self) -> None:
         self._queue.put(None)
+        self._searches.shutdown(wait=False, cancel_futures=True)
 
     def _next_batch(self) -> list[_Job] | None:
         first = self._carry or self._queue.get()
@@ -295,30 +345,61 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while True:
-            jobs = self._next_batch()
-            if jobs is None:
-                return
-            pair = jobs[0].pair
+            jobs = None
             try:
-                start = time.perf_counter()
-                batch = jobs[0].images if len(jobs) == 1 else np.concatenate([j.images for j in jobs])
-                emb, probs = pair.embedder.embed(batch)
-                seconds = time.perf_counter() - start
-                if self.on_batch:
-                    self.on_batch(len(batch))
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
-                for job in jobs:
-                    job.future.set_exception(exc)
-                continue
-            offset = 0
-            for job in jobs:
-                n = len(job.images)
-                try:
-                    job.future.set_result(job.finish(emb[offset:offset + n],
-                                                     {t: p[offset:offset + n] for t, p in probs.items()}, seconds))
-                except BaseException as exc:  # noqa: BLE001
-                    job.future.set_exception(exc)
-                offset += n
+                jobs = self._next_batch()
+                if jobs is None:
+                    return
+                self._run(jobs)
+            except BaseException as exc:  # noqa: BLE001 - nothing a request does may end this thread
+                log.exception("a micro-batch failed; its requests are answered with the error")
+                for job in jobs or ():
+                    _settle(job.future, exception=exc)
+            finally:
+                self._busy_since = None
+
+    def _run(self, jobs: list[_Job]) -> None:
+        with self._lock:
+            self._queued -= sum(len(job.images) for job in jobs)
+        # A caller that gave up has cancelled its future: its images are not embedded at all.
+        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if len(live) < len(jobs):
+            self.skipped += len(jobs) - len(live)
+            if self.on_skip:
+                self.on_skip(len(jobs) - len(live))
+        if not live:
+            return
+        pair = live[0].pair
+        self._busy_since = time.monotonic()
+        try:
+            start = time.perf_counter()
+            batch = live[0].images if len(live) == 1 else np.concatenate([j.images for j in live])
+            emb, probs = pair.embedder.embed(batch)
+            seconds = time.perf_counter() - start
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+            for job in live:
+                _settle(job.future, exception=exc)
+            return
+        finally:
+            self._busy_since = None
+        self.batches += 1
+        if self.on_batch:
+            self.on_batch(len(batch))
+        offset = 0
+        for job in live:
+            n = len(job.images)
+            self._searches.submit(self._finish, job, emb[offset:offset + n],
+                                  {t: p[offset:offset + n] for t, p in probs.items()}, seconds)
+            offset += n
+
+    @staticmethod
+    def _finish(job: _Job, emb: np.ndarray, probs: dict[str, np.ndarray], seconds: float) -> None:
+        try:
+            result = job.finish(emb, probs, seconds)
+        except BaseException as exc:  # noqa: BLE001
+            _settle(job.future, exception=exc)
+            return
+        _settle(job.future, result)
 
 
 # ---- the service ---------------------------------------------------------------------------------
@@ -327,11 +408,20 @@ class SearchService:
     """The current pair, search over it (direct or micro-batched), and swapping to a new pair."""
 
     def __init__(self, pair: ServingPair, *, max_batch: int = 8, batching: bool = True,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, max_queue: int = 64,
+                 on_skip: Callable[[int], None] | None = None):
         self._pair = pair
         self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
-        self.batcher = MicroBatcher(max_batch, on_batch) if batching else None
+        self.batcher = MicroBatcher(max_batch, on_batch, max_queue=max_queue, on_skip=on_skip) if batching else None
         self.swaps = 0
+
+    def healthy(self) -> bool:
+        """Whether requests are being answered: the batcher (when batching) is alive and not stalled."""
+        return self.batcher is None or self.batcher.healthy()
+
+    def alive(self) -> bool:
+        """False only when the batcher is gone or stuck for long: a restart is the cure."""
+        return self.batcher is None or self.batcher.alive()
 
     @property
     def pair(self) -> ServingPair:

@@ -11,6 +11,8 @@ import sys
 
 from kserve import model_server
 
+from lookalike.core.decoding import ImageLimits
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -33,12 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
                         default=env("LOOKALIKE_PREDICTOR_DATATYPE", "FP16"),
                         help="datatype of the preprocessed tensor sent to the predictor: FP16 (default) is half "
                              "the bytes and exact to the pixel; FP32 for a predictor that takes nothing else")
-    parser.add_argument("--max_images", type=int, default=16, help="most photos per request (more: 413)")
-    parser.add_argument("--max_image_bytes", type=int, default=10 * 1024 * 1024,
+    parser.add_argument("--host", default=env("LOOKALIKE_HOST", "0.0.0.0"),
+                        help="address both transports listen on: 0.0.0.0 in a pod (the kubelet's probes and the "
+                             "cluster reach it), 127.0.0.1 for a local stack [env LOOKALIKE_HOST]")
+    parser.add_argument("--max_images", type=int, default=ImageLimits.max_images,
+                        help="most photos per request (more: 413)")
+    parser.add_argument("--max_image_bytes", type=int, default=ImageLimits.max_bytes,
                         help="largest encoded photo in bytes (more: 413)")
-    parser.add_argument("--max_pixels", type=int, default=40_000_000,
+    parser.add_argument("--max_pixels", type=int, default=ImageLimits.max_pixels,
                         help="largest photo in pixels, read from its header before decoding (more: 413)")
     return parser
+
+
+def request_cap(max_images: int, max_image_bytes: int) -> int:
+    """The largest request body the photos a request may carry can need: every photo at its limit, sent
+    base64 in a JSON body (4/3 of its bytes), plus 1 MiB for the rest of the request."""
+    return max_images * (max_image_bytes * 4 // 3 + 4) + (1 << 20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         print("transformer: only --predictor_protocol grpc-v2 is supported (tensors travel binary over gRPC)",
               file=sys.stderr)
         return 2
-    from lookalike.core.decoding import ImageLimits
     from lookalike.serving.metrics import configure_logging
     from lookalike.serving.protocol import ModelServer
     from lookalike.transformer.server import LookalikeTransformer, TransformerSettings
@@ -74,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                                 predictor_request_timeout_seconds=max(1, round(args.predictor_timeout)),
                                 predictor_health_check=args.enable_predictor_health_check)
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
-                enable_grpc=args.enable_grpc, predictor_config=predictor, unit="transformer",
-                max_request_bytes=args.max_images * args.max_image_bytes + (1 << 20)).start([model])
+                enable_grpc=args.enable_grpc, predictor_config=predictor, unit="transformer", host=args.host,
+                gate=model.gate,
+                max_request_bytes=request_cap(args.max_images, args.max_image_bytes)).start([model])
     return 0
 
 

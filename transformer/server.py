@@ -50,10 +50,12 @@ from lookalike.core.index_card import IndexCard
 from lookalike.core.model_card import CARD_FILE, ModelCard
 from lookalike.core.preprocessing import preprocess_batch
 from lookalike.core.settings import cpu_limit, decode_threads
+from lookalike.serving.limits import AdmissionGate
 from lookalike.serving.errors import (BadInput, ModelMoved, Timeout, TooLarge, Unavailable, V2Error, as_v2_error,
                                       status_for)
-from lookalike.serving.protocol import (REQUEST_ID_HEADER, int_parameter, output, parameters_of, request_id,
-                                        requested, single_input, tensor_as_numpy, wants_binary)
+from lookalike.serving.protocol import (MAX_NPROBE, MAX_TOP_K, REQUEST_ID_HEADER, shown, int_parameter, output,
+                                        parameters_of, request_id, requested, single_input, tensor_as_numpy,
+                                        wants_binary)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,6 @@ PREPROCESSED_FOR = "preprocessed_for"  # tells the predictor which model's prepr
 FORWARDED_PARAMETERS = ("top_k", "nprobe", "filter")
 BOX = "box"  # the part of the photo the shopper cares about: "x0,y0,x1,y1" as fractions of width and height
 MIN_BOX_SIDE = 0.02
-MAX_TOP_K = 1000
 DEFAULT_MODEL_REF = "production"
 
 
@@ -75,6 +76,10 @@ class TransformerSettings:
     predictor_timeout_s: float = 10.0
     predictor_datatype: str = "FP16"  # the preprocessed tensor on the wire: FP16 (default) or FP32
     catalogs: list[str] = field(default_factory=list)  # explicit listing catalogs (default: the index's)
+    # Requests worked on at once and waiting (0: two per CPU of the pod's limit, as many waiting). Each holds
+    # its body, and each in work its decoded pixels: docs/capacity.md checks the worst case against the limit.
+    max_in_work: int = 0
+    max_waiting: int = -1
 
 
 class _State:
@@ -94,6 +99,8 @@ class LookalikeTransformer(kserve.Model):
         super().__init__(name)
         self.predictor_host = predictor_host
         self.settings = settings or TransformerSettings()
+        limit = self.settings.max_in_work or 2 * cpu_limit()  # half their time is the predictor's
+        self.gate = AdmissionGate(limit, limit if self.settings.max_waiting < 0 else self.settings.max_waiting)
         self._store = store
         self.spec: ModelCard | None = None
         self._specs: dict[str, ModelCard] = {}
@@ -168,6 +175,14 @@ class LookalikeTransformer(kserve.Model):
         out.append({"name": "matches", "datatype": "BYTES", "shape": [-1]})
         return out
 
+    async def __call__(self, body: Any, headers: dict[str, str] | None = None, verb: Any = None) -> Any:
+        """A whole request (preprocess, predict, postprocess) holds one of the gate's slots; over REST the
+        middleware took it before reading the body, over gRPC it is taken here."""
+        async with self.gate.admit():
+            if verb is None:
+                return await super().__call__(body, headers=headers)
+            return await super().__call__(body, headers=headers, verb=verb)
+
     # ---- preprocess --------------------------------------------------------------------------
     async def preprocess(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferRequest:
         if not isinstance(payload, InferRequest):
@@ -199,11 +214,11 @@ class LookalikeTransformer(kserve.Model):
     def _parameters(self, payload: InferRequest) -> dict[str, Any]:
         params = parameters_of(payload)
         out: dict[str, Any] = {"top_k": int_parameter(params, "top_k", 10, 1, MAX_TOP_K),
-                               "nprobe": int_parameter(params, "nprobe", None, 1, 1 << 20)}
+                               "nprobe": int_parameter(params, "nprobe", None, 1, MAX_NPROBE)}
         for key, value in params.items():
             if key == "filter" or key.startswith("filter_"):
                 if not isinstance(value, str):
-                    raise BadInput(f"parameter {key!r} must be a string, got {value!r}")
+                    raise BadInput(f"parameter {shown(key)} must be a string, got {shown(value)}")
                 out[key] = value
         out[BOX] = parse_box(params.get(BOX))
         return out
@@ -345,7 +360,10 @@ class LookalikeTransformer(kserve.Model):
         tasks = [name[len("label_"):] for name in outputs if name.startswith("label_")]
         labels = {t: [text(v) for v in outputs[f"label_{t}"].as_numpy().reshape(-1)] for t in tasks}
         probs = {t: outputs[f"prob_{t}"].as_numpy().reshape(-1).astype(np.float32) for t in tasks}
-        joined = join(ids, photo_ids, scores, labels, probs, self.metadata, self.photo_urls)
+        # Off the event loop: signing a photo URL is an HMAC per photo (cached while young), and a page of
+        # results may sign hundreds.
+        joined = await asyncio.get_running_loop().run_in_executor(
+            None, join, ids, photo_ids, scores, labels, probs, self.metadata, self.photo_urls)
         binary = wants_binary(state.client_request)
         out = [output("listing_ids", ids.astype(object), "BYTES", binary),
                output("photo_ids", joined.photo_ids, "BYTES", binary), output("scores", scores, "FP32", binary),
@@ -396,10 +414,10 @@ def parse_box(value: Any) -> tuple[float, float, float, float] | None:
         box = ()
     if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box):
         raise BadInput(f"parameter 'box' must be 'x0,y0,x1,y1', four fractions of the photo's width and height "
-                       f"between 0 and 1 (e.g. '0.25,0.1,0.75,0.9'), got {value!r}")
+                       f"between 0 and 1 (e.g. '0.25,0.1,0.75,0.9'), got {shown(value)}")
     x0, y0, x1, y1 = box
     if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
-        raise BadInput(f"parameter 'box' {value!r} is empty or smaller than {MIN_BOX_SIDE:.0%} of the photo on a "
+        raise BadInput(f"parameter 'box' {shown(value)} is empty or smaller than {MIN_BOX_SIDE:.0%} of the photo on a "
                        f"side: x1 must exceed x0 and y1 must exceed y0")
     return box
 

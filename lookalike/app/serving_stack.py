@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from collections.abc import Sequence
 
+from lookalike.core.errors import LookalikeError
 from lookalike.core.settings import home
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "lookalike"
+
+
+class StackError(LookalikeError):
+    """The local stack cannot start as asked (a port taken, ...): one line saying what to do."""
 
 
 class ServingStack:
@@ -25,7 +31,7 @@ class ServingStack:
     def __init__(self, env: dict[str, str] | None = None, *, model_version: str = "production",
                  index_version: str = "latest", ports: dict[str, int] | None = None, log_dir: str | Path | None = None,
                  predictor_args: Sequence[str] = (), transformer_args: Sequence[str] = (), name: str = MODEL_NAME,
-                 predictor_timeout_s: float = 10.0):
+                 predictor_timeout_s: float = 10.0, host: str = "127.0.0.1"):
         from lookalike.core.store_server import free_port
 
         self.env = dict(os.environ if env is None else env)
@@ -37,6 +43,7 @@ class ServingStack:
         self.model_version, self.index_version = model_version, index_version
         self.log_dir = Path(log_dir or home() / "logs")
         self.predictor_args, self.transformer_args = list(predictor_args), list(transformer_args)
+        self.host = host  # where both servers listen: loopback unless told otherwise
         self.predictor_timeout_s = predictor_timeout_s
         self.predictor: subprocess.Popen | None = None
         self.transformer: subprocess.Popen | None = None
@@ -45,10 +52,25 @@ class ServingStack:
     @property
     def endpoints(self) -> dict[str, str]:
         p = self.ports
-        return {"transformer_rest": f"http://127.0.0.1:{p['transformer_http']}",
-                "transformer_grpc": f"127.0.0.1:{p['transformer_grpc']}",
-                "predictor_rest": f"http://127.0.0.1:{p['predictor_http']}",
-                "predictor_grpc": f"127.0.0.1:{p['predictor_grpc']}"}
+        h = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        h = f"[{h}]" if ":" in h else h
+        return {"transformer_rest": f"http://{h}:{p['transformer_http']}",
+                "transformer_grpc": f"{h}:{p['transformer_grpc']}",
+                "predictor_rest": f"http://{h}:{p['predictor_http']}",
+                "predictor_grpc": f"{h}:{p['predictor_grpc']}"}
+
+    def check_ports(self) -> None:
+        """Refuse to start when a port is taken (StackError naming it), before any server starts: a server
+        that cannot bind would exit while whatever holds the port answers in its place."""
+        for key, port in self.ports.items():
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((self.host, port))
+                except OSError as exc:
+                    raise StackError(f"port {port} ({key.replace('_', ' ')}) on {self.host} is taken "
+                                     f"({exc.strerror}): another server is listening there; stop it or choose "
+                                     f"other ports") from None
 
     # ---- processes ---------------------------------------------------------------------------
     def _spawn(self, module: str, args: list[str], log_name: str) -> subprocess.Popen:
@@ -65,6 +87,7 @@ class ServingStack:
         p = self.ports
         self.predictor = self._spawn("predictor", [
             "--model_name", self.name, "--http_port", str(p["predictor_http"]), "--grpc_port", str(p["predictor_grpc"]),
+            "--host", self.host,
             "--model_version", self.model_version, "--index_version", self.index_version,
             "--enable_latency_logging", "false",
             # Local stacks swap pairs on request (tests, `lookalike serve`); a cluster's predictor keeps it off.
@@ -74,7 +97,7 @@ class ServingStack:
     def start_transformer(self, timeout_s: float = 120.0, predictor_host: str | None = None) -> None:
         p = self.ports
         self.transformer = self._spawn("transformer", [
-            "--model_name", self.name, "--http_port", str(p["transformer_http"]),
+            "--model_name", self.name, "--http_port", str(p["transformer_http"]), "--host", self.host,
             "--grpc_port", str(p["transformer_grpc"]),
             "--predictor_host", predictor_host or self.endpoints["predictor_grpc"],
             "--model_version", self.model_version, "--predictor_timeout", str(self.predictor_timeout_s),
@@ -82,6 +105,7 @@ class ServingStack:
         self._wait_ready(self.transformer, self.endpoints["transformer_rest"], "transformer", timeout_s)
 
     def start(self) -> ServingStack:
+        self.check_ports()
         try:
             self.start_predictor()
             self.start_transformer()
@@ -101,7 +125,7 @@ class ServingStack:
                 raise RuntimeError(f"the {what} exited at start (code {proc.returncode}):\n{self.log_tail(what)}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
+                    if reply.status == 200 and proc.poll() is None:  # ours answered, not another on the port
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass

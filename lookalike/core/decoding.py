@@ -63,12 +63,14 @@ class ImageError(InputError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 10 * 1024 * 1024  # per encoded image
+    # Per encoded image: a 12-MP phone JPEG is 3-6 MB, a HEIC 1-3 MB. With max_images this sizes the request
+    # body cap, and so the transformer's memory per request (docs/capacity.md).
+    max_bytes: int = 8 * 1024 * 1024
     max_pixels: int = 40_000_000  # width * height of one image, checked from the header before decoding
     max_side: int = 12_000
-    max_images: int = 16  # per request
+    max_images: int = 8  # per request
     # Decoded pixels of a whole request, counted from the headers before anything is decoded: four 12-MP
-    # phone photos (4 x 4032 x 3024 = 48.8 MP) pass; sixteen 36-MP images (576 MP, ~13 s of CPU and ~1.7 GB
+    # phone photos (4 x 4032 x 3024 = 48.8 MP) pass; eight 36-MP images (288 MP, ~6 s of CPU and ~0.9 GB
     # of RAM as PNGs) are refused with 413 before a pixel is decoded.
     max_request_pixels: int = 50_000_000
     # Claimed pixels per encoded byte, for images of at least `pixels_per_byte_from` pixels: a header that

@@ -1,17 +1,21 @@
 """Caps before work: a request is refused before it costs more than its limits allow.
 
-- `BodyLimit`, an ASGI middleware: a REST body larger than the server's cap is answered 413 before it is
-  read past the cap. A declared `Content-Length` over the cap is refused without reading a byte; a body
-  sent without one (chunked) is counted as it arrives and refused as soon as it passes the cap. kserve's
-  REST server reads whole bodies otherwise: an 800 MB upload would sit in memory before any check.
-  (gRPC has its own cap, `grpc_max_receive_message_length`, set by `lookalike.serving.protocol`.)
 - `AdmissionGate`: at most `limit` requests are worked on at once and at most `queue` more wait; any
-  further request is answered 503 with `Retry-After` at once instead of growing memory and latency.
-  Both are sized from the pod's CPU limit by the servers (see docs/capacity.md for the arithmetic).
+  further request is answered 503 with `Retry-After` at once, instead of growing memory and latency.
+  The servers size it from the pod's limits (docs/capacity.md has the arithmetic).
+- `BodyLimit`, an ASGI middleware in front of both servers' REST routes: an inference request is first
+  admitted by the gate (so a flood of uploads is refused before any body is read), then its body is
+  counted as it arrives and answered 413 as soon as it passes the cap: a declared `Content-Length` over
+  the cap is refused without reading a byte. kserve's REST server otherwise reads whole bodies first, so
+  an 800 MB upload sat in memory before any check.
+- gRPC: the message cap is kserve's `grpc_max_receive_message_length` (set to the same cap by
+  `lookalike.serving.protocol`), and the model's `__call__` goes through the same gate (`admitted`
+  tells it whether the REST middleware already did).
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,19 +24,37 @@ from collections.abc import AsyncIterator
 from lookalike.serving.errors import Overloaded
 
 INFER_SUFFIX = "/infer"
+# Set for the request a REST middleware already admitted: the model's own gate lets it through.
+admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("lookalike_admitted", default=False)
 
 
 class BodyLimit:
-    """ASGI middleware: inference bodies over `max_bytes` are a 413, refused before they are read."""
+    """ASGI middleware: inference requests pass the gate first, and bodies over `max_bytes` are a 413,
+    refused before they are read past the cap."""
 
-    def __init__(self, app: Any, max_bytes: int):
+    def __init__(self, app: Any, max_bytes: int, gate: AdmissionGate | None = None):
         self.app = app
         self.max_bytes = int(max_bytes)
+        self.gate = gate
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope.get("type") != "http" or scope.get("method") not in ("POST", "PUT"):
             await self.app(scope, receive, send)
             return
+        if self.gate is None or not scope.get("path", "").rstrip("/").endswith(INFER_SUFFIX):
+            await self._limited(scope, receive, send)
+            return
+        try:
+            async with self.gate.admit():
+                token = admitted.set(True)
+                try:
+                    await self._limited(scope, receive, send)
+                finally:
+                    admitted.reset(token)
+        except Overloaded as busy:
+            await _answer(send, 503, str(busy), [(b"retry-after", str(busy.retry_after_s).encode())])
+
+    async def _limited(self, scope: dict, receive: Any, send: Any) -> None:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             await _refuse(send, declared, self.max_bytes)
@@ -77,11 +99,15 @@ def _content_length(scope: dict) -> int | None:
 
 
 async def _refuse(send: Any, size: int, limit: int) -> None:
-    body = json.dumps({"error": f"the request body is larger than this server accepts ({size:,} bytes > "
-                                f"{limit:,}); send fewer or smaller photos"}).encode()
-    await send({"type": "http.response.start", "status": 413,
+    await _answer(send, 413, f"the request body is larger than this server accepts ({size:,} bytes > {limit:,}); "
+                             f"send fewer or smaller photos", [(b"connection", b"close")])
+
+
+async def _answer(send: Any, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -96,6 +122,11 @@ class AdmissionGate:
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
+        """Hold a slot for the block (waiting for one while the queue has room), or raise Overloaded.
+        A request the REST middleware already admitted passes straight through."""
+        if admitted.get():
+            yield
+            return
         if self._slots.locked() and self.waiting >= self.queue:
             self.refused += 1
             raise Overloaded(f"the server is busy ({self.limit} requests in work, {self.waiting} waiting); "

@@ -12,6 +12,7 @@ Both servers expose these on kserve's `/metrics` (the default Prometheus registr
     lookalike_stage_seconds{unit,stage}            latency per stage: decode, preprocess, predict (the
                                                    transformer's round trip), postprocess, embed, search
     lookalike_batch_images{unit}                   images per embedding batch (micro-batching)
+    lookalike_cancelled_total{unit}                requests skipped because their caller gave up first
 
 Each request also leaves one JSON log line (logger `lookalike.requests`) with its request id, status,
 image count and stage timings, so one id follows a photo through both servers.
@@ -48,6 +49,8 @@ SERVING = Gauge("lookalike_serving_info", "The model and index versions served (
 ERRORS = Counter("lookalike_errors", "Failed inference requests by kind", ["unit", "kind"])
 IMAGES = Counter("lookalike_images", "Images processed", ["unit"])
 STAGE_SECONDS = Histogram("lookalike_stage_seconds", "Latency per serving stage", ["unit", "stage"], buckets=_BUCKETS)
+CANCELLED = Counter("lookalike_cancelled", "Requests skipped because their caller gave up before their work began",
+                    ["unit"])
 BATCH_IMAGES = Histogram("lookalike_batch_images", "Images per embedding batch", ["unit"],
                          buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
 
@@ -97,6 +100,10 @@ class RequestTrace:
 
 def observe_batch(unit: str, size: int) -> None:
     BATCH_IMAGES.labels(unit).observe(size)
+
+
+def observe_cancelled(unit: str, count: int) -> None:
+    CANCELLED.labels(unit).inc(count)
 
 
 _serving: dict[str, tuple[str, str]] = {}

@@ -28,13 +28,19 @@ import kserve
 from kserve.errors import ModelNotFound
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, RequestedOutput, to_http_parameters
-from lookalike.serving.errors import (BadInput, NotFound, V2Error)
+from lookalike.serving.errors import BadInput, NotFound, Unavailable, V2Error
+from lookalike.serving.limits import AdmissionGate, BodyLimit
 from lookalike.serving.metrics import RequestTrace
 from lookalike.serving.public_surface import ClosedRepository, PublicRoutes, http_error_handler
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+# The most a client can ask of one search, for both servers: 100 listings is several screens of results;
+# probing more than 1,024 lists of an IVF index is a near-exhaustive scan that costs 100x the default and
+# finds almost nothing more (the index's own nprobe is tuned for recall@10 >= 0.95).
+MAX_TOP_K = 100
+MAX_NPROBE = 1024
 _UNIT = "server"  # which server this process is, for the metrics of requests refused before the model
 
 
@@ -106,18 +112,29 @@ def _number_parameter(key: str, value: Any) -> float | int:
             shift += 7
             if not byte & 0x80:
                 return number
-    raise BadInput(f"parameter {key!r} has a type this server does not read; send it as an integer, a string "
+    raise BadInput(f"parameter {shown(key)} has a type this server does not read; send it as an integer, a string "
                    f"or a boolean")
 
 
+_INTEGER = re.compile(r"^\s*-?[0-9]{1,18}\s*$", re.ASCII)  # ASCII digits only: "²".isdigit() is True
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A client's value as an error message quotes it: repr, cut to `limit` characters, so a megabyte
+    parameter never reaches a log line whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def int_parameter(params: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
+    """An integer parameter between lo and hi (BadInput, naming the bounds, otherwise)."""
     value = params.get(name, default)
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _INTEGER.match(value):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise BadInput(f"parameter {name!r} must be an integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value:
+        raise BadInput(f"parameter {name!r} must be an integer between {lo} and {hi}, got {shown(value)}")
     value = int(value)
     if not lo <= value <= hi:
         raise BadInput(f"parameter {name!r} must be between {lo} and {hi}, got {value}")
@@ -134,7 +151,7 @@ def single_input(request: InferRequest, name: str, datatype: str | tuple[str, ..
     names = [i.name for i in request.inputs]
     if len(request.inputs) != 1 or request.inputs[0].name != name:
         raise BadInput(f"expected one input tensor named {name!r} ({expected}, {what}); got "
-                       f"{names or 'no inputs'}")
+                       f"{shown(names[:5], 120) if names else 'no inputs'}")
     tensor = request.inputs[0]
     if tensor.datatype not in accepted:
         raise BadInput(f"input {name!r} must have datatype {expected} ({what}), got {tensor.datatype}")
@@ -179,17 +196,41 @@ def requested(outputs: list[InferOutput], request: InferRequest | None) -> list[
 # ---- the REST decoder that keeps binary tensors binary ------------------------------------------
 
 class BinaryDataPlane(DataPlane):
-    """kserve's DataPlane, except that binary-extension inputs stay raw bytes (see the module doc), and an
-    unreachable predictor makes the transformer not ready rather than failing the readiness probe."""
+    """kserve's DataPlane, except that binary-extension inputs stay raw bytes (see the module doc), and the
+    health routes say what is true:
+
+    - ready (`/v2/health/ready`, gRPC ServerReady): kserve answers True once the server is up; here every
+      model must also report itself healthy (the predictor: its pair is loaded and its micro-batcher is
+      answering), and an unreachable predictor makes the transformer not ready rather than failing the probe;
+    - live (`/v2/health/live`, `/`, gRPC ServerLive): a model whose worker is gone or stuck for long answers
+      503, so Kubernetes restarts the pod instead of routing requests to a silent hang.
+    """
 
     async def ready(self) -> bool:
         # With --enable_predictor_health_check kserve asks the predictor and lets a refused connection
         # escape as a 500 with the raw gRPC error; a predictor that does not answer means "not ready".
         try:
-            return await super().ready()
+            up = await super().ready()
         except Exception as exc:  # noqa: BLE001
             log.info("not ready: the predictor does not answer (%s)", type(exc).__name__)
             return False
+        for model in self._models():
+            if not await model.healthy():
+                log.warning("not ready: model %s is not answering requests", model.name)
+                return False
+        return up
+
+    async def live(self) -> dict[str, str]:
+        for model in self._models():
+            alive = getattr(model, "alive", None)
+            if alive is not None and not alive():
+                raise Unavailable(f"model {model.name} is stuck: its worker has not finished a batch in time; "
+                                  f"this server needs a restart")
+        return await DataPlane.live()
+
+    def _models(self) -> list:
+        registry = self._model_registry
+        return list(registry.get_models().values()) if registry is not None else []
 
     async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
 
@@ -265,11 +306,13 @@ class ModelServer(kserve.ModelServer):
     """kserve's ModelServer with our error statuses, binary decoding and public surface wired in.
 
     `unit` (transformer or predictor) labels the metrics of requests refused before they reach the model;
-    `allow_reload` opens `POST /v2/repository/models/<name>/load` (the predictor's swap, cluster-internal).
+    `allow_reload` opens `POST /v2/repository/models/<name>/load` (the predictor's swap, cluster-internal);
+    `max_request_bytes` caps a request on both transports and `gate` admits REST requests before their
+    body is read (`lookalike.serving.limits`); `host` is the address both transports listen on.
     """
 
     def __init__(self, *args, unit: str = "server", allow_reload: bool = False, max_request_bytes: int | None = None,
-                 **kwargs):
+                 host: str = "0.0.0.0", gate: AdmissionGate | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.dataplane = BinaryDataPlane(model_registry=self.registered_models)
         self.model_repository_extension = ClosedRepository(self.registered_models, allow_reload)
@@ -278,16 +321,54 @@ class ModelServer(kserve.ModelServer):
         global _UNIT
         _UNIT = unit
         if max_request_bytes:
-            # kserve's gRPC server reads its message cap from the command line it parsed at import (8 MiB by
-            # default), below what a request of several phone photos may carry: raise it to our own limit.
+            # One cap for both transports. kserve's gRPC server reads its message cap from the command line
+            # it parsed at import (8 MiB by default, below what several phone photos may need): set it to
+            # ours. REST bodies are counted by BodyLimit as they arrive and refused (413) past the cap.
             from kserve import model_server
 
-            limit = max(int(model_server.args.grpc_max_receive_message_length), int(max_request_bytes))
-            model_server.args.grpc_max_receive_message_length = limit
-        app.add_middleware(PublicRoutes, allow_reload=allow_reload)
+            model_server.args.grpc_max_receive_message_length = int(max_request_bytes)
+            app.add_middleware(BodyLimit, max_bytes=int(max_request_bytes), gate=gate)
+        app.add_middleware(PublicRoutes, allow_reload=allow_reload)  # added last: runs first
+        self.host = host
         app.add_exception_handler(V2Error, _v2_error_handler)
         app.add_exception_handler(RequestValidationError, _validation_error_handler)
         app.add_exception_handler(HTTPException, http_error_handler)
+
+    def start(self, models: list) -> None:
+        """kserve's start, with both transports bound to `host` (kserve binds every interface)."""
+        from kserve import model_server
+
+        if self.host not in ("0.0.0.0", "::"):
+            model_server.RESTServer, model_server.GRPCServer = _servers_bound_to(self.host)
+        super().start(models)
+
+
+def _servers_bound_to(host: str) -> tuple[type, type]:
+    """kserve's REST and gRPC servers listening on `host` only (e.g. 127.0.0.1 for a local stack)."""
+    from concurrent import futures
+
+    from kserve.protocol.grpc import server as grpc_server
+    from kserve.protocol.rest.server import RESTServer
+
+    class BoundRESTServer(RESTServer):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.config.host = host  # uvicorn reads it when it binds, after this
+
+    class BoundGRPCServer(grpc_server.GRPCServer):
+        async def start(self, max_workers: int) -> None:  # kserve's, but for the listen address
+            servicer = grpc_server.InferenceServicer(self._data_plane, self._model_repository_extension)
+            self._server = grpc_server.aio.server(
+                futures.ThreadPoolExecutor(max_workers=max_workers),
+                interceptors=(grpc_server.LoggingInterceptor(), grpc_server.ExceptionToStatusInterceptor()),
+                options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                         ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
+            grpc_server.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+            self._server.add_insecure_port(f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}")
+            await self._server.start()
+            await self._server.wait_for_termination()
+
+    return BoundRESTServer, BoundGRPCServer
 
 
 __all__ = ["ModelServer", "BinaryDataPlane", "REQUEST_ID_HEADER", "request_id", "parameters_of", "int_parameter",

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080,
                    help="transformer REST port; transformer gRPC is PORT+1, predictor REST/gRPC PORT+5/PORT+6 "
                         "(default 8080)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the servers listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens them "
+                        "to the network, the predictor's reload route included)")
     p.add_argument("--refresh-seconds", type=float, default=30.0,
                    help="how often the predictor checks whether the aliases moved, to swap (0: never; default 30)")
     p.set_defaults(func=_serve)
@@ -100,7 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
         ports = {"transformer_http": args.port, "transformer_grpc": args.port + 1,
                  "predictor_http": args.port + 5, "predictor_grpc": args.port + 6}
         stack = ServingStack(model_version=args.model_version, index_version=args.index_version, ports=ports,
-                             predictor_args=["--refresh_seconds", str(args.refresh_seconds)])
+                             predictor_args=["--refresh_seconds", str(args.refresh_seconds)], host=args.host)
+        stack.check_ports()  # a port taken: one line naming it, before anything starts
         print(f"starting the predictor (model {model_version}, index {args.index_version}) and the transformer; "
               f"logs in {stack.log_dir}", flush=True)
         try:
