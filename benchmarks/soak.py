@@ -73,6 +73,7 @@ class Soak:
     outcomes: list[Outcome] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     rss_mb: dict[str, float] = field(default_factory=lambda: {"transformer": 0.0, "predictor": 0.0})
+    t0: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, outcome: Outcome) -> None:
@@ -208,12 +209,15 @@ def summarise(soak: Soak) -> dict:
     lost = sum(o.status == 0 and o.kind != "give-up" for o in soak.outcomes)
     client_errors = sum(400 <= o.status < 500 for o in soak.outcomes)
     fivexx = [o for o in soak.outcomes if o.status >= 500]
-    in_fault = [o for o in fivexx if any(a <= o.started <= b for a, b in windows)]
+    # A fault's: sent or answered between its start and the first good answer after it ended.
+    in_fault = [o for o in fivexx if any(o.started <= b and o.ended >= a for a, b in windows)]
+    healthy = [o for o in fivexx if o not in in_fault]
     latencies = sorted((o.ended - o.started) * 1000 for o in soak.outcomes if o.status == 200)
     recovered = [f.recovered_at - f.end for f in soak.faults if f.recovered_at is not None]
     unrecovered = [f.name for f in soak.faults if f.recovered_at is None]
     return {"requests": len(soak.outcomes), "ok": ok, "gave_up": gave_up, "lost": lost,
-            "client_errors": client_errors, "fault_errors": len(in_fault), "server_errors": len(fivexx) - len(in_fault),
+            "client_errors": client_errors, "fault_errors": len(in_fault), "server_errors": len(healthy),
+            "healthy_5xx": [(round(o.started - soak.t0, 1), o.status, o.kind) for o in healthy[:10]],
             "p99_ms": float(np.percentile(latencies, 99)) if latencies else float("nan"),
             "p50_ms": float(np.percentile(latencies, 50)) if latencies else float("nan"),
             "recovered_s": max(recovered) if recovered else float("nan"), "unrecovered": unrecovered,
@@ -233,7 +237,7 @@ def main() -> int:
     from lookalike.core.decoding import ImageLimits
     from lookalike.core.s3 import ObjectStore
     from lookalike.core.store_server import EmbeddedS3Server
-    from lookalike.transformer.__main__ import request_cap
+    from lookalike.core.budget import request_cap
 
     workdir = Path(tempfile.mkdtemp(prefix="lookalike-soak-"))
     os.environ.setdefault("LOOKALIKE_CACHE", str(workdir / "cache"))
@@ -248,10 +252,10 @@ def main() -> int:
         stack = ServingStack(dict(os.environ), log_dir=workdir / "logs", predictor_timeout_s=3.0,
                              predictor_args=["--batching", "on"]).start()
         url = stack.endpoints["transformer_rest"]
-        cap = request_cap(ImageLimits.max_images, ImageLimits.max_bytes)
+        cap = request_cap(ImageLimits())
         print(f"servers up ({stack.endpoints['transformer_rest']}); {args.clients} clients x {args.rate:g} req/s "
               f"for {args.duration:g} s; request cap {cap / 2**20:.0f} MiB", flush=True)
-        t0 = time.monotonic()
+        t0 = soak.t0 = time.monotonic()
         until = t0 + args.duration
         threads = [threading.Thread(target=client, args=(url, photos, args.rate, until, soak, i, cap), daemon=True)
                    for i in range(args.clients)]
@@ -273,6 +277,8 @@ def main() -> int:
           f"lost without an answer: {result['lost']}")
     print(f"5xx inside fault windows: {result['fault_errors']}; recovery per fault (s): {result['by_fault']}"
           + (f"; NOT RECOVERED: {result['unrecovered']}" if result["unrecovered"] else ""))
+    if result["healthy_5xx"]:
+        print(f"5xx while healthy (s into the run, status, kind): {result['healthy_5xx']}")
     print(f"peak RSS: transformer {soak.rss_mb['transformer']:.0f} MB (limit 2048), predictor "
           f"{soak.rss_mb['predictor']:.0f} MB (limit 12288); p50 {result['p50_ms']:.0f} ms")
     print(f"soak: requests={result['requests']} ok={result['ok']} client_errors={result['client_errors']} "

@@ -47,12 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def request_cap(max_images: int, max_image_bytes: int) -> int:
-    """The largest request body the photos a request may carry can need: every photo at its limit, sent
-    base64 in a JSON body (4/3 of its bytes), plus 1 MiB for the rest of the request."""
-    return max_images * (max_image_bytes * 4 // 3 + 4) + (1 << 20)
-
-
 def main(argv: list[str] | None = None) -> int:
     args, _ = build_parser().parse_known_args(argv)
     if not args.predictor_host:
@@ -62,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print("transformer: only --predictor_protocol grpc-v2 is supported (tensors travel binary over gRPC)",
               file=sys.stderr)
         return 2
+    from lookalike.core.budget import request_cap
     from lookalike.serving.metrics import configure_logging
     from lookalike.serving.protocol import ModelServer
     from lookalike.transformer.server import LookalikeTransformer, TransformerSettings
@@ -87,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                 enable_grpc=args.enable_grpc, predictor_config=predictor, unit="transformer", host=args.host,
                 gate=model.gate,
-                max_request_bytes=request_cap(args.max_images, args.max_image_bytes)).start([model])
+                max_request_bytes=request_cap(limits)).start([model])
     return 0
 
 

@@ -49,6 +49,7 @@ from lookalike.core.index_card import CARD_FILE as INDEX_CARD_FILE
 from lookalike.core.index_card import IndexCard
 from lookalike.core.model_card import CARD_FILE, ModelCard
 from lookalike.core.preprocessing import preprocess_batch
+from lookalike.core.budget import transformer_plan
 from lookalike.core.settings import cpu_limit, decode_threads
 from lookalike.serving.limits import AdmissionGate
 from lookalike.serving.errors import (BadInput, ModelMoved, Timeout, TooLarge, Unavailable, V2Error, as_v2_error,
@@ -76,8 +77,8 @@ class TransformerSettings:
     predictor_timeout_s: float = 10.0
     predictor_datatype: str = "FP16"  # the preprocessed tensor on the wire: FP16 (default) or FP32
     catalogs: list[str] = field(default_factory=list)  # explicit listing catalogs (default: the index's)
-    # Requests worked on at once and waiting (0: two per CPU of the pod's limit, as many waiting). Each holds
-    # its body, and each in work its decoded pixels: docs/capacity.md checks the worst case against the limit.
+    # Requests worked on at once and waiting (0 / -1: from the pod's CPU limit, lookalike/core/budget.py, whose
+    # worst case the manifest checks hold under the pod's memory limit).
     max_in_work: int = 0
     max_waiting: int = -1
 
@@ -99,8 +100,9 @@ class LookalikeTransformer(kserve.Model):
         super().__init__(name)
         self.predictor_host = predictor_host
         self.settings = settings or TransformerSettings()
-        limit = self.settings.max_in_work or 2 * cpu_limit()  # half their time is the predictor's
-        self.gate = AdmissionGate(limit, limit if self.settings.max_waiting < 0 else self.settings.max_waiting)
+        plan = transformer_plan(cpu_limit(), self.settings.limits)
+        self.gate = AdmissionGate(self.settings.max_in_work or plan.in_work,
+                                  plan.waiting if self.settings.max_waiting < 0 else self.settings.max_waiting)
         self._store = store
         self.spec: ModelCard | None = None
         self._specs: dict[str, ModelCard] = {}

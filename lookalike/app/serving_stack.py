@@ -65,6 +65,8 @@ class ServingStack:
         for key, port in self.ports.items():
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # As the servers bind: a port in TIME_WAIT is free, one another socket listens on is not.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind((self.host, port))
                 except OSError as exc:

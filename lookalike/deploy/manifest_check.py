@@ -33,6 +33,7 @@ from collections.abc import Iterator
 
 import yaml
 
+from lookalike.deploy.capacity import capacity_rules
 from lookalike.core.settings import kserve_schemas_override, kubectl_override, manifests_override
 from lookalike.core.errors import InputError
 
@@ -368,6 +369,10 @@ def _kserve_admission_rules(isvc: dict[str, Any]) -> list[Problem]:
                     f"{uri!r} is not a storage URI KServe can download ({', '.join(STORAGE_SCHEMES)})")
     problems += _rollout_rules(isvc)
     problems += _wiring_rules(isvc)
+    transformer = (isvc.get("spec") or {}).get("transformer") or {}
+    serving = next((c for c in _containers(transformer) if c.get("name") == KSERVE_CONTAINER), None)
+    problems += [Problem("error", describe(isvc), field, message)
+                 for field, message in capacity_rules(transformer, serving)]
     return problems
 
 

@@ -122,12 +122,18 @@ BROKEN = [
     # The overlay's replacements gone: the predictor would load another model than the rollout says.
     ("overlays/dev/kustomization.yaml", "replacements:", "unused_replacements:",
      None, None, None),
+    # More requests at once than the transformer's gate holds, or too little memory for their worst case.
+    ("overlays/dev/cpu-only.yaml", "  value: 4\n", "  value: 20\n",
+     ISVC_DEV, "spec.transformer.containerConcurrency", "set it to at most 4"),
+    ("overlays/dev/cpu-only.yaml", "      memory: 1280Mi", "      memory: 900Mi",
+     ISVC_DEV, "spec.transformer.containers[0].resources.limits.memory", "below the worst case of 4 requests"),
 ]
 
 
 @pytest.mark.parametrize("case", BROKEN, ids=["misspelled-isvc-field", "misspelled-builtin-field",
                                               "wrong-type-isvc", "wrong-type-builtin", "canary-150",
-                                              "missing-configmap-key", "other-bucket", "rollout-not-applied"])
+                                              "missing-configmap-key", "other-bucket", "rollout-not-applied",
+                                              "concurrency-over-the-gate", "memory-under-the-worst-case"])
 def test_broken_copies_are_caught(tree, case):
     rel, old, new, obj, field, words = case
     if rel == "overlays/dev/kustomization.yaml":
