@@ -167,12 +167,14 @@ def check_index_gates(build_metrics: Input[Metrics], search_metrics: Input[Metri
 
 
 @component
-def publish_index(index: Input[Model], alias: str) -> str:
-    """Publish the index as a new version under the model version it was built with; point `alias` at it."""
+def publish_index(index: Input[Model], alias: str, model_alias: str) -> str:
+    """Publish the index as a new version under the model version it was built with; point `alias` at it
+    (under a lease; an update whose alias moved meanwhile is applied again on the new target), then the
+    model's `model_alias` at its model ("" for none): a model alias never moves before its index exists."""
     from lookalike.pipelines.steps import index as work
     from lookalike.pipelines.steps.runner import run_step
 
-    return run_step("publish index", work.publish_index, index=index, alias=alias)
+    return run_step("publish index", work.publish_index, index=index, alias=alias, model_alias=model_alias)
 
 
 @component

@@ -259,8 +259,8 @@ def _publish_model(pool: _Pool, model, evaluation, alias, after):
     return transient(impure(pool.cpu(task, "publish model")))
 
 
-def _publish_index(pool: _Pool, index, alias, after):
-    task = c.publish_index(index=index, alias=alias).after(*after)
+def _publish_index(pool: _Pool, index, alias, after, model_alias=""):
+    task = c.publish_index(index=index, alias=alias, model_alias=model_alias).after(*after)
     return transient(impure(pool.cpu(task, "publish index")))
 
 
@@ -327,7 +327,8 @@ class TrainAndIndexOutputs(NamedTuple):
            changes={"catalog_uri": {"help": f"catalog to train on and index (every row is indexed): "
                                             f"{_CATALOG_FORMS}."}})
 def train_and_index_pipeline(p) -> TrainAndIndexOutputs:
-    """Train a model and index the whole catalog with it; publish both (model first) if every gate passes."""
+    """Train a model and index the whole catalog with it; publish both if every gate passes (the model,
+    then its index, then the model alias: `production` never names a model without an index)."""
     pool = _Pool(p)
     prepared = _prepare(pool, p.catalog_uri, p.holdout_fraction, p.seed, p.check_images)
     train, evaluate, model_gates = _train_and_gate(pool, prepared, p)
@@ -335,8 +336,11 @@ def train_and_index_pipeline(p) -> TrainAndIndexOutputs:
     # Embedding waits for the model gates: a model that will not be published is not worth indexing.
     build, index_gates = _index_and_gate(pool, model, prepared.outputs["catalog"], prepared.outputs["eval_set"], p,
                                          after=[model_gates])
-    publish_model = _publish_model(pool, model, evaluate, p.publish_alias, [model_gates, index_gates])
-    publish_index = _publish_index(pool, build.outputs["index"], p.publish_alias, [publish_model])
+    # The model is published without its alias; the index step moves the index's alias, then the model's:
+    # a crash between the two leaves the aliases on the previous complete pair, never a model without index.
+    publish_model = _publish_model(pool, model, evaluate, "", [model_gates, index_gates])
+    publish_index = _publish_index(pool, build.outputs["index"], p.publish_alias, [publish_model],
+                                   model_alias=p.publish_alias)
     return TrainAndIndexOutputs(model_version=publish_model.output, index_version=publish_index.output)
 
 

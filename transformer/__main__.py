@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most photos per request (more: 413)")
     parser.add_argument("--max_image_bytes", type=int, default=ImageLimits.max_bytes,
                         help="largest encoded photo in bytes (more: 413)")
+    parser.add_argument("--max_in_work", type=int, default=int(env("LOOKALIKE_MAX_IN_WORK", "0")),
+                        help="requests worked on at once (0: one per CPU of the pod's limit) [env "
+                             "LOOKALIKE_MAX_IN_WORK]")
+    parser.add_argument("--max_waiting", type=int, default=int(env("LOOKALIKE_MAX_WAITING", "-1")),
+                        help="requests waiting for a turn; more are answered 503 + Retry-After (-1: three per CPU, "
+                             "what the pod's memory holds, docs/capacity.md; in a cluster Knative queues the rest) "
+                             "[env LOOKALIKE_MAX_WAITING]")
     parser.add_argument("--max_pixels", type=int, default=ImageLimits.max_pixels,
                         help="largest photo in pixels, read from its header before decoding (more: 413)")
     return parser
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_images=args.max_images)
     settings = TransformerSettings(model_ref=args.model_version, model_dir=args.model_dir, limits=limits,
                                    predictor_timeout_s=args.predictor_timeout, catalogs=catalogs,
-                                   predictor_datatype=args.predictor_datatype)
+                                   predictor_datatype=args.predictor_datatype, max_in_work=args.max_in_work,
+                                   max_waiting=args.max_waiting)
     model = LookalikeTransformer(args.model_name, args.predictor_host, settings)
     try:
         model.load()

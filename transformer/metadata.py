@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lookalike.catalogs.sources import is_photo_key
 from lookalike.core.s3 import ObjectStore, S3Settings, StoreError, parse_s3_uri
 from lookalike.catalogs.format import read_listings
 
@@ -147,7 +148,8 @@ class ListingMetadata:
 
 class PhotoUrls:
     """Photo locations as URLs an app can fetch: http(s) as they are, s3:// presigned (cached for half their
-    lifetime), anything else (a path on the server's disk) as ""."""
+    lifetime) only when the key is a catalog photo (`catalogs/<name>/images/…`: never a model, an index or
+    a catalog file, whatever a catalog row names), anything else (a path on the server's disk) as ""."""
 
     def __init__(self, store: ObjectStore | None = None, lifetime_s: int = URL_LIFETIME_S):
         self.store = store
@@ -166,6 +168,9 @@ class PhotoUrls:
             return hit[0]
         try:
             bucket, key = parse_s3_uri(location)
+            if not is_photo_key(key):
+                log.warning("not signing %s: only catalog photos (catalogs/<name>/images/…) are", location[:200])
+                return ""
             url = self._store_for(bucket).presigned_url(key, self.lifetime_s)
         except Exception as exc:  # noqa: BLE001 - a photo without a URL still leaves the listing answered
             log.warning("cannot sign a URL for %s: %s", location, exc)

@@ -19,6 +19,7 @@ from lookalike.core.settings import home
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "lookalike"
+LOCAL_WAITING = 64  # requests the local transformer lets wait (a pod: 3 per CPU, Knative queues the rest)
 
 
 class StackError(LookalikeError):
@@ -103,7 +104,9 @@ class ServingStack:
             "--grpc_port", str(p["transformer_grpc"]),
             "--predictor_host", predictor_host or self.endpoints["predictor_grpc"],
             "--model_version", self.model_version, "--predictor_timeout", str(self.predictor_timeout_s),
-            "--enable_latency_logging", "false", *self.transformer_args], "transformer.log")
+            "--enable_latency_logging", "false",
+            # No Knative queue-proxy queues in front of a local stack: the transformer's own queue stands in.
+            "--max_waiting", str(LOCAL_WAITING), *self.transformer_args], "transformer.log")
         self._wait_ready(self.transformer, self.endpoints["transformer_rest"], "transformer", timeout_s)
 
     def start(self) -> ServingStack:

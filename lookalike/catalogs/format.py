@@ -69,6 +69,7 @@ class LineProblem:
     line: int                 # 1-based; 0 for a problem of the whole catalog
     listing_id: str | None
     message: str
+    skip_listing: bool = False  # a photo refused (lookalike.catalogs.sources): its listing is skipped, not the run
 
     def __str__(self) -> str:
         if self.line == 0:

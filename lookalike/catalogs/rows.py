@@ -34,6 +34,7 @@ from PIL import Image
 from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore, S3Settings, parse_s3_uri
 from lookalike.catalogs.format import SOURCES, LineProblem, Listing, Photo, read_listings
+from lookalike.catalogs.sources import PhotoRefused, check_location, fetch_url
 from lookalike.core.decoding import ImageError, ImageLimits, decode_image
 
 __all__ = ["SOURCES", "CatalogError", "CatalogRow", "RowProblem", "ValidationReport", "Catalog", "validate_catalog",
@@ -99,7 +100,12 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and self.rows > 0
+        """No problem but refused photos, whose listings are skipped (`skipped_listings`)."""
+        return not [p for p in self.problems if not p.skip_listing] and self.rows > 0
+
+    @property
+    def skipped_listings(self) -> set[str]:
+        return {p.listing_id for p in self.problems if p.skip_listing and p.listing_id}
 
     def summary(self, max_problems: int = 50) -> str:
         lines = [f"{self.rows} lines: {self.listings} listings with {self.photos} photos, "
@@ -119,12 +125,15 @@ class Catalog:
     """The photos (rows) of one catalog file plus the means to read them (from S3, http(s) or local paths)."""
 
     def __init__(self, rows: list[CatalogRow], uri: str = "", store: ObjectStore | None = None,
-                 base_dir: Path | None = None):
+                 base_dir: Path | None = None, *, checked: bool = False):
         self.rows = rows
         self.uri = uri
         self._store = store
         self._base_dir = base_dir
         self._cache_dir: Path | None = None
+        # Photo locations are checked before anything is read (lookalike.catalogs.sources) unless the
+        # catalog was built in code or written by a step that checked them (`checked`).
+        self.checked = checked or (not uri and base_dir is None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -141,7 +150,8 @@ class Catalog:
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, uri: str | Path, store: ObjectStore | None = None, *, strict: bool = True) -> Catalog:
+    def open(cls, uri: str | Path, store: ObjectStore | None = None, *, strict: bool = True,
+             checked: bool = False) -> Catalog:
         """Read a catalog from `s3://bucket/key.jsonl` or a local path.
 
         With strict=True (the default) any bad line raises CatalogError listing every problem; with
@@ -154,7 +164,8 @@ class Catalog:
                                "\n".join(f"  {p}" for p in problems[:20]))
         if strict and not listings:
             raise CatalogError(f"catalog {uri} is empty: it needs at least one listing")
-        return cls([row for listing in listings for row in rows_of(listing)], str(uri), store, base_dir)
+        return cls([row for listing in listings for row in rows_of(listing)], str(uri), store, base_dir,
+                   checked=checked)
 
     @classmethod
     def from_rows(cls, rows: Iterable[CatalogRow], uri: str = "", store: ObjectStore | None = None,
@@ -163,7 +174,7 @@ class Catalog:
 
     def subset(self, rows: Iterable[CatalogRow]) -> Catalog:
         """Another catalog over some of these rows, reading images the same way."""
-        sub = Catalog(list(rows), self.uri, self._store, self._base_dir)
+        sub = Catalog(list(rows), self.uri, self._store, self._base_dir, checked=self.checked)
         sub._cache_dir = self._cache_dir
         return sub
 
@@ -187,7 +198,10 @@ class Catalog:
         return str(self._base_dir / row.image)
 
     def image_bytes(self, row: CatalogRow) -> bytes:
+        """The photo's encoded bytes; PhotoRefused for a location the catalog may not name."""
         location = self.resolve_image(row)
+        if not self.checked:
+            check_location(location, None if str(self.uri).startswith("s3://") else self._base_dir)
         if location.startswith("s3://"):
             cached = self._cached_path(location)
             if cached is not None and cached.exists():
@@ -195,7 +209,7 @@ class Catalog:
             bucket, key = parse_s3_uri(location)
             return self._store_for(bucket).get_bytes(key)
         if location.startswith(("http://", "https://")):
-            return _http_get(location)
+            return fetch_url(location, ImageLimits().max_bytes)  # seller URLs: public addresses only, capped
         return Path(location).read_bytes()
 
     def load_image(self, row: CatalogRow, limits: ImageLimits | None = None, *,
@@ -261,12 +275,22 @@ def validate_catalog(uri: str | Path, store: ObjectStore | None = None, *, check
     for row in rows:
         for task, value in row.labels.items():
             report.label_counts.setdefault(task, Counter())[value] += 1
+    refused = set()
+    for i, row in enumerate(rows):  # every location, read or not: a refusal costs no fetch
+        try:
+            check_location(catalog.resolve_image(row), None if str(uri).startswith("s3://") else base_dir)
+        except PhotoRefused as exc:
+            refused.add(i)
+            report.problems.append(RowProblem(row.line, row.listing_id, f"photo {row.photo_id!r} refused: {exc}",
+                                              skip_listing=True))
     if check_images and rows:
         def check(row: CatalogRow) -> RowProblem | None:
             what = f"photo {row.photo_id!r} ({row.image})"
             try:
                 catalog.load_image(row)
                 return None
+            except PhotoRefused as exc:  # nothing was read; the listing is skipped, not the run
+                return RowProblem(row.line, row.listing_id, f"{what} refused: {exc}", skip_listing=True)
             except ImageError as exc:
                 return RowProblem(row.line, row.listing_id, f"{what} is unreadable: {exc}")
             except (FileNotFoundError, IsADirectoryError):
@@ -278,14 +302,18 @@ def validate_catalog(uri: str | Path, store: ObjectStore | None = None, *, check
                 return RowProblem(row.line, row.listing_id, f"{what} cannot be read: {text}")
 
         with ThreadPoolExecutor(workers) as pool:
-            bad = dict(zip(range(len(rows)), pool.map(check, rows)))
-        report.problems.extend(p for p in bad.values() if p is not None)
+            bad = dict(zip(range(len(rows)), pool.map(lambda i: None if i in refused else check(rows[i]),
+                                                      range(len(rows)))))
+        bad.update({i: True for i in refused})
+        report.problems.extend(p for p in bad.values() if p is not None and p is not True)
         broken: dict[str, int] = Counter(rows[i].listing_id for i, p in bad.items() if p is not None)
+        skipped = {rows[i].listing_id for i in refused}
         for listing in listings:
             if broken.get(listing.listing_id, 0) == len(listing.photos) > 1:
                 report.problems.append(RowProblem(listing.line, listing.listing_id,
                                                   f"the listing has no readable photo (all {len(listing.photos)} "
-                                                  f"photos above fail): fix them or drop the listing"))
+                                                  f"photos above fail): fix them or drop the listing",
+                                                  skip_listing=listing.listing_id in skipped))
     for task, counts in report.label_counts.items():
         if len(counts) == 1:
             report.problems.append(RowProblem(0, None, f"task {task!r} has a single class "
@@ -314,22 +342,6 @@ def write_catalog(rows: Iterable[CatalogRow], uri: str | Path, store: ObjectStor
 
 def _is_remote(location: str) -> bool:
     return location.startswith(("s3://", "http://", "https://"))
-
-
-def _http_get(url: str, timeout_s: float = 20.0) -> bytes:
-    """A photo the catalog names by an http(s) URL; a 4xx/5xx is a FileNotFoundError or an OSError."""
-    import urllib3
-
-    try:
-        response = urllib3.request("GET", url, timeout=urllib3.Timeout(connect=5.0, read=timeout_s),
-                                   retries=urllib3.Retry(total=2, backoff_factor=0.2), preload_content=True)
-    except urllib3.exceptions.HTTPError as exc:
-        raise OSError(f"cannot fetch {url}: {exc}") from exc
-    if response.status == 404:
-        raise FileNotFoundError(url)
-    if response.status >= 400:
-        raise OSError(f"fetching {url} answered {response.status}")
-    return response.data
 
 
 def _read_text(uri: str, store: ObjectStore | None) -> tuple[str, ObjectStore | None, Path | None]:

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.core.errors import NotFoundError, UnavailableError
+from lookalike.core.leases import Lease
 from lookalike.core.s3 import ObjectStore, StoreError
 from lookalike.core.settings import cache_dir
 
 MANIFEST = "MANIFEST.json"
 ALIASES = "_aliases"
+LEASES = "_leases"
 LATEST = "latest"
 VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also the names of aliases
 
@@ -177,6 +179,17 @@ class ArtifactRepo:
         body = {"version": version, "updated": datetime.now(UTC).isoformat(timespec="seconds")}
         self.store.put_bytes(f"{self.prefix}/{ALIASES}/{alias}.json", json.dumps(body).encode(),
                              content_type="application/json")
+
+    def alias_target(self, alias: str) -> str | None:
+        """The version `alias` points at now, or None when it points nowhere yet."""
+        key = f"{self.prefix}/{ALIASES}/{alias}.json"
+        return json.loads(self.store.get_bytes(key))["version"] if self.store.exists(key) else None
+
+    def lease(self, alias: str) -> Lease:
+        """The lease under which a run reads `alias`, publishes and moves it (`with repo.lease(alias): …`), so
+        runs that overlap move it one at a time (lookalike/core/leases.py)."""
+        return Lease(self.store, f"{self.prefix}/{LEASES}/{alias}.json",
+                     what=f"alias {alias} of {self.store.uri(self.prefix)}")
 
     # ---- reading ---------------------------------------------------------------------------
     def versions(self) -> list[str]:

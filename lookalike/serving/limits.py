@@ -22,6 +22,7 @@ from typing import Any
 from collections.abc import AsyncIterator
 
 from lookalike.serving.errors import Overloaded
+from lookalike.serving.metrics import RequestTrace
 
 INFER_SUFFIX = "/infer"
 # Set for the request a REST middleware already admitted: the model's own gate lets it through.
@@ -32,10 +33,11 @@ class BodyLimit:
     """ASGI middleware: inference requests pass the gate first, and bodies over `max_bytes` are a 413,
     refused before they are read past the cap."""
 
-    def __init__(self, app: Any, max_bytes: int, gate: AdmissionGate | None = None):
+    def __init__(self, app: Any, max_bytes: int, gate: AdmissionGate | None = None, unit: str = "server"):
         self.app = app
         self.max_bytes = int(max_bytes)
         self.gate = gate
+        self.unit = unit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope.get("type") != "http" or scope.get("method") not in ("POST", "PUT"):
@@ -52,6 +54,7 @@ class BodyLimit:
                 finally:
                     admitted.reset(token)
         except Overloaded as busy:
+            RequestTrace(self.unit, "-").finish(busy)  # counted (503, unavailable) and logged like any answer
             await _answer(send, 503, str(busy), [(b"retry-after", str(busy.retry_after_s).encode())])
 
     async def _limited(self, scope: dict, receive: Any, send: Any) -> None:

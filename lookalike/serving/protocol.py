@@ -327,7 +327,7 @@ class ModelServer(kserve.ModelServer):
             from kserve import model_server
 
             model_server.args.grpc_max_receive_message_length = int(max_request_bytes)
-            app.add_middleware(BodyLimit, max_bytes=int(max_request_bytes), gate=gate)
+            app.add_middleware(BodyLimit, max_bytes=int(max_request_bytes), gate=gate, unit=unit)
         app.add_middleware(PublicRoutes, allow_reload=allow_reload)  # added last: runs first
         self.host = host
         app.add_exception_handler(V2Error, _v2_error_handler)

@@ -10,6 +10,9 @@ from lookalike.pipelines.steps.model import read_card
 from lookalike.pipelines.steps.runner import GateFailed, StepError, read_metrics
 
 Check = tuple[str, float, str, float, bool]  # (gate, measured, rule, bound, passed)
+# The fewest simulated photos a recall gate is judged on: at 30, one photo moves recall by 0.033, and a
+# true recall of 0.5 reads between 0.32 and 0.68 (95%); below it the gate says so and does not judge.
+MIN_GATE_SAMPLE = 30
 
 
 def _gate_table(checks: list[Check]) -> str:
@@ -115,8 +118,14 @@ def check_index_gates(build_metrics, search_metrics, min_index_recall: float, mi
     built, searched = read_metrics(build_metrics), read_metrics(search_metrics)
     index_recall, phone_recall = built.get("index_recall@10", 0.0), searched.get("phone_recall@10", 0.0)
     checks: list[Check] = [
-        ("index_recall@10 (IVF vs exact)", index_recall, ">=", min_index_recall, index_recall >= min_index_recall),
-        ("phone_recall@10 through the index", phone_recall, ">=", min_recall_at_10, phone_recall >= min_recall_at_10)]
+        ("index_recall@10 (IVF vs exact)", index_recall, ">=", min_index_recall, index_recall >= min_index_recall)]
+    sample = int(searched.get("phone_queries", MIN_GATE_SAMPLE))
+    if sample >= MIN_GATE_SAMPLE:
+        checks.append(("phone_recall@10 through the index", phone_recall, ">=", min_recall_at_10,
+                       phone_recall >= min_recall_at_10))
+    else:  # an update of a few listings: a recall over a handful of photos is a coin toss, not a measurement
+        print(f"phone_recall@10 {phone_recall:.3f} over {sample} simulated photos is too small a sample to judge "
+              f"(fewer than {MIN_GATE_SAMPLE}): not gated", flush=True)
     if not _verdict("Index gates", checks, verdict):
         raise GateFailed(
             f"the new index did not pass: {_failures(checks)}. Nothing was published; the production index is "

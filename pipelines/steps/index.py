@@ -11,6 +11,7 @@ from typing import Any
 
 from lookalike.pipelines.steps.prepare import open_catalog
 from lookalike.predictor.index import parse_bytes
+from lookalike.pipelines.steps.changes import ChangeSet
 from lookalike.pipelines.steps.embed import load_embedder, load_embeddings
 from lookalike.pipelines.steps.model import read_card
 from lookalike.pipelines.steps.runner import StepError, check_device, progress, write_metrics
@@ -112,21 +113,48 @@ def evaluate_index(index, model, queries, phone_queries: int, seed: int, metrics
     return values
 
 
-def publish_index(index, alias: str) -> str:
-    """Publish the index folder as a new version under its model; point `alias` at it."""
-    from lookalike.predictor.index import VectorIndex
-    from lookalike.core.artifacts import model_repo
+def publish_index(index, alias: str, model_alias: str = "") -> str:
+    """Publish the index folder as a new version under its model and point `alias` at it; then, when
+    `model_alias` is set, point the model's alias at the index's model (a model alias never moves before
+    an index for it exists: train-and-index publishes the pair this way).
+
+    The alias moves under a lease (`lookalike.core.leases`), so runs that overlap move it one at a time.
+    An update read the index its alias pointed at when it began (`parent_version`); when the alias has
+    moved since (another update published), this run's change set is applied again on the index the alias
+    points at now, so neither run's additions nor its delistings are lost.
+    """
+    from lookalike.core.artifacts import index_repo, model_repo
     from lookalike.core.s3 import connect
+    from lookalike.predictor.index import VectorIndex
 
     store = connect()
     built = VectorIndex.load(index.path)
-    if built.model_version not in model_repo(store).versions():
+    models = model_repo(store)
+    if built.model_version not in models.versions():
         raise StepError(f"the index was built with model {built.model_version}, which is not published: publish "
                         f"the model first (the pipelines do)")
-    version = built.publish(store, alias=alias or None)
+    repo = index_repo(store, built.model_version)
+    changes = ChangeSet.read(Path(index.path)) if ChangeSet.present(Path(index.path)) else None
+    if not alias:
+        version = built.publish(store)
+        print(f"published index {version} of model {built.model_version} (no alias moved)", flush=True)
+        return version
+    with repo.lease(alias):
+        target = repo.alias_target(alias)
+        # An update that read this alias, which has moved since: apply its changes on where it points now.
+        if changes is not None and changes.ref == alias and target not in (None, changes.parent):
+            print(f"index alias {alias} moved from {changes.parent} to {target} while this run worked (another "
+                  f"run published): applying this run's changes again on {target}", flush=True)
+            built = VectorIndex.fetch(store, built.model_version, target)
+            changes.apply(built)
+        version = built.publish(store)
+        repo.set_alias(alias, version)
     print(f"published index {version} of model {built.model_version} ({built.listing_count} listings, "
-          f"{built.count} photos)"
-          f"{_alias_moved(alias, built.model_version, version)}", flush=True)
+          f"{built.count} photos){_alias_moved(alias, built.model_version, version)}", flush=True)
+    if model_alias:
+        with models.lease(model_alias):
+            models.set_alias(model_alias, built.model_version)
+        print(f"model alias {model_alias} → {built.model_version} (its index {version} is published)", flush=True)
     return version
 
 
@@ -164,31 +192,18 @@ def update_index(model, embeddings, index_ref: str, delisted_uri: str, index, me
         raise StepError(f"{exc}. Build one first with the index pipeline") from None
     parent = current.info.get("index_version")
     delisted = list(dict.fromkeys(_read_ids(delisted_uri))) if delisted_uri else []
-    gone = [lid for lid in delisted if lid in current]
-    absent = [lid for lid in delisted if lid not in current]
+    changes = ChangeSet(parent, vectors, list(ids), list(photos), _labels_by_task(labels), delisted,
+                        info.get("catalog"), ref=index_ref or "production")
+    done = changes.apply(current)
+    gone, absent = done["gone"], done["absent"]
     if absent:
         shown = ", ".join(absent[:10]) + (f" … ({len(absent)} in all)" if len(absent) > 10 else "")
         print(f"delisted ids not in index {parent}, nothing to remove for them: {shown}", flush=True)
-    removed = current.remove(gone) if gone else 0
-    present = [i for i, lid in enumerate(ids) if lid in current]
-    fresh = [i for i, lid in enumerate(ids) if lid not in current]
-    by_task = _labels_by_task(labels)
-
-    def pick(rows):
-        return (vectors[rows], [ids[i] for i in rows], {t: [v[i] for i in rows] for t, v in by_task.items()},
-                [photos[i] for i in rows])
-
-    def change(method, rows) -> int:
-        x, lids, labs, pids = pick(rows)
-        return method(x, lids, labs, photo_ids=pids)
-
-    replaced = change(current.replace, present) if present else 0
-    added = change(current.add, fresh) if fresh else 0
-    if info.get("catalog"):
-        current.record_catalogs([info["catalog"]])
+    removed, replaced, added = done["removed"], done["replaced"], done["added"]
     drift = current.drift()
     current.save(index.path)
-    changed = {"added": len({ids[i] for i in fresh}), "replaced": len({ids[i] for i in present})}
+    changes.write(Path(index.path))  # kept beside the index: publishing applies it again if the alias moved
+    changed = {"added": done["listings_added"], "replaced": done["listings_replaced"]}
     values = {**_index_metrics(current), "added": float(changed["added"]), "replaced": float(changed["replaced"]),
               "removed": float(len(gone)), "delisted_not_found": float(len(absent)), "photos_added": float(added),
               "photos_replaced": float(replaced), "photos_removed": float(removed),

@@ -48,8 +48,13 @@ def prepare_catalog(catalog_uri: str, holdout_fraction: float, seed: int, check_
     if not checked.ok:
         raise StepError(f"catalog {uri} cannot be used:\n{checked.summary(max_problems=20)}\n"
                         f"Fix or drop the lines listed and run again (`lookalike catalog validate` shows them all)")
+    skipped = checked.skipped_listings
+    for problem in checked.problems:
+        if problem.skip_listing:
+            print(f"skipped listing {problem.listing_id}: {problem}", flush=True)
     source = Catalog.open(uri)
-    rows = [r.with_image(source.resolve_image(r)) for r in source.rows]  # each photo, its location made absolute
+    # Each photo with its location made absolute; a listing with a refused photo is left out whole.
+    rows = [r.with_image(source.resolve_image(r)) for r in source.rows if r.listing_id not in skipped]
     held = [r for r in rows if held_out(r.listing_id, seed, holdout_fraction)]
     held_ids = {r.listing_id for r in held}
     trained = [r for r in rows if r.listing_id not in held_ids]
@@ -78,7 +83,7 @@ def open_catalog(path: str | Path):
     """A catalog another step wrote (image locations already absolute; rows already validated)."""
     from lookalike.catalogs.rows import Catalog
 
-    return Catalog.open(str(path), strict=False)
+    return Catalog.open(str(path), strict=False, checked=True)
 
 
 def image_cache_dir() -> Path:
