@@ -12,6 +12,7 @@ so a catalog is never visible with images still missing. Image URIs in the rows 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import re
 import time
@@ -288,6 +289,7 @@ def import_folder(store: ObjectStore, directory: str | Path, name: str, *, label
             continue
         for photo_id, path in kept:
             key = image_key(name, listing.listing_id, photo_id if len(kept) > 1 else None, path.suffix.lower())
+            key = unchanged_or_new_key(store, key, path.read_bytes())
             uploads.append((key, path))
             rows.append(CatalogRow(listing.listing_id, store.uri(key), listing.labels, source, listing.title,
                                    listing.line, photo_id, listing.metadata))
@@ -310,6 +312,21 @@ def import_folder(store: ObjectStore, directory: str | Path, name: str, *, label
     return ImportResult(uri, len(rows), skipped, len({r.listing_id for r in rows}), left_out)
 
 
+
+
+def unchanged_or_new_key(store: ObjectStore, key: str, data: bytes) -> str:
+    """`key`, unless the store already holds other bytes there: then a key named by the new bytes' hash
+    (`…/L1.<sha256[:12]>.jpg`). A re-import never overwrites a photo in place, so an index built from the
+    earlier import keeps serving photos that exist (published indexes name their photos' keys); what an
+    import writes is visible only once its catalog.jsonl is (written last)."""
+    try:
+        if not store.exists(key) or store.get_bytes(key) == data:
+            return key
+    except Exception:  # noqa: BLE001 - unreadable as good as changed: a new key loses nothing
+        pass
+    stem, dot, suffix = key.rpartition(".")
+    return f"{stem}.{hashlib.sha256(data).hexdigest()[:12]}{dot}{suffix}" if dot else \
+        f"{key}.{hashlib.sha256(data).hexdigest()[:12]}"
 
 
 def _listing_ids(images: list[Path], directory: Path) -> dict[Path, str]:

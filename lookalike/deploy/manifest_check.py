@@ -405,6 +405,11 @@ def _rollout_rules(isvc: dict[str, Any]) -> list[Problem]:
     if model == "unset":
         problems.append(Problem("warning", who, field, "no model version chosen yet: run `lookalike rollout set "
                                                        "--model-version V` once a model is published"))
+    elif index in ("latest", "unset", "production"):
+        problems.append(Problem("error", who, f"metadata.annotations[{ANNOTATION_INDEX}]",
+                                f"{index!r} is not a pinned index version: pods of one revision could serve "
+                                f"different indexes and a rollback would not restore the old one; run `lookalike "
+                                f"rollout set --model-version {model}` (it pins the index) or name --index-version"))
     predictor = (isvc.get("spec") or {}).get("predictor") or {}
     containers = [c for c in _containers(predictor) if c.get("name") == KSERVE_CONTAINER]
     if not containers:

@@ -125,6 +125,25 @@ def _check_percent(percent: int) -> int:
     return percent
 
 
+def pin_index(model_version: str, index_version: str | None) -> str:
+    """The index version a rollout pins beside `model_version`: the one named, or when none is (or
+    `latest`), the one that model's `production` index alias names in the store now (its newest complete
+    index when it has no alias). Pods of one revision then all serve that index, and a rollback brings back
+    the exact index the old model served. RolloutError when the store cannot say."""
+    if index_version and index_version != LATEST_INDEX:
+        return _check_version(index_version, "index version")
+    from lookalike.core.artifacts import index_repo
+    from lookalike.core.errors import LookalikeError
+    from lookalike.core.s3 import connect
+
+    try:
+        repo = index_repo(connect(), model_version)
+        return repo.alias_target("production") or repo.resolve(LATEST_INDEX)
+    except LookalikeError as exc:
+        raise RolloutError(f"cannot pin the index of model {model_version}: {exc}; name it with --index-version "
+                           f"VERSION (`lookalike store ls`)") from None
+
+
 def set_version(state: RolloutState, model_version: str, index_version: str = LATEST_INDEX) -> RolloutState:
     """Serve `model_version` on all traffic at once; the version it replaces is kept for rollback."""
     _check_version(model_version, "model version")

@@ -29,14 +29,14 @@ def _image_bytes(fmt: str = "PNG", color=(200, 30, 30), size=(24, 20)) -> bytes:
 # ---- the validator ---------------------------------------------------------------------------------
 
 def test_validator_reports_every_broken_row_with_its_line(store, capsys):
-    store.put_bytes("imgs/good.png", _image_bytes())
-    store.put_bytes("imgs/other.png", _image_bytes(color=(0, 0, 200)))
-    store.put_bytes("imgs/garbage.png", b"this is not a png at all")
-    good, other = store.uri("imgs/good.png"), store.uri("imgs/other.png")
+    store.put_bytes("catalogs/t/images/good.png", _image_bytes())
+    store.put_bytes("catalogs/t/images/other.png", _image_bytes(color=(0, 0, 200)))
+    store.put_bytes("catalogs/t/images/garbage.png", b"this is not a png at all")
+    good, other = store.uri("catalogs/t/images/good.png"), store.uri("catalogs/t/images/other.png")
     lines = [
         json.dumps({"listing_id": "a", "image": good, "labels": {"category": "tops"}}),             # 1 ok
-        json.dumps({"listing_id": "b", "image": store.uri("imgs/gone.png"), "labels": {}}),           # 2 missing
-        json.dumps({"listing_id": "c", "image": store.uri("imgs/garbage.png")}),                      # 3 unreadable
+        json.dumps({"listing_id": "b", "image": store.uri("catalogs/t/images/gone.png"), "labels": {}}),  # 2 missing
+        json.dumps({"listing_id": "c", "image": store.uri("catalogs/t/images/garbage.png")}),  # 3 unreadable
         json.dumps({"listing_id": "d", "image": good, "labels": {"category": 3.5}}),                  # 4 label type
         json.dumps({"listing_id": "a", "image": other, "labels": {"category": "bags"}}),              # 5 conflict
         '{"listing_id": "e", "image": ',                                                               # 6 bad JSON
@@ -191,6 +191,22 @@ def test_import_folder_with_sub_folders(store, tmp_path):
     assert validate_catalog(result.uri, store).ok
 
 
+def test_reimporting_a_catalog_never_overwrites_a_photo_an_index_may_name(store, tmp_path):
+    (tmp_path / "shoes").mkdir()
+    (tmp_path / "bags").mkdir()
+    (tmp_path / "shoes" / "boot.png").write_bytes(_image_bytes("PNG"))
+    (tmp_path / "bags" / "tote.png").write_bytes(_image_bytes("PNG", color=(0, 200, 0)))
+    first = {r.listing_id: r.image for r in Catalog.open(import_folder(store, tmp_path, "mine", progress=False).uri,
+                                                           store).rows}
+    (tmp_path / "shoes" / "boot.png").write_bytes(_image_bytes("PNG", color=(0, 0, 200)))  # the seller's new photo
+    second = {r.listing_id: r.image for r in Catalog.open(import_folder(store, tmp_path, "mine", progress=False).uri,
+                                                            store).rows}
+    assert second["tote"] == first["tote"]  # unchanged: the same key
+    assert second["boot"] != first["boot"]  # changed: a key of its own, the old photo still there, unchanged
+    old_key, new_key = (uri.split("/", 3)[3] for uri in (first["boot"], second["boot"]))
+    assert store.get_bytes(old_key) == _image_bytes("PNG") and store.get_bytes(new_key) != store.get_bytes(old_key)
+
+
 def test_import_folder_with_a_labels_csv(store, tmp_path, caplog):
     for name, color in (("a.jpg", (255, 0, 0)), ("b.png", (0, 255, 0)), ("c.png", (0, 0, 255))):
         (tmp_path / name).write_bytes(_image_bytes("JPEG" if name.endswith("jpg") else "PNG", color))
@@ -260,22 +276,23 @@ def test_import_with_bad_store_settings_publishes_nothing(store, tmp_path, monke
 
 # ---- listings with several photos ------------------------------------------------------------------
 
-def test_a_listing_line_holds_its_photos_title_labels_and_metadata(store, tmp_path):
+def test_a_listing_line_holds_its_photos_title_labels_and_metadata(store, tmp_path, monkeypatch):
     from lookalike.catalogs.rows import write_catalog
 
-    store.put_bytes("imgs/front.png", _image_bytes(color=(200, 0, 0)))
-    store.put_bytes("imgs/back.png", _image_bytes(color=(0, 200, 0)))
+    monkeypatch.setenv("LOOKALIKE_PHOTO_HOSTS", "127.0.0.1")  # the loopback store stands in for a seller's CDN
+    store.put_bytes("catalogs/t/images/front.png", _image_bytes(color=(200, 0, 0)))
+    store.put_bytes("catalogs/t/images/back.png", _image_bytes(color=(0, 200, 0)))
     (tmp_path / "side.png").write_bytes(_image_bytes(color=(0, 0, 200)))
     # an http(s) photo: a presigned URL of the store stands in for a seller's CDN
-    cdn = store.presigned_url("imgs/back.png", 600)
+    cdn = store.presigned_url("catalogs/t/images/back.png", 600)
     lines = [
         {"listing_id": "L1", "title": "Red apple", "labels": {"category": "fruit", "color": "red"},
          "metadata": {"url": "https://shop.example/l1", "price": "3.20", "stock": 4, "organic": True},
          "source": "catalog",
-         "images": [{"uri": store.uri("imgs/front.png"), "photo_id": "front"},
+         "images": [{"uri": store.uri("catalogs/t/images/front.png"), "photo_id": "front"},
                     {"uri": cdn, "photo_id": "cdn", "source": "user_photo"}, "side.png"]},
         # old one-photo rows of one listing merge into it
-        {"listing_id": "L2", "image": store.uri("imgs/back.png"), "labels": {"category": "veg"}},
+        {"listing_id": "L2", "image": store.uri("catalogs/t/images/back.png"), "labels": {"category": "veg"}},
         {"listing_id": "L2", "image": "side.png", "labels": {"category": "veg", "color": "blue"}, "title": "Leek"},
     ]
     path = tmp_path / "catalog.jsonl"
@@ -306,10 +323,10 @@ def test_a_listing_line_holds_its_photos_title_labels_and_metadata(store, tmp_pa
 
 
 def test_the_validator_reports_per_photo_and_per_listing(store, tmp_path, capsys):
-    good, other = store.uri("imgs/good.png"), store.uri("imgs/other.png")
-    store.put_bytes("imgs/good.png", _image_bytes())
-    store.put_bytes("imgs/other.png", _image_bytes(color=(0, 0, 200)))
-    store.put_bytes("imgs/garbage.png", b"not a png")
+    good, other = store.uri("catalogs/t/images/good.png"), store.uri("catalogs/t/images/other.png")
+    store.put_bytes("catalogs/t/images/good.png", _image_bytes())
+    store.put_bytes("catalogs/t/images/other.png", _image_bytes(color=(0, 0, 200)))
+    store.put_bytes("catalogs/t/images/garbage.png", b"not a png")
     lines = [
         {"listing_id": "ok", "labels": {"category": "a"}, "images": [good, other]},                         # 1
         {"listing_id": "same-uri", "labels": {"category": "b"}, "images": [good, good]},                    # 2
@@ -317,8 +334,10 @@ def test_the_validator_reports_per_photo_and_per_listing(store, tmp_path, capsys
         {"listing_id": "ok", "images": [other]},                                                            # 4
         {"listing_id": "meta", "metadata": {"sizes": ["S", "M"], "price": {"eur": 3}, "url": "u"},
          "images": [good]},                                                                                  # 5
-        {"listing_id": "broken", "images": [store.uri("imgs/garbage.png"), store.uri("imgs/gone.png")]},   # 6
-        {"listing_id": "half", "labels": {"category": "b"}, "images": [good, store.uri("imgs/gone.png")]},  # 7
+        {"listing_id": "broken",  # 6
+         "images": [store.uri("catalogs/t/images/garbage.png"), store.uri("catalogs/t/images/gone.png")]},
+        {"listing_id": "half", "labels": {"category": "b"},  # 7
+         "images": [good, store.uri("catalogs/t/images/gone.png")]},
         {"listing_id": "empty", "images": []},                                                              # 8
     ]
     store.put_bytes("catalogs/multi/catalog.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode())
@@ -338,7 +357,8 @@ def test_the_validator_reports_per_photo_and_per_listing(store, tmp_path, capsys
     assert "'sizes' is a list" in by_line[5][0] and "'price' is a dict" in by_line[5][1]
     assert len(by_line[6]) == 3 and "unreadable" in by_line[6][0] and "does not exist" in by_line[6][1]
     assert "the listing has no readable photo (all 2 photos above fail)" in by_line[6][2]
-    assert by_line[7] == [f"photo '1' ({store.uri('imgs/gone.png')}) does not exist"]  # one bad photo of two
+    # one bad photo of two
+    assert by_line[7] == [f"photo '1' ({store.uri('catalogs/t/images/gone.png')}) does not exist"]
     assert "images must be a non-empty list" in by_line[8][0]
     assert all(line.startswith("line ") for line in text)
     assert main(["catalog", "validate", uri]) == 1

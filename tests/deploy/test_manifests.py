@@ -111,8 +111,8 @@ BROKEN = [
     ("overlays/dev/minio.yaml", "containerPort: 9000", "containerPort: \"9000\"",
      "Deployment lookalike-dev/minio", "spec.template.spec.containers[0].ports[0].containerPort",
      "not of type 'integer'"),
-    ("overlays/dev/rollout.yaml", "    lookalike.io/index-version: latest\n",
-     "    lookalike.io/index-version: latest\nspec:\n  predictor:\n    canaryTrafficPercent: 150\n",
+    ("overlays/dev/rollout.yaml", "    lookalike.io/index-version: unset\n",
+     "    lookalike.io/index-version: unset\nspec:\n  predictor:\n    canaryTrafficPercent: 150\n",
      ISVC_DEV, "spec.predictor.canaryTrafficPercent", "150 is outside 0-100"),
     ("overlays/dev/minio-bucket-job.yaml", "key: LOOKALIKE_S3_BUCKET", "key: LOOKALIKE_BUCKET",
      "Job lookalike-dev/minio-create-bucket", "spec.template.spec.containers[0].env[1].valueFrom.configMapKeyRef",
@@ -183,8 +183,8 @@ def test_schema_folder_from_environment(tree, tmp_path, monkeypatch):
     crd = (mc.kserve_schema_dir() / "serving.kserve.io_inferenceservices.yaml").read_text()
     (schemas / "serving.kserve.io_inferenceservices.yaml").write_text(
         crd.replace("canaryTrafficPercent:", "canaryTrafficPercentRenamed:"))
-    edit(tree / "overlays/dev/rollout.yaml", "    lookalike.io/index-version: latest\n",
-         "    lookalike.io/index-version: latest\nspec:\n  predictor:\n    canaryTrafficPercent: 10\n")
+    edit(tree / "overlays/dev/rollout.yaml", "    lookalike.io/index-version: unset\n",
+         "    lookalike.io/index-version: unset\nspec:\n  predictor:\n    canaryTrafficPercent: 10\n")
     assert mc.validate_overlay("dev", tree).ok
     monkeypatch.setenv("LOOKALIKE_KSERVE_SCHEMAS", str(schemas))
     report = mc.validate_overlay("dev", tree)
@@ -209,7 +209,7 @@ def test_rendered_commands_are_accepted_by_the_real_entry_points(overlay, monkey
     tree = tmp_path / "manifests"
     shutil.copytree(MANIFESTS, tree, ignore=shutil.ignore_patterns("schemas"))
     edit(tree / f"overlays/{overlay}/rollout.yaml", "model-version: unset", "model-version: m7")
-    edit(tree / f"overlays/{overlay}/rollout.yaml", "index-version: latest", "index-version: i3")
+    edit(tree / f"overlays/{overlay}/rollout.yaml", "index-version: unset", "index-version: i3")
     isvc = mc.find_object(mc.render(overlay, tree), "InferenceService", "lookalike")
     parsers = {"predictor": predictor_parser, "transformer": transformer_parser}
     parsed = {}

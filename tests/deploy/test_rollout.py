@@ -175,7 +175,7 @@ def test_apply_sends_the_right_merge_patches(tree, cluster, capsys):
     assert run(tree, cluster, "set", "--model-version", "m1", "--index-version", "i1") == 0
     assert run(tree, cluster, "canary", "--model-version", "m2", "--index-version", "i2", "--percent", "10") == 0
     assert run(tree, cluster, "promote") == 0
-    assert run(tree, cluster, "canary", "--model-version", "m3", "--percent", "25") == 0
+    assert run(tree, cluster, "canary", "--model-version", "m3", "--index-version", "i3", "--percent", "25") == 0
     assert run(tree, cluster, "rollback") == 0
     assert [r["method"] for r in Recorder.requests] == ["PATCH"] * 5
     for r in Recorder.requests:
@@ -219,7 +219,7 @@ def test_apply_sends_the_right_merge_patches(tree, cluster, capsys):
 
 
 def test_status_live_reports_the_cluster(tree, cluster, capsys):
-    ro.write_state("dev", ro.canary(ro.set_version(ro.read_state("dev", tree), "m1"), "m2", 20), tree)
+    ro.write_state("dev", ro.canary(ro.set_version(ro.read_state("dev", tree), "m1", "i1"), "m2", 20, "i2"), tree)
     Recorder.live = {
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
         "metadata": {"name": "lookalike", "namespace": "lookalike-dev",
@@ -234,7 +234,7 @@ def test_status_live_reports_the_cluster(tree, cluster, capsys):
     assert main(["rollout", "status", "--live", "--manifests", str(tree), "--kubeconfig", cluster]) == 0
     out = capsys.readouterr().out
     assert [(r["method"], r["path"]) for r in Recorder.requests] == [("GET", PATH)]
-    assert "canary: model m2 index latest takes 20% of traffic" in out
+    assert "canary: model m2 index i2 takes 20% of traffic" in out
     assert "ready=True url=http://lookalike.lookalike-dev.example.com" in out
     assert " 20% -> lookalike-predictor-00002 (latest)" in out and " 80% -> lookalike-predictor-00001 (prev)" in out
     assert "DIFFERS from the manifest" in out
@@ -242,7 +242,7 @@ def test_status_live_reports_the_cluster(tree, cluster, capsys):
 
 def test_apply_error_is_one_clear_line(tree, cluster, capsys):
     Recorder.fail_with = 404
-    assert run(tree, cluster, "set", "--model-version", "m1") == 1
+    assert run(tree, cluster, "set", "--model-version", "m1", "--index-version", "i1") == 1
     err = capsys.readouterr().err
     assert "HTTP 404" in err and "deploy the overlay first" in err and "Traceback" not in err
 
@@ -259,8 +259,30 @@ def test_unreachable_cluster_is_one_clear_line_and_the_manifest_stays_written(tr
         "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
-    assert run(tree, str(kubeconfig), "set", "--model-version", "m1") == 1
+    assert run(tree, str(kubeconfig), "set", "--model-version", "m1", "--index-version", "i1") == 1
     err = capsys.readouterr().err
     assert "cannot reach the cluster" in err and "The manifest is updated" in err and "Traceback" not in err
     assert ro.read_state("dev", tree).model_version == "m1"
 
+
+
+def test_a_rollout_pins_the_index_the_model_serves_now(store, tree, capsys):
+    """Without --index-version the rollout names the index the model's production alias points at now, so
+    every pod serves that one and a rollback restores it; with no store to ask it says what to pass."""
+    import numpy as np
+
+    from lookalike.cli.main import main as cli
+    from lookalike.core.artifacts import index_repo, new_version
+    from lookalike.deploy.rollout import RolloutError, pin_index
+    from lookalike.predictor.index import VectorIndex
+
+    model = new_version()
+    x = np.eye(4, dtype=np.float32)
+    pinned = VectorIndex.build(x, ["a", "b", "c", "d"], model_version=model).publish(store, alias="production")
+    VectorIndex.build(x, ["a", "b", "c", "e"], model_version=model).publish(store)  # newer, not production
+    assert pin_index(model, None) == pinned == pin_index(model, "latest") != index_repo(store, model).resolve()
+    assert pin_index(model, "20990101T000000000Z-abcdef") == "20990101T000000000Z-abcdef"  # named: as named
+    assert cli(["rollout", "set", "--model-version", model, "--manifests", str(tree)]) == 0
+    assert f"model {model} index {pinned}" in capsys.readouterr().out
+    with pytest.raises(RolloutError, match="name it with --index-version"):
+        pin_index("no-such-model", None)

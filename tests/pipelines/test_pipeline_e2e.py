@@ -129,7 +129,7 @@ def test_index_pipeline_with_a_failing_gate_keeps_the_production_index(published
     indexes = index_repo(store, model_version)
     before_versions, before_aliases = indexes.versions(), indexes.aliases()
     with pytest.raises(PipelineFailed) as failed:
-        run_local("index", {"catalog_uri": uri, "phone_queries": 10, "min_recall_at_10": 1.01,
+        run_local("index", {"catalog_uri": uri, "phone_queries": 30, "min_recall_at_10": 1.01,
                             "min_index_recall": 0.5}, root=home / "runs")
     assert failed.value.step == "check-index-gates"
     assert "phone_recall@10 through the index" in str(failed.value)

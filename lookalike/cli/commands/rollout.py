@@ -56,10 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _version_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-version", required=True, help="a published model version (`lookalike store ls`)")
-    parser.add_argument("--index-version", default="latest",
-                        help="an index version built for that model; `latest` (default): the newest one when "
-                             "each predictor pod starts; a pinned version never changes (a new index can be "
-                             "canaried with the same --model-version)")
+    parser.add_argument("--index-version", default=None,
+                        help="an index version built for that model (default: the one its production index alias "
+                             "names now, read from the store): the manifest pins it, so every pod serves the same "
+                             "index and a rollback restores it (a new index can be canaried with the same "
+                             "--model-version)")
 
 
 def _common(parser: argparse.ArgumentParser, apply_help: str | None = None) -> None:
@@ -102,13 +103,15 @@ def _step(args: argparse.Namespace, transition) -> int:
 def _set(args: argparse.Namespace) -> int:
     from lookalike.deploy import rollout
 
-    return _step(args, lambda s: rollout.set_version(s, args.model_version, args.index_version))
+    index = rollout.pin_index(args.model_version, args.index_version)
+    return _step(args, lambda s: rollout.set_version(s, args.model_version, index))
 
 
 def _canary(args: argparse.Namespace) -> int:
     from lookalike.deploy import rollout
 
-    return _step(args, lambda s: rollout.canary(s, args.model_version, args.percent, args.index_version))
+    index = rollout.pin_index(args.model_version, args.index_version)
+    return _step(args, lambda s: rollout.canary(s, args.model_version, args.percent, index))
 
 
 def _promote(args: argparse.Namespace) -> int:
