@@ -41,3 +41,27 @@ def store(s3_server, monkeypatch, tmp_path) -> ObjectStore:
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
     return store
+
+
+def free_port_block(offsets: tuple[int, ...] = (0, 1, 2, 5, 6)) -> int:
+    """A base port whose `base + offset` ports are all free, below the kernel's ephemeral range (32768 on):
+    a port taken from that range can be the local port of some client connection a moment later, which
+    no server can bind (the `lookalike serve` port check rightly refuses it)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000)
+        ok = True
+        for offset in offsets:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", base + offset))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no block of free ports below 32000")

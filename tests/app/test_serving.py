@@ -804,10 +804,9 @@ def test_lookalike_query_prints_matches_and_writes_html(stack, pair, tmp_path):
 
 @pytest.mark.slow
 def test_lookalike_serve_starts_both_servers_and_stops_them(pair, tmp_path):
-    from lookalike.core.store_server import free_port
+    from conftest import free_port_block
 
-    base = next(p for p in (free_port() for _ in range(50))
-                if all(_port_free(p + d) for d in (0, 1, 5, 6)) and p < 65000)
+    base = free_port_block((0, 1, 2, 5, 6))
     env = {**_server_env(pair), "LOOKALIKE_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([_lookalike_bin(), "serve", "--port", str(base)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

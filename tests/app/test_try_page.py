@@ -292,10 +292,9 @@ def test_a_photo_dropped_on_the_page_shows_its_listings_and_versions(browser, tr
 
 @pytest.mark.slow
 def test_lookalike_serve_prints_the_try_page_url_and_stops_it(pair, tmp_path):
-    from lookalike.core.store_server import free_port
+    from conftest import free_port_block
 
-    base = next(p for p in (free_port() for _ in range(50))
-                if p < 65000 and all(test_serving._port_free(p + d) for d in (0, 1, 2, 5, 6)))
+    base = free_port_block((0, 1, 2, 5, 6))
     env = {**os.environ, **pair["settings"].to_env(), "LOOKALIKE_CACHE": str(pair["cache"]),
            "LOOKALIKE_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "lookalike"), "serve", "--port", str(base)], env=env,

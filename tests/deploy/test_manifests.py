@@ -79,7 +79,7 @@ def test_every_overlay_renders_and_validates(overlay):
         assert predictor["scaleMetric"] == "concurrency" and transformer["minReplicas"] >= 2
         assert pc["image"].startswith("registry.example.com/lookalike/predictor:")
         assert "Secret" not in kinds
-        assert any("Secret 'lookalike-s3'" in p.message for p in report.warnings)
+        assert any("Secret 'lookalike-s3-serving'" in p.message for p in report.warnings)  # read-only, out of band
 
 
 def test_pipeline_settings_point_at_the_dev_store():
@@ -97,7 +97,7 @@ def test_no_real_credentials_in_the_tree():
         text = path.read_text()
         assert not re.search(r"AKIA[0-9A-Z]{16}", text), path  # AWS access key ids
         for key in re.findall(r"AWS_SECRET_ACCESS_KEY[:=]\s*(\S+)", text):
-            assert key in ("CHANGE-ME", "lookalike-dev-secret"), (path, key)
+            assert key in ("CHANGE-ME", "lookalike-dev-secret", "lookalike-dev-serving-secret"), (path, key)
 
 
 BROKEN = [
@@ -272,3 +272,24 @@ def test_dockerfiles(path):
     for s in steps:
         if s.cmd in ("ENV", "ARG"):
             assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", " ".join(s.value), re.I), (path, s.original)
+
+
+def test_serving_units_read_the_store_with_a_read_only_key():
+    """The transformer and predictor use the serving Secret (MinIO policy: read models/, indexes/,
+    catalogs/ and nothing else); only the pipelines' Secret can write."""
+    import json
+
+    report = mc.validate_overlay("dev")
+    isvc = mc.find_object(report.objects, "InferenceService", "lookalike")
+    for component in ("transformer", "predictor"):
+        (container,) = isvc["spec"][component]["containers"]
+        refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "valueFrom" in e
+                and "secretKeyRef" in e["valueFrom"]}
+        assert refs == {"lookalike-s3-serving"}, (component, refs)
+    sa = mc.find_object(report.objects, "ServiceAccount", "lookalike-serving")
+    assert [s["name"] for s in sa["secrets"]] == ["lookalike-s3-serving"]
+    policy = json.loads(mc.find_object(report.objects, "ConfigMap", "minio-serving-policy")["data"]["serving.json"])
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    assert actions == {"s3:GetObject", "s3:ListBucket"}  # nothing that writes or deletes
+    job = mc.find_object(report.objects, "Job", "minio-create-bucket")
+    assert "mc admin policy attach dev lookalike-serving" in str(job)
