@@ -66,7 +66,10 @@ def test_a_burst_of_cancelled_requests_leaves_the_batching_predictor_answering(s
                                   grpc.StatusCode.CANCELLED}, codes
             started = time.monotonic()
             reply = stub.ModelInfer(_grpc_request(), timeout=5)
-            assert time.monotonic() - started < 1.0 and reply.outputs
+            took = time.monotonic() - started
+            print(f"burst of 64 at {deadline_s * 1000:g} ms deadlines: {codes.count(grpc.StatusCode.OK)} answered, "
+                  f"next request answered in {took * 1000:.0f} ms")
+            assert took < 1.0 and reply.outputs
         assert httpx.get(f"{stack.endpoints['predictor_rest']}/v2/health/ready", timeout=5).status_code == 200
         assert httpx.get(f"{stack.endpoints['predictor_rest']}/v2/health/live", timeout=5).status_code == 200
         # The requests whose callers had gone were skipped, not embedded, and the worker lived on.
@@ -115,7 +118,9 @@ def test_an_800_mb_body_is_refused_before_it_is_read(stack):
         assert reply.status_code == 413
     except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
         pass  # the server answered 413 and closed while the client was still writing
-    assert _peak_rss_mb(pid) - before < 100
+    growth = _peak_rss_mb(pid) - before
+    print(f"800 MB body: 413, transformer peak RSS {before:.0f} MB -> +{growth:.1f} MB")
+    assert growth < 100
     photo = _png_bytes(__import__("PIL.Image").Image.new("RGB", (80, 80), "blue"))
     assert _rest_infer(stack.endpoints["transformer_rest"], [photo]).status_code == 200
 
