@@ -52,6 +52,20 @@ def report(name: str, samples_s: list[float], wall_s: float, images: int) -> dic
     return {"p50": p50, "p99": p99, "ips": ips}
 
 
+def private_store(prefix: str):
+    """A fresh work folder and an embedded S3 server in it, its settings in os.environ (so the servers this
+    process starts inherit them): (workdir, server, store). The caller stops the server."""
+    from lookalike.core.s3 import ObjectStore
+    from lookalike.core.store_server import EmbeddedS3Server
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ.setdefault("LOOKALIKE_CACHE", str(workdir / "cache"))
+    s3 = EmbeddedS3Server(workdir / "s3" / "data")
+    settings = s3.start()
+    os.environ.update(settings.to_env())
+    return workdir, s3, ObjectStore(settings)
+
+
 def build_pair(store, catalog_size: int, size: int) -> tuple[str, str, list]:
     from lookalike.predictor.embedder import Embedder
     from lookalike.predictor.index import VectorIndex
@@ -249,16 +263,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from lookalike.app.serving_stack import ServingStack
-    from lookalike.core.s3 import ObjectStore
-    from lookalike.core.store_server import EmbeddedS3Server
 
     cores = os.cpu_count() or 1
-    workdir = Path(tempfile.mkdtemp(prefix="lookalike-bench-"))
-    os.environ.setdefault("LOOKALIKE_CACHE", str(workdir / "cache"))
-    s3 = EmbeddedS3Server(workdir / "s3" / "data")
-    settings = s3.start()
-    os.environ.update(settings.to_env())
-    store = ObjectStore(settings)
+    workdir, s3, store = private_store("lookalike-bench-")
     stack = None
     try:
         print(f"building a pair: {args.catalog_size} Fashion-MNIST listings, tf_efficientnet_lite0 at {args.size} px",

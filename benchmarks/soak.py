@@ -36,7 +36,6 @@ import os
 import signal
 import struct
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import MODEL, build_pair, phone_photos  # noqa: E402
+from serving import MODEL, build_pair, phone_photos, private_store  # noqa: E402
 
 KINDS = {"normal": 0.75, "give-up": 0.15, "trickle": 0.05, "oversize": 0.05}
 
@@ -234,17 +233,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from lookalike.app.serving_stack import ServingStack
-    from lookalike.core.decoding import ImageLimits
-    from lookalike.core.s3 import ObjectStore
-    from lookalike.core.store_server import EmbeddedS3Server
     from lookalike.core.budget import request_cap
+    from lookalike.core.decoding import ImageLimits
 
-    workdir = Path(tempfile.mkdtemp(prefix="lookalike-soak-"))
-    os.environ.setdefault("LOOKALIKE_CACHE", str(workdir / "cache"))
-    s3 = EmbeddedS3Server(workdir / "s3" / "data")
-    settings = s3.start()
-    os.environ.update(settings.to_env())
-    store = ObjectStore(settings)
+    workdir, s3, store = private_store("lookalike-soak-")
     soak, stack, stop, lock = Soak(), None, threading.Event(), threading.Lock()
     try:
         model_version, _, catalog_photos = build_pair(store, args.catalog_size, args.size)

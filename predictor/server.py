@@ -173,16 +173,17 @@ class LookalikePredictor(kserve.Model):
             if self.service is None:
                 raise Unavailable(f"model {self.name!r} is still loading its model and index; retry shortly")
             async with self.gate.admit():
-                response = await self._predict(payload, rid, trace)
+                response, images = await self._predict(payload, rid, trace)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a v2 error with a status
             error = as_v2_error(exc, "predictor", rid)
             trace.finish(error, images=0)
             raise error from exc
-        trace.finish(images=trace.fields.pop("images", 0))
+        trace.finish(images=images)
         return response
 
-    async def _predict(self, payload: InferRequest, rid: str, trace: RequestTrace) -> InferResponse:
-        """The work of one admitted request (its failures become v2 errors in `predict`)."""
+    async def _predict(self, payload: InferRequest, rid: str, trace: RequestTrace) -> tuple[InferResponse, int]:
+        """The work of one admitted request: its answer and how many images it held (its failures become
+        v2 errors in `predict`)."""
         pair = self.service.pair
         size = pair.embedder.size
         tensor = single_input(payload, INPUT_NAME, INPUT_DATATYPES, f"preprocessed images [N,3,{size},{size}]")
@@ -211,8 +212,7 @@ class LookalikePredictor(kserve.Model):
                 self.service.search, images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair))
         for stage, seconds in matches.timings.items():
             trace.add(stage, seconds)
-        trace.fields["images"] = len(images)
-        return self._response(rid, payload, matches)
+        return self._response(rid, payload, matches), len(images)
 
     def _response(self, rid: str, request: InferRequest, m: Matches) -> InferResponse:
         binary = wants_binary(request)

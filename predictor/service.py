@@ -292,7 +292,6 @@ class MicroBatcher:
         self._carry: _Job | None = None
         self._busy_since: float | None = None  # when the batch being embedded started
         self.skipped = 0  # requests dropped because their caller had gone
-        self.batches = 0
         self._searches = ThreadPoolExecutor(max_workers=search_threads or cpu_limit(), thread_name_prefix="search")
         self._thread = threading.Thread(target=self._loop, name="embed-batcher", daemon=True)
         self._thread.start()
@@ -355,8 +354,6 @@ class MicroBatcher:
                 log.exception("a micro-batch failed; its requests are answered with the error")
                 for job in jobs or ():
                     _settle(job.future, exception=exc)
-            finally:
-                self._busy_since = None
 
     def _run(self, jobs: list[_Job]) -> None:
         with self._lock:
@@ -382,7 +379,6 @@ class MicroBatcher:
             return
         finally:
             self._busy_since = None
-        self.batches += 1
         if self.on_batch:
             self.on_batch(len(batch))
         offset = 0
