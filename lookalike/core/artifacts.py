@@ -31,6 +31,7 @@ from lookalike.core.settings import cache_dir
 MANIFEST = "MANIFEST.json"
 ALIASES = "_aliases"
 LEASES = "_leases"
+RESERVED = (ALIASES, LEASES)  # folders beside the versions that are not versions
 LATEST = "latest"
 VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also the names of aliases
 
@@ -159,7 +160,7 @@ class ArtifactRepo:
         """
         local_dir = Path(local_dir)
         version = version or new_version()
-        if not VERSION_NAME_RE.match(version) or version in (LATEST, ALIASES):
+        if not VERSION_NAME_RE.match(version) or version in (LATEST, *RESERVED):
             raise ArtifactError(f"invalid version name {version!r}: use letters, digits, '.', '_' and '-'")
         if self.store.exists(self._key(version, MANIFEST)):
             raise ArtifactError(f"{self.prefix}/{version} is already published; versions are never edited - "
@@ -197,7 +198,7 @@ class ArtifactRepo:
         found = []
         for key in self.store.iter(self.prefix + "/", recursive=True):
             parts = key[len(self.prefix) + 1:].split("/")
-            if len(parts) == 2 and parts[1] == MANIFEST and parts[0] != ALIASES:
+            if len(parts) == 2 and parts[1] == MANIFEST and parts[0] not in RESERVED:
                 found.append(parts[0])
         return sorted(found, reverse=True)
 
@@ -281,7 +282,7 @@ class ArtifactRepo:
         seen, complete = set(), set(self.versions())
         for key in self.store.iter(self.prefix + "/", recursive=True):
             parts = key[len(self.prefix) + 1:].split("/")
-            if len(parts) >= 2 and parts[0] != ALIASES:
+            if len(parts) >= 2 and parts[0] not in RESERVED:
                 seen.add(parts[0])
         return sorted(seen - complete, reverse=True)
 

@@ -146,3 +146,18 @@ def test_train_and_index_moves_the_model_alias_only_after_its_index(store, tmp_p
     publish_index(_Artifact(tmp_path / "i2"), "production", "production")
     assert model_repo(store).alias_target("production") == version
     assert index_repo(store, version).alias_target("production") is not None
+
+
+def test_a_crashed_holders_lease_expires_and_is_no_version(store):
+    from lookalike.core.leases import Lease, LeaseTimeout
+
+    repo = index_repo(store, "m")
+    key = "indexes/m/_leases/production.json"
+    crashed = Lease(store, key, ttl_s=1.0, settle_s=0.05).acquire()
+    crashed._held.clear()  # it dies holding the lease: no renewal, no release
+    assert repo.incomplete_versions() == [] and repo.versions() == []  # the lease folder is not a version
+    with pytest.raises(LeaseTimeout, match="stayed held by another run"):
+        Lease(store, key, ttl_s=1.0, settle_s=0.05, wait_s=0.3).acquire()
+    with Lease(store, key, ttl_s=1.0, settle_s=0.05, wait_s=10) as taker:  # after its expiry: taken over
+        assert json.loads(store.get_bytes(key))["owner"] == taker.owner
+    assert not store.exists(key)
