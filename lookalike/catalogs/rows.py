@@ -197,11 +197,16 @@ class Catalog:
             return row.image
         return str(self._base_dir / row.image)
 
+    def check_photo(self, row: CatalogRow) -> None:
+        """PhotoRefused unless the row's photo location is one this catalog may name
+        (`lookalike.catalogs.sources`): a catalog in the store names no local path."""
+        check_location(self.resolve_image(row), None if str(self.uri).startswith("s3://") else self._base_dir)
+
     def image_bytes(self, row: CatalogRow) -> bytes:
         """The photo's encoded bytes; PhotoRefused for a location the catalog may not name."""
         location = self.resolve_image(row)
         if not self.checked:
-            check_location(location, None if str(self.uri).startswith("s3://") else self._base_dir)
+            self.check_photo(row)
         if location.startswith("s3://"):
             cached = self._cached_path(location)
             if cached is not None and cached.exists():
@@ -278,19 +283,18 @@ def validate_catalog(uri: str | Path, store: ObjectStore | None = None, *, check
     refused = set()
     for i, row in enumerate(rows):  # every location, read or not: a refusal costs no fetch
         try:
-            check_location(catalog.resolve_image(row), None if str(uri).startswith("s3://") else base_dir)
+            catalog.check_photo(row)
         except PhotoRefused as exc:
             refused.add(i)
             report.problems.append(RowProblem(row.line, row.listing_id, f"photo {row.photo_id!r} refused: {exc}",
                                               skip_listing=True))
+    catalog.checked = True  # every location is checked now: the reads below need not check again
     if check_images and rows:
         def check(row: CatalogRow) -> RowProblem | None:
             what = f"photo {row.photo_id!r} ({row.image})"
             try:
                 catalog.load_image(row)
                 return None
-            except PhotoRefused as exc:  # nothing was read; the listing is skipped, not the run
-                return RowProblem(row.line, row.listing_id, f"{what} refused: {exc}", skip_listing=True)
             except ImageError as exc:
                 return RowProblem(row.line, row.listing_id, f"{what} is unreadable: {exc}")
             except (FileNotFoundError, IsADirectoryError):
@@ -301,12 +305,12 @@ def validate_catalog(uri: str | Path, store: ObjectStore | None = None, *, check
                     return RowProblem(row.line, row.listing_id, f"{what} does not exist")
                 return RowProblem(row.line, row.listing_id, f"{what} cannot be read: {text}")
 
+        todo = [i for i in range(len(rows)) if i not in refused]  # a refused photo is never read
         with ThreadPoolExecutor(workers) as pool:
-            bad = dict(zip(range(len(rows)), pool.map(lambda i: None if i in refused else check(rows[i]),
-                                                      range(len(rows)))))
-        bad.update({i: True for i in refused})
-        report.problems.extend(p for p in bad.values() if p is not None and p is not True)
-        broken: dict[str, int] = Counter(rows[i].listing_id for i, p in bad.items() if p is not None)
+            found = dict(zip(todo, pool.map(check, [rows[i] for i in todo])))
+        bad = [i for i, problem in found.items() if problem is not None]
+        report.problems.extend(found[i] for i in bad)
+        broken: dict[str, int] = Counter(rows[i].listing_id for i in [*refused, *bad])
         skipped = {rows[i].listing_id for i in refused}
         for listing in listings:
             if broken.get(listing.listing_id, 0) == len(listing.photos) > 1:
