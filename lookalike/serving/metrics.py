@@ -13,6 +13,10 @@ Both servers expose these on kserve's `/metrics` (the default Prometheus registr
                                                    transformer's round trip), postprocess, embed, search
     lookalike_batch_images{unit}                   images per embedding batch (micro-batching)
     lookalike_cancelled_total{unit}                requests skipped because their caller gave up first
+    lookalike_cache_lookups_total{unit,cache,result}  cache lookups: cache = embedding | answer,
+                                                   result = hit | miss
+    lookalike_index_built_timestamp_seconds{unit}  when the served index version was built (Unix time),
+                                                   so an alert can see an index that stopped updating
 
 Each request also leaves one JSON log line (logger `lookalike.requests`) with its request id, status,
 image count and stage timings, so one id follows a photo through both servers.
@@ -50,6 +54,10 @@ ERRORS = Counter("lookalike_errors", "Failed inference requests by kind", ["unit
 IMAGES = Counter("lookalike_images", "Images processed", ["unit"])
 STAGE_SECONDS = Histogram("lookalike_stage_seconds", "Latency per serving stage", ["unit", "stage"], buckets=_BUCKETS)
 CANCELLED = Counter("lookalike_cancelled", "Requests skipped because their caller gave up before their work began",
+                    ["unit"])
+CACHE_LOOKUPS = Counter("lookalike_cache_lookups", "Cache lookups by cache and result (hit or miss)",
+                        ["unit", "cache", "result"])
+INDEX_BUILT = Gauge("lookalike_index_built_timestamp_seconds", "When the served index version was built (Unix time)",
                     ["unit"])
 BATCH_IMAGES = Histogram("lookalike_batch_images", "Images per embedding batch", ["unit"],
                          buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
