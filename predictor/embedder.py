@@ -67,14 +67,23 @@ class Embedder:
                              f"(this model's size is {self.size}), got {list(images.shape)}")
         return np.ascontiguousarray(images, dtype=np.float32)
 
+    @property
+    def has_locator(self) -> bool:
+        """Whether the model also says where the product is (`embed_and_locate`'s objectness)."""
+        return self.card.has_locator
+
     def embed(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Preprocessed images [N,3,S,S] → (L2-normalised embeddings [N,D] float32, {task: probs [N,C]})."""
+        embedding, probs, _ = self.embed_and_locate(images)
+        return embedding, probs
+
+    def embed_and_locate(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+        """`embed`, and from the same pass the locator's objectness [N, h, w] (None without a locator)."""
         images = self.check_input(images)
         if len(images) == 0:
             return (np.zeros((0, self.embedding_dim), np.float32),
-                    {t: np.zeros((0, len(self.heads[t])), np.float32) for t in self.tasks})
-        embedding, probs = self._run(images)
-        return embedding, probs
+                    {t: np.zeros((0, len(self.heads[t])), np.float32) for t in self.tasks}, None)
+        return self._run(images)
 
     def batch_gain(self, batch: int, seconds: float = 0.3) -> float:
         """Images/s embedding `batch` images as one batch ÷ images/s embedding them as `batch` concurrent
@@ -209,7 +218,8 @@ class _OnnxRunner:
         finally:
             with self._lock:
                 self._demand -= 1
-        return outs[0], dict(zip(self.tasks, outs[1:]))
+        n = len(self.tasks)
+        return outs[0], dict(zip(self.tasks, outs[1:1 + n])), (outs[1 + n] if len(outs) > 1 + n else None)
 
 
 def _torch_runner(card: ModelCard):
@@ -237,7 +247,8 @@ def _torch_runner(card: ModelCard):
             out = model(x)
             emb = torch.nn.functional.normalize(out["embedding"].float(), dim=-1)
             probs = {t: out["logits"][t].float().softmax(-1).cpu().numpy() for t in tasks}
-            return emb.cpu().numpy(), probs
+            located = torch.sigmoid(out["objectness"].float()).cpu().numpy() if "objectness" in out else None
+            return emb.cpu().numpy(), probs, located
 
     return run, name, str(device)
 

@@ -46,7 +46,8 @@ class ServingGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(images)
-        return (out["embedding"], *(out["logits"][t].float().softmax(-1) for t in self.tasks))
+        located = (torch.sigmoid(out["objectness"].float()),) if "objectness" in out else ()
+        return (out["embedding"], *(out["logits"][t].float().softmax(-1) for t in self.tasks), *located)
 
 
 def code_version() -> str:
@@ -78,7 +79,7 @@ def export_model(model: LookalikeModel, config: ModelConfig, out_dir: str | Path
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "architecture": config.architecture})
 
-    names = output_names(list(config.heads))
+    names = output_names(list(config.heads), model.locator is not None)
     onnx_path = out_dir / ONNX_FILE
     _export_onnx(ServingGraph(model), config, onnx_path, names)
     _check_onnx(model, onnx_path, config, names, check_batch)

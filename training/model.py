@@ -4,6 +4,10 @@
           ─▶ projection Linear(F, D) ─▶ L2-normalise ─▶ embedding [N, D]   (what the index searches)
           ─▶ per task: Linear(D, C_task) on logit_scale × embedding ─▶ logits [N, C_task]
 
+With a locator (`ModelConfig.locator`), the same pass also reads the backbone's last feature map:
+
+          feature map [N, F, h, w] ─▶ locator ─▶ objectness logits [N, h, w]   (where the product is)
+
 The heads read the normalised embedding itself, not the raw projection: what the classifiers learn to
 separate is then exactly what cosine search sees, so every task's labels shape the retrieval space.
 `logit_scale` (a constant, not learned) lets a unit-length vector still produce confident logits.
@@ -37,6 +41,7 @@ class ModelConfig:
     pretrained: str | None = "package"  # "package", a weights file path or s3:// URI, or None
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
     logit_scale: float = 16.0
+    locator: bool = False  # a head that finds the product in the photo (lookalike.training.locator)
 
     def __post_init__(self):
         if self.embedding_dim <= 0:
@@ -60,12 +65,13 @@ class ModelConfig:
             "pretrained": None if self.pretrained is None else str(self.pretrained),
             "preprocessing": self.preprocessing.to_dict(),
             "logit_scale": self.logit_scale,
+            "locator": self.locator,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {k: data[k] for k in ("architecture", "embedding_dim", "trainable_blocks", "pretrained",
-                                      "logit_scale") if k in data}
+                                      "logit_scale", "locator") if k in data}
         return cls(heads={t: list(v) for t, v in data.get("heads", {}).items()},
                    preprocessing=PreprocessSpec.from_dict(data.get("preprocessing", {})), **known)
 
@@ -83,6 +89,7 @@ class LookalikeModel(nn.Module):
         self.heads = nn.ModuleDict({task: nn.Linear(config.embedding_dim, len(labels))
                                     for task, labels in config.heads.items()})
         self.logit_scale = float(config.logit_scale)
+        self.locator = locator_head(self.num_features) if config.locator else None
         self.base_weights = "none"
         self._frozen = self._freeze(config.trainable_blocks)
 
@@ -146,8 +153,17 @@ class LookalikeModel(nn.Module):
         return {task: head(scaled) for task, head in self.heads.items()}
 
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
-        embedding = self.embed_features(self.features(x))
-        return {"embedding": embedding, "logits": self.logits_from_embedding(embedding)}
+        if self.locator is None:
+            embedding = self.embed_features(self.features(x))
+            return {"embedding": embedding, "logits": self.logits_from_embedding(embedding)}
+        fmap = self.feature_map(x)  # one pass feeds the embedding and the locator
+        embedding = self.embed_features(self.backbone.global_pool(fmap))
+        return {"embedding": embedding, "logits": self.logits_from_embedding(embedding),
+                "objectness": self.locator(fmap).squeeze(1)}
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map [N, F, h, w], before pooling (`features` is its global pool)."""
+        return self.backbone.forward_features(x)
 
     def forward_from_trunk(self, t: torch.Tensor) -> dict[str, Any]:
         """`forward` from the trunk's output (training and evaluation run the frozen trunk once)."""
@@ -179,6 +195,11 @@ class LookalikeModel(nn.Module):
         self.projection.weight.copy_(weight)
         self.projection.bias.copy_(-(weight @ mean))
         return True
+
+
+def locator_head(channels: int, hidden: int = 64) -> nn.Module:
+    """Objectness per feature-map cell: a 1x1 conv reads each cell, a 3x3 conv lets neighbours agree."""
+    return nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, 1, 3, padding=1))
 
 
 _SPLIT_LAYOUT = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -94,9 +94,14 @@ RECIPES = {r.name: r for r in (TRAINING, EVALUATION)}
 
 @dataclass(frozen=True)
 class PhoneInfo:
-    """What a simulated photo went through, where training needs to know it."""
+    """What a simulated photo went through, where training needs to know it.
+
+    `box` and `mask` are where the simulator put the product: free localisation labels for every view
+    (the locator head learns from `mask`; the benchmarks score crops against `box`)."""
     cutout: bool  # the product was cut out of its background (else pasted whole)
     cast: float  # the largest relative channel change of the colour cast (see STRONG_CAST)
+    box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 as fractions of the photo
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # [size, size] float32 in [0, 1]
 
 
 def recipe_of(recipe: Recipe | str) -> Recipe:
@@ -196,8 +201,9 @@ def _scene(rng: np.random.Generator, size: int, recipe: Recipe) -> Image.Image:
 
 
 def _place_product(canvas: Image.Image, src: Image.Image, rng: np.random.Generator, s: float, recipe: Recipe,
-                   cutout: bool) -> None:
-    """Scale, position, rotation and perspective as one projective warp; then a shadow and the paste."""
+                   cutout: bool) -> Image.Image | None:
+    """Scale, position, rotation and perspective as one projective warp; then a shadow and the paste.
+    Returns where the product landed: an 'L' image the canvas's size (None when it fell off the photo)."""
     size, m = canvas.size[0], min(s, 1.0)
     w, h = src.size
     lo_extent, hi_extent = recipe.extent
@@ -218,7 +224,7 @@ def _place_product(canvas: Image.Image, src: Image.Image, rng: np.random.Generat
     left, top = np.floor(np.clip(corners.min(0), 0, size)).astype(int)
     right, bottom = np.ceil(np.clip(corners.max(0), 0, size)).astype(int)
     if right - left < 2 or bottom - top < 2:
-        return
+        return None
     coeffs = _perspective_coeffs(corners - [left, top], src_corners)
     product = src.convert("RGBA")
     product.putalpha(foreground_mask(src) if cutout else Image.new("L", src.size, 255))
@@ -231,6 +237,18 @@ def _place_product(canvas: Image.Image, src: Image.Image, rng: np.random.Generat
         dx, dy = (rng.uniform(-1, 1, 2) * 0.03 * size).round().astype(int)
         canvas.paste((0, 0, 0), (int(left + dx), int(top + dy)), shadow)
     canvas.paste(warped, (int(left), int(top)), warped)
+    where = Image.new("L", canvas.size, 0)
+    where.paste(warped.getchannel("A"), (int(left), int(top)))
+    return where
+
+
+def _box_of(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """The bounding box (fractions) of the mask's pixels that are at least half product."""
+    ys, xs = np.nonzero(mask >= 0.5)
+    if len(xs) == 0:
+        return None
+    h, w = mask.shape
+    return (float(xs.min() / w), float(ys.min() / h), float((xs.max() + 1) / w), float((ys.max() + 1) / h))
 
 
 def _colour_gains(rng: np.random.Generator, s: float, recipe: Recipe) -> np.ndarray:
@@ -257,12 +275,16 @@ def simulate(img: Image.Image, rng: np.random.Generator | int, *, strength: floa
     s = float(np.clip(strength, 0.0, 2.0))
     src = img.convert("RGB")
     if s == 0.0:
-        return src.resize((out_size, out_size), Image.Resampling.BICUBIC), PhoneInfo(False, 0.0)
+        whole = np.ones((out_size, out_size), np.float32)
+        return (src.resize((out_size, out_size), Image.Resampling.BICUBIC),
+                PhoneInfo(False, 0.0, (0.0, 0.0, 1.0, 1.0), whole))
     m = min(s, 1.0)
     size = out_size
     cut = bool(rng.random() < recipe.cutout_p) if cutout is None else cutout
     canvas = _scene(rng, size, recipe)
-    _place_product(canvas, src, rng, s, recipe, cut)
+    where = _place_product(canvas, src, rng, s, recipe, cut)
+    mask = (np.zeros((size, size), np.float32) if where is None
+            else np.asarray(where, dtype=np.float32) / np.float32(255.0))
 
     # -- optics: defocus, then (sometimes) motion blur
     radius = rng.uniform(0.0, recipe.defocus) * s * size / 160
@@ -299,7 +321,7 @@ def simulate(img: Image.Image, rng: np.random.Generator | int, *, strength: floa
     buf = io.BytesIO()
     canvas.save(buf, format="JPEG", quality=quality)
     buf.seek(0)
-    return Image.open(buf).convert("RGB"), PhoneInfo(cut, cast)
+    return Image.open(buf).convert("RGB"), PhoneInfo(cut, cast, _box_of(mask), mask)
 
 
 def simulate_phone_photo(img: Image.Image, rng: np.random.Generator | int, *, strength: float = 1.0,

@@ -102,6 +102,10 @@ class TrainConfig:
     phone_strength: float = setting(1.0, "strength of the simulated phone photos", group="augmentation")
     flip: bool = setting(True, "random horizontal flips", group="augmentation")
     crop_scale: float = setting(0.85, "smallest share of the photo a random crop keeps", group="augmentation")
+    # localisation
+    locator_views: int = setting(1000, "simulated views (training recipe) a locator head learns to find the "
+                                 "product from, after the embedding is trained; the predictor then searches the "
+                                 "product's box (0: no locator, the whole photo is searched)", group="localisation")
     # held out of training
     select_listings: int = setting(200, "listings giving up a photo to early stopping", group="held out")
     eval_every: int = setting(0, "steps between held-out evaluations for early stopping (0: about ten per run)",

@@ -77,7 +77,9 @@ def build_optimizer(model: LookalikeModel, config: TrainConfig) -> torch.optim.O
     """Heads at `lr`; the fine-tuned backbone stages, and the projection when it starts from the pretrained
     features (`pca_init`), `backbone_lr_scale` times slower: what starts from pretraining moves gently."""
     slow = [p for p in model.backbone.parameters() if p.requires_grad]
-    fast = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    # The locator learns afterwards, from the finished embedding's feature map (lookalike.training.locator).
+    fast = [p for n, p in model.named_parameters()
+            if p.requires_grad and not n.startswith(("backbone.", "locator."))]
     if config.pca_init > 0:
         slow += list(model.projection.parameters())
         fast = [p for p in fast if all(p is not q for q in model.projection.parameters())]
@@ -135,7 +137,7 @@ def train(catalog: Catalog, config: TrainConfig | None = None, *, eval_catalog: 
     model_config = ModelConfig(architecture=config.architecture, embedding_dim=config.embedding_dim,
                                heads={t: tasks[t].labels for t in task_names},
                                trainable_blocks=config.trainable_blocks, pretrained=config.pretrained,
-                               preprocessing=spec)
+                               preprocessing=spec, locator=config.locator_views > 0)
     model = create_model(model_config)
     baseline = pretrained_backbone_copy(model)
     model.to(device)
@@ -255,6 +257,12 @@ def train(catalog: Catalog, config: TrainConfig | None = None, *, eval_catalog: 
                       "class_counts": tasks[t].class_counts()} for t in task_names},
         "holdout": {"select": len(split.select), "test": len(split.test), "trained_photos": len(train_bank)},
         "warnings": warnings}
+    if model.locator is not None:
+        from lookalike.training.locator import train_locator
+
+        # A small catalog needs fewer views (and tests stay quick): a few per training photo.
+        views = min(config.locator_views, max(64, 4 * len(train_bank)))
+        metrics["locator"] = train_locator(model, train_bank, spec, views=views, seed=seed, device=device)
     if len(split.test) or eval_catalog is not None or eval_bank is not None:
         metrics["eval"] = evaluate_after_training(model, baseline, bank, split.test, eval_catalog, eval_bank, config,
                                                   device, progress, seed)

@@ -29,6 +29,7 @@ CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 ONNX_INPUT = "images"
+OBJECTNESS = "objectness"  # [N, h, w] probability that each feature-map cell shows the product
 FORMAT = 1
 SUBFOLDER = "model"  # KServe's storage initializer may mount a pair as <dir>/model/ + <dir>/index/
 REQUIRED = ("model_version", "architecture", "embedding_dim", "preprocessing", "heads")
@@ -65,9 +66,15 @@ class ModelCard:
         return str(self.onnx.get("input", ONNX_INPUT))
 
     @property
+    def has_locator(self) -> bool:
+        """Whether the serving graph also says where the product is (an `objectness` output)."""
+        return OBJECTNESS in self.onnx.get("outputs", [])
+
+    @property
     def output_names(self) -> list[str]:
-        """The serving graph's outputs, in order: the embedding, then one probability tensor per head."""
-        return output_names(self.tasks)
+        """The serving graph's outputs, in order: the embedding, one probability tensor per head, then the
+        locator's objectness map when the model has one."""
+        return output_names(self.tasks, self.has_locator)
 
     def file(self, name: str) -> Path:
         """A file of the folder the card was read from."""
@@ -151,5 +158,5 @@ class ModelCard:
         return folder / CARD_FILE
 
 
-def output_names(tasks: list[str]) -> list[str]:
-    return ["embedding"] + [f"probs_{task}" for task in tasks]
+def output_names(tasks: list[str], locator: bool = False) -> list[str]:
+    return ["embedding"] + [f"probs_{task}" for task in tasks] + ([OBJECTNESS] if locator else [])

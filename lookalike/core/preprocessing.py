@@ -59,6 +59,18 @@ class PreprocessSpec:
         return (3, self.size, self.size)
 
 
+def crop_window(width: int, height: int, spec: PreprocessSpec) -> tuple[float, float, float, float]:
+    """The part of a `width` x `height` photo the model's input shows, in source pixels (left, top, right,
+    bottom): all of it when the spec squashes, the centre square that survives the crop otherwise."""
+    if spec.crop == "none":
+        return (0.0, 0.0, float(width), float(height))
+    scale = spec.resize / min(width, height)
+    new_w, new_h = max(spec.size, round(width * scale)), max(spec.size, round(height * scale))
+    left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
+    sx, sy = width / new_w, height / new_h  # source pixels per resized pixel, as a whole-photo resize would use
+    return (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
+
+
 def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     """Geometric part of the preprocessing, on a PIL image (training augments after this step).
 
@@ -69,13 +81,7 @@ def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     method = _INTERPOLATION[spec.interpolation]
     if spec.crop == "none":
         return img.resize((spec.size, spec.size), method)
-    w, h = img.size
-    scale = spec.resize / min(w, h)
-    new_w, new_h = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
-    left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
-    sx, sy = w / new_w, h / new_h  # source pixels per resized pixel, as a whole-photo resize would use
-    box = (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
-    return img.resize((spec.size, spec.size), method, box=box)
+    return img.resize((spec.size, spec.size), method, box=crop_window(*img.size, spec))
 
 
 def normalize(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:

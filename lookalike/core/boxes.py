@@ -1,0 +1,131 @@
+"""Boxes around the product in a photo: parsing an app's `box`, reading one off the locator's objectness
+map, and cutting the photo to it. One place for the geometry the transformer, the predictor and the
+benchmarks share, so the crop measured is the crop served.
+
+A box is (x0, y0, x1, y1) as fractions of the upright photo's width and height, 0 at the top left.
+
+The locator (lookalike.training.locator) gives, per cell of the backbone's last feature map, the
+probability that the cell shows the product. `box_from_objectness` upsamples that map, keeps the pixels
+above one half and boxes them; its confidence is how cleanly the product stands out (mean probability
+inside the box minus mean outside). `Localisation.crop_box` then widens the box by a margin of context and
+to a square (the model's preprocessing centre-crops a square: an elongated crop would lose the product's
+ends), clamped to the photo.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lookalike.core.errors import InputError
+
+Box = tuple[float, float, float, float]
+
+MIN_BOX_SIDE = 0.02  # a box narrower or lower than this share of the photo holds too few pixels to search
+# A found box is searched only when the locator is this sure of it and it leaves out enough of the photo
+# to matter; otherwise the whole photo is searched (a close-up fills the frame: nothing to cut away).
+MIN_CONFIDENCE = 0.35
+MAX_AREA = 0.8
+# Context kept around the product, as a share of its box on each side: catalog photos show a product with
+# some margin, so a crop tight to the edges looks less like them.
+MARGIN = 0.12
+_UPSAMPLE = 8  # objectness cells are 32 px at 224 px input: boxes are read off an 8x finer map
+
+
+@dataclass(frozen=True)
+class Localisation:
+    """Where the locator sees the product, and whether the service searched it."""
+    box: Box  # the product's box (fractions of the photo)
+    confidence: float  # 0..1: mean objectness inside the box minus outside
+
+    @property
+    def area(self) -> float:
+        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+
+    @property
+    def usable(self) -> bool:
+        """Worth searching instead of the whole photo."""
+        return self.confidence >= MIN_CONFIDENCE and self.area <= MAX_AREA
+
+    def crop_box(self, width: int, height: int, margin: float = MARGIN) -> Box:
+        return context_box(self.box, width, height, margin)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": [round(v, 4) for v in self.box], "confidence": round(self.confidence, 3)}
+
+
+def box_from_objectness(prob: np.ndarray, threshold: float = 0.5) -> Localisation | None:
+    """The box of the cells (upsampled) where the product is more likely than not; None if there are none."""
+    prob = np.asarray(prob, dtype=np.float32)
+    if prob.ndim != 2 or prob.size == 0 or not np.isfinite(prob).all():
+        return None
+    h, w = prob.shape
+    fine = np.asarray(Image.fromarray(prob, mode="F").resize((w * _UPSAMPLE, h * _UPSAMPLE),
+                                                             Image.Resampling.BILINEAR))
+    inside = fine >= threshold
+    if not inside.any():
+        return None
+    ys, xs = np.nonzero(inside)
+    fh, fw = fine.shape
+    box = (float(xs.min() / fw), float(ys.min() / fh), float((xs.max() + 1) / fw), float((ys.max() + 1) / fh))
+    in_box = np.zeros_like(inside)
+    in_box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+    outside = float(fine[~in_box].mean()) if (~in_box).any() else 0.0
+    confidence = float(np.clip(fine[in_box].mean() - outside, 0.0, 1.0))
+    return Localisation(box, confidence)
+
+
+def context_box(box: Box, width: int, height: int, margin: float = MARGIN) -> Box:
+    """`box` widened by `margin` of its size on each side, then to a square in pixels, within the photo."""
+    x0, y0, x1, y1 = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
+    bw, bh = x1 - x0, y1 - y0
+    side = min(max(bw, bh) * (1 + 2 * margin), float(width), float(height))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = float(np.clip(cx - side / 2, 0, width - side))
+    top = float(np.clip(cy - side / 2, 0, height - side))
+    # Never narrower than the box itself (a box longer than the photo's short side stays whole).
+    left, right = min(left, x0), max(left + side, x1)
+    top, bottom = min(top, y0), max(top + side, y1)
+    return (left / width, top / height, min(right / width, 1.0), min(bottom / height, 1.0))
+
+
+def parse_box(value: Any, shown: Any = None) -> Box | None:
+    """An app's `box` parameter ("x0,y0,x1,y1" or four numbers) as fractions; None when not given.
+
+    Fractions rather than pixels, as Google's product search takes normalised vertices: the app need not
+    know how large the photo decodes (EXIF rotation, the DCT-domain downscale), only where the product is.
+    """
+    if value is None or value == "":
+        return None
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        box = tuple(float(p) for p in parts) if parts else ()
+    except (TypeError, ValueError):
+        box = ()
+    described = shown if shown is not None else repr(value)[:80]
+    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box):
+        raise InputError(f"parameter 'box' must be 'x0,y0,x1,y1', four fractions of the photo's width and height "
+                         f"between 0 and 1 (e.g. '0.25,0.1,0.75,0.9'), got {described}")
+    x0, y0, x1, y1 = box
+    if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
+        raise InputError(f"parameter 'box' {described} is empty or smaller than {MIN_BOX_SIDE:.0%} of the photo on a "
+                         f"side: x1 must exceed x0 and y1 must exceed y0")
+    return box  # type: ignore[return-value]
+
+
+def crop_to_box(img: Image.Image, box: Box) -> Image.Image:
+    """The part of a decoded photo inside a `box` of fractions (at least one pixel on each side)."""
+    w, h = img.size
+    left, top = min(w - 1, int(box[0] * w)), min(h - 1, int(box[1] * h))
+    return img.crop((left, top, max(left + 1, round(box[2] * w)), max(top + 1, round(box[3] * h))))
+
+
+def from_input_box(box: Box, width: int, height: int, window: tuple[float, float, float, float]) -> Box:
+    """A box found on the model's input (fractions of it) as fractions of the whole photo, given the
+    input's `window` on the photo in pixels (lookalike.core.preprocessing.crop_window)."""
+    left, top, right, bottom = window
+    ww, wh = right - left, bottom - top
+    return (float(np.clip((left + box[0] * ww) / width, 0, 1)), float(np.clip((top + box[1] * wh) / height, 0, 1)),
+            float(np.clip((left + box[2] * ww) / width, 0, 1)), float(np.clip((top + box[3] * wh) / height, 0, 1)))
