@@ -13,7 +13,16 @@ read from the configured store), trained at 224 px; queries: the held-out design
 one render per listing by a design set the catalog does not have), held-out views of the catalog, and
 simulated phone photos, against the whole catalog.
 
-`--objective ce+proxy,ce+triplet` trains once per objective and sets them side by side. The last line
+`--objective ce+proxy,ce+triplet` trains once per objective and sets them side by side.
+
+Localisation (the locator head, `lookalike.training.locator_eval`): simulated phone photos of gallery
+listings, the product photo placed whole and the product cut out into a scene, searched whole and cut to
+the locator's box (and fused, a training-free saliency crop, the true box), beside the pretrained model,
+with the in-process cost of the crop. It prints
+`localise: <catalog> cutout_recall@10 crop=<a> whole=<b>; placed_recall@10 crop=<c> whole=<d>; p50_ratio=<r>`
+before the last line. `--model DIR` measures only this, on a model folder already trained (no training).
+
+The last line
 reads `quality: <catalog> same_listing_recall@10 finetuned=<a> pretrained=<b>; label_p@10 min_ratio=<r>`,
 where the recall is that of the query set on which the fine-tuned model gains least over the pretrained
 one, and min_ratio the smallest fine-tuned / pretrained precision@10 over the labels.
@@ -95,6 +104,29 @@ def weakest_listing_set(ev: dict) -> tuple[str, dict]:
     return name, ev["listing"][name]
 
 
+def localise(model, bank: ImageBank, config: TrainConfig, args: argparse.Namespace) -> list[str]:
+    """The localisation lines (module docstring): the model's locator against whole-photo search, on a
+    seeded gallery of the catalog, beside a freshly loaded pretrained backbone."""
+    import torch
+
+    from lookalike.training.evaluate import pretrained_backbone_copy
+    from lookalike.training.locator_eval import detail_lines, localisation_eval, localise_line
+    from lookalike.training.model import ModelConfig, create_model
+    from lookalike.training.phone_photos import SIMULATED_NOTE
+    from lookalike.training.queries import gallery_rows
+
+    device = torch.device("cpu")
+    model = model.to(device).eval()
+    baseline = pretrained_backbone_copy(create_model(ModelConfig(architecture=model.config.architecture)))
+    rows = gallery_rows(bank, listings=set(), limit=config.eval_catalog_limit, seed=args.seed)
+    started = time.perf_counter()
+    result = localisation_eval(model, baseline, bank, rows, queries=args.localise_queries, seed=args.seed,
+                               device=device)
+    return [f"localisation ({SIMULATED_NOTE}; {result['gallery_photos']} gallery photos, "
+            f"{(time.perf_counter() - started) / 60:.1f} min):", *detail_lines(result),
+            localise_line(args.catalog, result)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", choices=("fashion-mnist", "emoji"), default="fashion-mnist")
@@ -107,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override any TrainConfig field, e.g. --set trainable_blocks=3")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--localise-queries", type=int, default=500,
+                        help="simulated phone photos per query kind (placed, cut out) for the localisation lines")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="measure localisation only, on this exported model folder (skips training)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -119,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         catalog, bank = fashion_mnist_bank("train")
         eval_catalog, eval_bank = fashion_mnist_bank("test")
         what = f"Fashion-MNIST train split ({len(bank)} photos); test split ({len(eval_bank)}) as label queries"
+    if args.model is not None:
+        from lookalike.training.export import load_model
+
+        model, card = load_model(args.model)
+        print(f"catalog: {what}; model {card.model_version} from {args.model} (not trained here)", flush=True)
+        for line in localise(model, bank, TrainConfig(), args):
+            print(line, flush=True)
+        return 0
     base = TrainConfig()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.steps:
@@ -126,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     objectives = args.objective.split(",") if args.objective else [base.objective]
     print(f"catalog: {what}", flush=True)
     runs: dict[str, dict] = {}
+    localised: list[str] = []
     for objective in objectives:
         config = TrainConfig(**{**base.to_dict(), **overrides, "objective": objective})
         with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n==== objective {objective}: {result.metrics['train']['steps']} steps, "
               f"{result.images_per_second:.1f} views/s ====\n{report}", flush=True)
         runs[objective] = result.metrics["eval"]
+        if objective == objectives[0] and result.model.locator is not None:
+            localised = localise(result.model, bank, config, args)
     if len(runs) > 1:
         from lookalike.training.report import comparison_lines
 
@@ -152,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios[task] = f / b if b > 0 else (1.0 if f >= b else 0.0)
         print(f"label {task}: p@10 {f:.3f} (pretrained {b:.3f}, x{ratios[task]:.2f})")
     print(f"targets ({args.catalog}): {TARGETS[args.catalog]}")
+    if localised:
+        print("\n".join(localised))
     print(f"total {(time.perf_counter() - started) / 60:.1f} min")
     name, weakest = weakest_listing_set(ev)
     print(f"quality: {args.catalog} same_listing_recall@10 finetuned={weakest['finetuned']['recall@10']:.3f} "

@@ -10,6 +10,10 @@ Outputs:              listing_ids  BYTES [N, k]    top-k listings, each once, be
                       scores       FP32  [N, k]    cosine similarity of that photo (0.0 where padded)
                       label_<task> BYTES [N]       each head's predicted label
                       prob_<task>  FP32  [N]       its probability
+                      boxes        FP32  [N, 5]    with a locator in the model: where it sees the product,
+                                                   x0, y0, x1, y1 as fractions of the model's input, then
+                                                   its confidence (NaN where it sees none); the
+                                                   transformer crops the photo to it
 Parameters:           top_k (default 10), nprobe (default: the index's tuned value), and a filter:
                       filter="category=footwear" | "category=predicted" | "predicted:category",
                       or filter_<task>=<label>
@@ -38,6 +42,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 from lookalike.predictor.service import (DEFAULT_MODEL_REF, Matches, SearchService, ServingPair, parse_filters,
                                          resolve_model)
 from lookalike.core.artifacts import index_repo
+from lookalike.core.boxes import BOXES
 from lookalike.core.s3 import connect
 from lookalike.core.settings import cpu_limit
 from lookalike.serving.limits import AdmissionGate
@@ -162,6 +167,8 @@ class LookalikePredictor(kserve.Model):
         for task in (self.service.pair.embedder.tasks if self.service else []):
             out += [{"name": f"label_{task}", "datatype": "BYTES", "shape": [-1]},
                     {"name": f"prob_{task}", "datatype": "FP32", "shape": [-1]}]
+        if self.service and self.service.pair.embedder.has_locator:
+            out.append({"name": BOXES, "datatype": "FP32", "shape": [-1, 5]})
         return out
 
     # ---- inference ---------------------------------------------------------------------------
@@ -223,6 +230,8 @@ class LookalikePredictor(kserve.Model):
             names = np.array([s.encode() for s in labels], dtype=object)
             outputs.append(output(f"label_{task}", names, "BYTES", binary))
             outputs.append(output(f"prob_{task}", m.probs[task], "FP32", binary))
+        if m.boxes is not None:  # the locator's box per image: the transformer crops to it and answers it
+            outputs.append(output(BOXES, m.boxes, "FP32", binary))
         outputs = requested(outputs, request)
         set_serving_versions("predictor", m.model_version, m.index_version)
         params = {"model_version": m.model_version, "index_version": m.index_version,

@@ -28,6 +28,7 @@ import numpy as np
 
 from lookalike.predictor.embedder import Embedder
 from lookalike.predictor.index import VectorIndex
+from lookalike.core.boxes import box_from_objectness
 from lookalike.core.artifacts import ArtifactError, VersionNotFound, model_repo
 from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore
@@ -186,6 +187,9 @@ class Matches:
     index_version: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     photo_ids: list[list[str]] = field(default_factory=list)  # beside listing_ids: the photo that matched
+    # [N, 5] x0, y0, x1, y1, confidence: where the locator sees the product, as fractions of the model's
+    # input (NaN where it sees none); None when the model has no locator
+    boxes: np.ndarray | None = None
 
     @property
     def top_k(self) -> int:
@@ -218,8 +222,22 @@ def _predicted(heads: dict[str, list[str]], probs: dict[str, np.ndarray]) -> tup
     return labels, best
 
 
+def located_boxes(objectness: np.ndarray | None) -> np.ndarray | None:
+    """The locator's box per image [N, 5] (fractions of the model's input, then the confidence; NaN where
+    it sees no product), or None without a locator."""
+    if objectness is None:
+        return None
+    out = np.full((len(objectness), 5), np.nan, np.float32)
+    for i, prob in enumerate(objectness):
+        found = box_from_objectness(prob)
+        if found is not None:
+            out[i] = (*found.box, found.confidence)
+    return out
+
+
 def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.ndarray], *, top_k: int,
-                nprobe: int | None, filters: dict[str, str], timings: dict[str, float]) -> Matches:
+                nprobe: int | None, filters: dict[str, str], timings: dict[str, float],
+                objectness: np.ndarray | None = None) -> Matches:
     labels, best = _predicted(pair.heads, probs)
     start = time.perf_counter()
     per_image = any(v == PREDICTED for v in filters.values())
@@ -242,7 +260,8 @@ def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.n
     # listing_ids and photo_ids leave out the misses; the scores of the hits come first in each row
     for i, (row, srow) in enumerate(zip(ids, scores)):
         score_arr[i, :len(row)] = np.asarray(srow, np.float32)[:len(row)]
-    return Matches(ids, score_arr, labels, best, pair.model_version, pair.index_version, timings, photos)
+    return Matches(ids, score_arr, labels, best, pair.model_version, pair.index_version, timings, photos,
+                   located_boxes(objectness))
 
 
 # ---- micro-batching ------------------------------------------------------------------------------
@@ -251,7 +270,7 @@ def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.n
 class _Job:
     pair: ServingPair
     images: np.ndarray
-    finish: Callable[[np.ndarray, dict[str, np.ndarray], float], Any]
+    finish: Callable[[np.ndarray, dict[str, np.ndarray], float, np.ndarray | None], Any]
     future: Future
 
 
@@ -297,7 +316,7 @@ class MicroBatcher:
         self._thread.start()
 
     def submit(self, pair: ServingPair, images: np.ndarray,
-               finish: Callable[[np.ndarray, dict[str, np.ndarray], float], Any]) -> Future:
+               finish: Callable[[np.ndarray, dict[str, np.ndarray], float, np.ndarray | None], Any]) -> Future:
         with self._lock:
             if self._queued + len(images) > self.max_queue:
                 raise Overloaded(f"the embedding queue is full ({self._queued} images waiting, at most "
@@ -371,7 +390,7 @@ class MicroBatcher:
         try:
             start = time.perf_counter()
             batch = live[0].images if len(live) == 1 else np.concatenate([j.images for j in live])
-            emb, probs = pair.embedder.embed(batch)
+            emb, probs, located = pair.embedder.embed_and_locate(batch)
             seconds = time.perf_counter() - start
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
             for job in live:
@@ -385,13 +404,15 @@ class MicroBatcher:
         for job in live:
             n = len(job.images)
             self._searches.submit(self._finish, job, emb[offset:offset + n],
-                                  {t: p[offset:offset + n] for t, p in probs.items()}, seconds)
+                                  {t: p[offset:offset + n] for t, p in probs.items()}, seconds,
+                                  None if located is None else located[offset:offset + n])
             offset += n
 
     @staticmethod
-    def _finish(job: _Job, emb: np.ndarray, probs: dict[str, np.ndarray], seconds: float) -> None:
+    def _finish(job: _Job, emb: np.ndarray, probs: dict[str, np.ndarray], seconds: float,
+                located: np.ndarray | None) -> None:
         try:
-            result = job.finish(emb, probs, seconds)
+            result = job.finish(emb, probs, seconds, located)
         except BaseException as exc:  # noqa: BLE001
             _settle(job.future, exception=exc)
             return
@@ -447,9 +468,10 @@ class SearchService:
         pair = pair or self._pair
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        emb, probs = pair.embedder.embed(images)
+        emb, probs, located = pair.embedder.embed_and_locate(images)
         timings["embed"] = time.perf_counter() - start
-        return search_pair(pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters or {}, timings=timings)
+        return search_pair(pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters or {}, timings=timings,
+                           objectness=located)
 
     def submit(self, images: np.ndarray, *, top_k: int = 10, nprobe: int | None = None,
                filters: dict[str, str] | None = None, pair: ServingPair | None = None) -> Future:
@@ -464,9 +486,9 @@ class SearchService:
                 future.set_exception(exc)
             return future
 
-        def finish(emb, probs, embed_seconds):
+        def finish(emb, probs, embed_seconds, located):
             return search_pair(pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters,
-                               timings={"embed": embed_seconds})
+                               timings={"embed": embed_seconds}, objectness=located)
 
         pair.embedder.check_input(images)  # a malformed batch fails alone, not the batch it would join
         return self.batcher.submit(pair, images, finish)

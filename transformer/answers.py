@@ -3,6 +3,8 @@
 Per photo searched with, one `matches` JSON document:
 
     {"labels": {"category": {"label": "footwear", "probability": 0.93}, …},      predicted for the photo
+     "box": {"box": [0.21, 0.3, 0.74, 0.83], "searched": "crop", "confidence": 0.82},
+                                                                                  the part searched
      "matches": [{"listing_id": "L1", "title": "Red sneaker", "score": 0.91,
                   "labels": {"category": "footwear", "color": "red"},             all the listing's labels
                   "metadata": {"url": "https://…", "price": "49.00"},            its free-form fields
@@ -47,9 +49,10 @@ def shown_location(location: str, url: str) -> str:
 
 
 def join(ids: np.ndarray, photo_ids: np.ndarray | None, scores: np.ndarray, labels: dict[str, list[str]],
-         probs: dict[str, np.ndarray], metadata: ListingMetadata, urls: PhotoUrls) -> Joined:
+         probs: dict[str, np.ndarray], metadata: ListingMetadata, urls: PhotoUrls,
+         searched: list[dict[str, Any]] | None = None) -> Joined:
     """Join listing ids [N, k] (and the photo of each that matched, when the predictor says) with the
-    catalogs' listings."""
+    catalogs' listings; `searched` is the box each photo searched (`lookalike.transformer.localise`)."""
     n, k = ids.shape
     titles = np.empty((n, k), dtype=object)
     cats = np.empty((n, k), dtype=object)
@@ -76,9 +79,12 @@ def join(ids: np.ndarray, photo_ids: np.ndarray | None, scores: np.ndarray, labe
                             "photo_id": photo_id or (listing.photos[0][0] if listing.photos else ""),
                             "image_url": url, "image_urls": [u for u in every if u],
                             "category": listing.category, "image": image})
-        documents.append(json.dumps({
+        document: dict[str, Any] = {
             "labels": {t: {"label": labels[t][i], "probability": round(float(probs[t][i]), 6)} for t in labels},
-            "matches": matches}, ensure_ascii=False).encode())
+            "matches": matches}
+        if searched is not None and i < len(searched):
+            document["box"] = searched[i]
+        documents.append(json.dumps(document, ensure_ascii=False).encode())
     return Joined(titles, cats, shown, photos, np.array(documents, dtype=object))
 
 

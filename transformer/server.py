@@ -4,18 +4,22 @@ Input (one tensor):  image  BYTES [N] (or [N,1])  encoded JPEG, PNG, WebP, HEIC 
                                                   base64 strings; over gRPC or REST's binary extension,
                                                   raw bytes
 Parameters:          top_k, nprobe, filter / filter_<task> (passed on to the predictor, see predictor/server.py);
-                     box "x0,y0,x1,y1" (fractions of the photo: search only the product inside it)
+                     box "x0,y0,x1,y1" (fractions of the photo: search only the product inside it);
+                     crop "auto" (default: search the product the model's locator finds) or "off"
 Outputs:             listing_ids, photo_ids, scores, label_<task>, prob_<task> (from the predictor: top-k
                      listings, each once, and the photo of each that matched), and joined from the
                      catalogs: titles, categories, image_uris (fetchable URLs)  BYTES [N, k]; matches
                      BYTES [N]: one JSON document per photo with what an app displays per listing (title,
                      metadata, all labels, the matched photo's URL and all its photos' URLs, score; see
-                     `lookalike.transformer.answers`)
+                     `lookalike.transformer.answers`, with the box searched); boxes FP32 [N, 5]: the
+                     box searched per photo (x0, y0, x1, y1 fractions, the locator's confidence or NaN)
 
 preprocess: check limits (images per request, bytes, pixels), decode with EXIF orientation, apply the
             model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S]
 predict:    send the tensor to the predictor over gRPC v2 (binary, no JSON lists) with a deadline, as FP16
-            by default: half the bytes of FP32 and still exact to the pixel (see `predictor_tensor`)
+            by default: half the bytes of FP32 and still exact to the pixel (see `predictor_tensor`); where
+            the model's locator is sure where the product is, search that crop instead (one more call:
+            `lookalike.transformer.localise`)
 postprocess: join listing metadata from every catalog the served index names, photos as fetchable URLs
 
 Failures are v2 errors with the status a client can act on: 400 bad input, 413 too large, 404 unknown
@@ -42,7 +46,9 @@ from lookalike.core.artifacts import index_repo, model_repo
 from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore, connect
 from lookalike.core.decoding import ImageLimits, decode_images
+from lookalike.core.boxes import BOXES, crop_to_box, parse_box as parse_box_fractions
 from lookalike.transformer.answers import join, text
+from lookalike.transformer.localise import CROP, CROP_DECODE_SCALE, Searched, locate, parse_crop, plan_crops
 from lookalike.transformer.metadata import ListingMetadata, PhotoUrls
 from lookalike.serving.metrics import RequestTrace, set_serving_versions
 from lookalike.core.index_card import CARD_FILE as INDEX_CARD_FILE
@@ -65,7 +71,6 @@ PREDICTOR_INPUT = "images"
 PREPROCESSED_FOR = "preprocessed_for"  # tells the predictor which model's preprocessing the tensor has
 FORWARDED_PARAMETERS = ("top_k", "nprobe", "filter")
 BOX = "box"  # the part of the photo the shopper cares about: "x0,y0,x1,y1" as fractions of width and height
-MIN_BOX_SIDE = 0.02
 DEFAULT_MODEL_REF = "production"
 
 
@@ -92,6 +97,7 @@ class _State:
         self.images: list = []
         self.spec: ModelCard | None = None
         self.client_request: InferRequest | None = None
+        self.searched: list[Searched] | None = None  # the box searched per photo, for the answer
 
 
 class LookalikeTransformer(kserve.Model):
@@ -175,6 +181,7 @@ class LookalikeTransformer(kserve.Model):
             out += [{"name": f"label_{task}", "datatype": "BYTES", "shape": [-1]},
                     {"name": f"prob_{task}", "datatype": "FP32", "shape": [-1]}]
         out.append({"name": "matches", "datatype": "BYTES", "shape": [-1]})
+        out.append({"name": BOXES, "datatype": "FP32", "shape": [-1, 5]})
         return out
 
     async def __call__(self, body: Any, headers: dict[str, str] | None = None, verb: Any = None) -> Any:
@@ -207,7 +214,7 @@ class LookalikeTransformer(kserve.Model):
             trace.finish(error)
             raise error from exc
         tensor_out = predictor_tensor(batch, self.settings.predictor_datatype)
-        forwarded = {k: v for k, v in params.items() if v is not None and k != BOX}
+        forwarded = {k: v for k, v in params.items() if v is not None and k not in (BOX, CROP)}
         forwarded[PREPROCESSED_FOR] = state.spec.model_version
         request = InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid, parameters=forwarded)
         request.lookalike_state = state  # carried to predict/postprocess with the request itself
@@ -223,6 +230,10 @@ class LookalikeTransformer(kserve.Model):
                     raise BadInput(f"parameter {shown(key)} must be a string, got {shown(value)}")
                 out[key] = value
         out[BOX] = parse_box(params.get(BOX))
+        try:
+            out[CROP] = parse_crop(params.get(CROP))
+        except InputError as exc:
+            raise BadInput(str(exc)) from None
         return out
 
     def _items(self, tensor: InferInput) -> list[bytes]:
@@ -256,6 +267,8 @@ class LookalikeTransformer(kserve.Model):
         min_side = state.spec.preprocessing.resize
         if box is not None:  # the box must still hold `resize` pixels on its shorter side
             min_side = math.ceil(min_side / min(box[2] - box[0], box[3] - box[1]))
+        elif self._may_crop(state):
+            min_side = math.ceil(min_side * CROP_DECODE_SCALE)
         # An ImageError carries its own status (400 or 413): as_v2_error answers with it.
         images = decode_images(items, self.settings.limits, min_side=min_side)
         return [crop_to_box(img, box) for img in images] if box is not None else images
@@ -302,6 +315,7 @@ class LookalikeTransformer(kserve.Model):
                     if await self._follow(served, state, payload) and attempt == 0:
                         continue  # answered on input preprocessed for the old model: redo it
                 break
+            response = await self._search_crops(response, state, payload)
         except Exception as exc:
             error = _as_v2_error(exc, state.trace.request_id)
             state.trace.finish(error)
@@ -309,6 +323,31 @@ class LookalikeTransformer(kserve.Model):
         response.lookalike_state = state
         response.lookalike_request = payload
         return response
+
+    def _may_crop(self, state: _State) -> bool:
+        return (state.params.get(CROP) == "auto" and state.params.get(BOX) is None and state.spec is not None
+                and state.spec.has_locator)
+
+    async def _search_crops(self, response: InferResponse, state: _State, request: InferRequest) -> InferResponse:
+        """Where the locator found the product surely enough, search the crop instead (one more predictor
+        call for the whole batch); record which box each photo searched."""
+        app_box = state.params.get(BOX)
+        if app_box is not None:
+            state.searched = [Searched(app_box, "app") for _ in state.images]
+            return response
+        found = next((o for o in response.outputs if o.name == BOXES), None)
+        if found is None or state.params.get(CROP) != "auto":
+            return response
+        loop = asyncio.get_running_loop()
+        with state.trace.stage("crop"):
+            located = locate(found.as_numpy(), state.images, state.spec.preprocessing)
+            photos, state.searched = plan_crops(state.images, located)
+            if all(s.source != "crop" for s in state.searched):
+                return response
+            batch = await loop.run_in_executor(self._pixels, preprocess_batch, photos, state.spec.preprocessing)
+        request.inputs[0] = predictor_tensor(batch, self.settings.predictor_datatype)
+        with state.trace.stage("predict"):
+            return await self._call_predictor(request)
 
     async def _follow(self, model_version: str, state: _State, request: InferRequest) -> bool:
         """Switch to the preprocessing of the model the predictor now serves (read from its model.json).
@@ -364,8 +403,10 @@ class LookalikeTransformer(kserve.Model):
         probs = {t: outputs[f"prob_{t}"].as_numpy().reshape(-1).astype(np.float32) for t in tasks}
         # Off the event loop: signing a photo URL is an HMAC per photo (cached while young), and a page of
         # results may sign hundreds.
+        searched = state.searched or [Searched((0.0, 0.0, 1.0, 1.0), "whole") for _ in range(n)]
         joined = await asyncio.get_running_loop().run_in_executor(
-            None, join, ids, photo_ids, scores, labels, probs, self.metadata, self.photo_urls)
+            None, join, ids, photo_ids, scores, labels, probs, self.metadata, self.photo_urls,
+            [s.to_dict() for s in searched])
         binary = wants_binary(state.client_request)
         out = [output("listing_ids", ids.astype(object), "BYTES", binary),
                output("photo_ids", joined.photo_ids, "BYTES", binary), output("scores", scores, "FP32", binary),
@@ -376,6 +417,7 @@ class LookalikeTransformer(kserve.Model):
             out.append(output(f"label_{t}", np.array([s.encode() for s in labels[t]], dtype=object), "BYTES", binary))
             out.append(output(f"prob_{t}", probs[t], "FP32", binary))
         out.append(output("matches", joined.documents, "BYTES", binary))
+        out.append(output(BOXES, np.array([s.row() for s in searched], np.float32).reshape(-1, 5), "FP32", binary))
         out = requested(out, state.client_request)
         request = result.lookalike_request
         client_request = state.client_request
@@ -402,33 +444,13 @@ class LookalikeTransformer(kserve.Model):
 # ---- helpers -------------------------------------------------------------------------------------
 
 def parse_box(value: Any) -> tuple[float, float, float, float] | None:
-    """The `box` parameter as (x0, y0, x1, y1) fractions of the upright photo's width and height.
-
-    Fractions rather than pixels, as Google's product search takes normalised vertices: the app need not
-    know how large the photo decodes (EXIF rotation, the DCT-domain downscale), only where the product is.
-    """
-    if value in (None, ""):
-        return None
-    parts = value.split(",") if isinstance(value, str) else None
+    """The `box` parameter as (x0, y0, x1, y1) fractions of the upright photo (`lookalike.core.boxes`)."""
+    if value not in (None, "") and not isinstance(value, str):
+        raise BadInput(f"parameter 'box' must be a string 'x0,y0,x1,y1', got {shown(value)}")
     try:
-        box = tuple(float(p) for p in parts) if parts else ()
-    except ValueError:
-        box = ()
-    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box):
-        raise BadInput(f"parameter 'box' must be 'x0,y0,x1,y1', four fractions of the photo's width and height "
-                       f"between 0 and 1 (e.g. '0.25,0.1,0.75,0.9'), got {shown(value)}")
-    x0, y0, x1, y1 = box
-    if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
-        raise BadInput(f"parameter 'box' {shown(value)} is empty or smaller than {MIN_BOX_SIDE:.0%} of the photo on a "
-                       f"side: x1 must exceed x0 and y1 must exceed y0")
-    return box
-
-
-def crop_to_box(img, box: tuple[float, float, float, float]):
-    """The part of a decoded photo inside a `box` of fractions (at least one pixel on each side)."""
-    w, h = img.size
-    left, top = min(w - 1, int(box[0] * w)), min(h - 1, int(box[1] * h))
-    return img.crop((left, top, max(left + 1, round(box[2] * w)), max(top + 1, round(box[3] * h))))
+        return parse_box_fractions(value, shown(value))
+    except InputError as exc:
+        raise BadInput(str(exc)) from None
 
 
 WIRE_DTYPES = {"FP16": np.float16, "FP32": np.float32}

@@ -22,6 +22,7 @@ from PIL import Image
 from lookalike.core.errors import InputError
 
 Box = tuple[float, float, float, float]
+BOXES = "boxes"  # the predictor's output: the locator's box per image [N, 5] (x0, y0, x1, y1, confidence)
 
 MIN_BOX_SIDE = 0.02  # a box narrower or lower than this share of the photo holds too few pixels to search
 # A found box is searched only when the locator is this sure of it and it leaves out enough of the photo

@@ -22,12 +22,12 @@ class _Embedder:
         self.gate: threading.Event | None = None
         self.batches: list[int] = []
 
-    def embed(self, images: np.ndarray):
+    def embed_and_locate(self, images: np.ndarray):
         if self.gate is not None:
             self.gate.wait(10)
         time.sleep(self.delay_s)
         self.batches.append(len(images))
-        return images.reshape(len(images), -1).mean(axis=1, keepdims=True), {}
+        return images.reshape(len(images), -1).mean(axis=1, keepdims=True), {}, None
 
 
 class _Pair:
@@ -39,7 +39,7 @@ def _images(n: int, value: float = 1.0) -> np.ndarray:
     return np.full((n, 3, 2, 2), value, np.float32)
 
 
-def _echo(emb, probs, seconds):
+def _echo(emb, probs, seconds, located):
     return float(emb[0, 0])
 
 
@@ -67,14 +67,14 @@ def test_cancelled_requests_are_skipped_and_the_worker_keeps_answering():
 def test_a_failing_request_or_batch_never_ends_the_worker():
     batcher = MicroBatcher(max_batch=4, search_threads=1)
     try:
-        def boom(emb, probs, seconds):
+        def boom(emb, probs, seconds, located):
             raise RuntimeError("search failed")
 
         with pytest.raises(RuntimeError, match="search failed"):
             batcher.submit(_Pair(_Embedder()), _images(1), boom).result(timeout=5)
 
         class Broken:
-            def embed(self, images):
+            def embed_and_locate(self, images):
                 raise ValueError("the GPU fell over")
 
         with pytest.raises(ValueError, match="fell over"):
@@ -90,7 +90,7 @@ def test_a_slow_search_does_not_hold_the_next_requests():
     pair = _Pair(_Embedder())
     release = threading.Event()
     try:
-        def slow(emb, probs, seconds):
+        def slow(emb, probs, seconds, located):
             release.wait(10)
             return "slow"
 

@@ -1,0 +1,193 @@
+"""How much finding the product helps search: simulated phone photos searched whole and cropped.
+
+Two kinds of query, both SIMULATED with the EVALUATION recipe (scenes the locator never saw):
+- `placed`: the catalog photo pasted whole into a scene (a photo of a printed picture or a screen);
+- `cutout`: the product cut out of its studio background and put into a cluttered scene (a phone photo of
+  an object on a table).
+
+Each query is searched several ways against the same gallery, with the same model:
+- `whole`: the whole photo, as the service did before it had a locator;
+- `crop`: the served path: the locator's box (with its context margin) when it is usable
+  (`Localisation.usable`), else the whole photo;
+- `fused`: the whole photo's and the crop's embeddings averaged (both searched as one);
+- `saliency`: a crop chosen without any training, from the feature map's channel energy (the
+  class-activation idea), to show what the learnt locator adds;
+- `oracle`: the true box the simulator drew: the most any crop can give.
+The pretrained ImageNet model is measured on the same queries, whole and with the locator's crop.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from lookalike.core.boxes import Localisation, box_from_objectness, context_box, crop_to_box, from_input_box
+from lookalike.core.preprocessing import crop_window, preprocess
+from lookalike.training.data import ImageBank
+from lookalike.training.evaluate import embed_images, listing_recall, listing_topk, run_batches
+from lookalike.training.model import LookalikeModel
+from lookalike.training.phone_photos import EVALUATION, simulate
+from lookalike.training.queries import PHONE_SIZE, gallery_of
+
+MODES = ("whole", "crop", "fused", "saliency", "oracle")
+
+
+def phone_queries_with_boxes(bank: ImageBank, rows: np.ndarray, n: int, seed: int, *, cutout: bool
+                             ) -> tuple[list[Image.Image], list[str], list[tuple]]:
+    """`n` seeded listings among bank `rows`, one simulated phone photo each (cut out or placed whole),
+    with the box the simulator put the product in."""
+    rng = np.random.default_rng([EVALUATION.seed_salt, seed, int(cutout)])
+    listings = sorted({int(bank.listing_index[r]) for r in rows})
+    by_listing: dict[int, list[int]] = {}
+    for r in rows:
+        by_listing.setdefault(int(bank.listing_index[r]), []).append(int(r))
+    picks = rng.choice(len(listings), size=min(n, len(listings)), replace=False)
+    photos, truth, boxes = [], [], []
+    for k, i in enumerate(picks):
+        choices = by_listing[listings[int(i)]]
+        src = choices[int(rng.integers(len(choices)))]
+        photo, info = simulate(bank.images[src], np.random.default_rng([EVALUATION.seed_salt, seed, k, int(cutout)]),
+                               out_size=PHONE_SIZE, recipe=EVALUATION, cutout=cutout)
+        photos.append(photo)
+        truth.append(bank.rows[src].listing_id)
+        boxes.append(info.box or (0.0, 0.0, 1.0, 1.0))
+    return photos, truth, boxes
+
+
+def _normalise(rows: np.ndarray) -> np.ndarray:
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def locate_photos(model: LookalikeModel, photos: list[Image.Image], *, device: torch.device
+                  ) -> tuple[list[Localisation | None], list[Localisation | None]]:
+    """The locator's box and the untrained saliency box of each photo, as fractions of the photo."""
+    spec = model.config.preprocessing
+
+    def one_pass(x: torch.Tensor) -> list:
+        fmap = model.feature_map(x)
+        objectness = torch.sigmoid(model.locator(fmap).squeeze(1)).float().cpu().numpy()
+        energy = fmap.float().norm(dim=1)
+        lo = energy.amin(dim=(1, 2), keepdim=True)
+        hi = energy.amax(dim=(1, 2), keepdim=True)
+        saliency = ((energy - lo) / (hi - lo).clamp_min(1e-6)).cpu().numpy()
+        return [objectness, saliency]
+
+    outs = run_batches(one_pass, photos, spec, batch_size=32, device=device, progress=False)
+    objectness = np.concatenate([o[0] for o in outs])
+    saliency = np.concatenate([o[1] for o in outs])
+    found, salient = [], []
+    for photo, obj, sal in zip(photos, objectness, saliency):
+        window = crop_window(*photo.size, spec)
+        for prob, out in ((obj, found), (sal, salient)):
+            loc = box_from_objectness(prob)
+            out.append(None if loc is None else Localisation(from_input_box(loc.box, *photo.size, window),
+                                                             loc.confidence))
+    return found, salient
+
+
+def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBank, rows: np.ndarray, *, queries: int,
+                      seed: int, device: torch.device, timing_photos: int = 30) -> dict[str, Any]:
+    """recall@1/@10 per query kind and mode (module docstring), and the in-process latency of the served
+    path with and without the crop."""
+    if model.locator is None:
+        raise ValueError("the model has no locator: train with locator_views > 0")
+    gallery = gallery_of(bank, rows)
+    listing_of = {lid: i for i, lid in enumerate(dict.fromkeys(gallery.listing_ids))}
+    g_listing = np.array([listing_of[lid] for lid in gallery.listing_ids])
+    gal = embed_images(model, baseline, gallery.images, device=device, progress=False)
+    result: dict[str, Any] = {"gallery_photos": len(gallery.images)}
+    for kind, cutout in (("placed", False), ("cutout", True)):
+        photos, truth_ids, true_boxes = phone_queries_with_boxes(bank, rows, queries, seed, cutout=cutout)
+        truth = np.array([listing_of[t] for t in truth_ids])
+        found, salient = locate_photos(model, photos, device=device)
+        crops = {
+            "crop": [crop_to_box(p, loc.crop_box(*p.size)) if loc is not None and loc.usable else p
+                     for p, loc in zip(photos, found)],
+            "saliency": [crop_to_box(p, loc.crop_box(*p.size)) if loc is not None and loc.usable else p
+                         for p, loc in zip(photos, salient)],
+            "oracle": [crop_to_box(p, context_box(b, *p.size)) for p, b in zip(photos, true_boxes)],
+        }
+        whole = embed_images(model, baseline, photos, device=device, progress=False)
+        embedded = {name: embed_images(model, baseline, imgs, device=device, progress=False)
+                    for name, imgs in crops.items()}
+        used = np.array([loc is not None and loc.usable for loc in found])
+        fused = _normalise(whole.finetuned + np.where(used[:, None], embedded["crop"].finetuned, whole.finetuned))
+        finetuned = {"whole": whole.finetuned, "crop": embedded["crop"].finetuned, "fused": fused,
+                     "saliency": embedded["saliency"].finetuned, "oracle": embedded["oracle"].finetuned}
+        pretrained = {"whole": whole.baseline, "crop": embedded["crop"].baseline, "oracle": embedded["oracle"].baseline}
+        result[kind] = {
+            "queries": len(photos), "cropped": float(used.mean()),
+            "mean_iou": float(np.mean([_iou(loc.box, b) if loc is not None else 0.0
+                                       for loc, b in zip(found, true_boxes)])),
+            "finetuned": {m: listing_recall(listing_topk(q, gal.finetuned, g_listing, 10), truth)
+                          for m, q in finetuned.items()},
+            "pretrained": {m: listing_recall(listing_topk(q, gal.baseline, g_listing, 10), truth)
+                           for m, q in pretrained.items()},
+        }
+    result["latency"] = _served_path_latency(model, photos[:timing_photos], device)
+    return result
+
+
+def _iou(a: tuple, b: tuple) -> float:
+    from lookalike.training.locator import box_iou
+
+    return box_iou(a, b)
+
+
+@torch.no_grad()
+def _served_path_latency(model: LookalikeModel, photos: list[Image.Image], device: torch.device) -> dict[str, float]:
+    """p50 ms per photo, one at a time, of what the predictor and transformer do: preprocess and one pass
+    (whole), then, where the box is usable, the crop, its preprocessing and a second pass (crop)."""
+    spec = model.config.preprocessing
+    model.eval()
+
+    def run(img: Image.Image) -> dict[str, Any]:
+        return model(torch.from_numpy(preprocess(img, spec))[None].to(device))
+
+    times: dict[str, list[float]] = {"whole": [], "crop": []}
+    run(photos[0])  # warm-up
+    for photo in photos:
+        start = time.perf_counter()
+        run(photo)
+        times["whole"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = run(photo)
+        loc = box_from_objectness(torch.sigmoid(out["objectness"][0].float()).cpu().numpy())
+        if loc is not None:
+            box = from_input_box(loc.box, *photo.size, crop_window(*photo.size, spec))
+            loc = Localisation(box, loc.confidence)
+            if loc.usable:
+                run(crop_to_box(photo, loc.crop_box(*photo.size)))
+        times["crop"].append(time.perf_counter() - start)
+    p50 = {k: float(np.median(v) * 1000) for k, v in times.items()}
+    return {"whole_p50_ms": p50["whole"], "crop_p50_ms": p50["crop"], "ratio": p50["crop"] / max(p50["whole"], 1e-9)}
+
+
+def localise_line(catalog: str, result: dict[str, Any]) -> str:
+    """`localise: <catalog> cutout_recall@10 crop=<a> whole=<b>; placed_recall@10 crop=<c> whole=<d>; p50_ratio=<r>`"""
+    def r(kind: str, mode: str) -> float:
+        return result[kind]["finetuned"][mode]["recall@10"]
+
+    return (f"localise: {catalog} cutout_recall@10 crop={r('cutout', 'crop'):.3f} whole={r('cutout', 'whole'):.3f}; "
+            f"placed_recall@10 crop={r('placed', 'crop'):.3f} whole={r('placed', 'whole'):.3f}; "
+            f"p50_ratio={result['latency']['ratio']:.2f}")
+
+
+def detail_lines(result: dict[str, Any]) -> list[str]:
+    """Every mode's recall, fine-tuned and pretrained, per query kind (for the benchmark's output)."""
+    lines = []
+    for kind in ("placed", "cutout"):
+        m = result[kind]
+        lines.append(f"{kind} ({m['queries']} SIMULATED queries, {m['cropped']:.0%} cropped, locator box IoU "
+                     f"{m['mean_iou']:.2f}):")
+        for who in ("finetuned", "pretrained"):
+            lines.append(f"  {who:10s} " + ", ".join(f"{mode} {v['recall@1']:.3f}/{v['recall@10']:.3f}"
+                                                      for mode, v in m[who].items()) + "  (recall@1/@10)")
+    lat = result["latency"]
+    lines.append(f"in-process p50 per photo: whole {lat['whole_p50_ms']:.1f} ms, with the crop "
+                 f"{lat['crop_p50_ms']:.1f} ms (x{lat['ratio']:.2f})")
+    return lines

@@ -1,0 +1,89 @@
+"""The automatic crop: search the product the predictor's locator found, not the whole photo.
+
+    photo ─▶ decode ─▶ preprocess ─▶ predictor (embedding, search and the locator's box, one pass)
+                                        │ box usable (sure enough, and it leaves part of the photo out)?
+                                        ├─ no: the whole photo's answer stands
+                                        └─ yes: crop the decoded photo to the box with some context,
+                                           preprocess, ask the predictor again: the crop's answer
+
+At most one extra model pass, only for photos the locator is sure of. An app's own `box` wins (no
+locator box is used), and `crop=off` searches the whole photo. The answer always says which box was
+searched, as fractions of the upright photo, so an app can draw it. The geometry is
+`lookalike.core.boxes` (the benchmarks measure the same crop).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from lookalike.core.boxes import Box, Localisation, crop_to_box, from_input_box
+from lookalike.core.errors import InputError
+from lookalike.core.preprocessing import PreprocessSpec, crop_window
+
+CROP = "crop"  # request parameter: "auto" (default) or "off"
+CROP_MODES = ("auto", "off")
+# Photos are decoded a little larger when they may be cropped, so a crop of two thirds of the photo still
+# has the pixels the model's input needs (a 12-MP JPEG still decodes at 1/8 scale in the DCT domain).
+CROP_DECODE_SCALE = 1.4
+
+
+def parse_crop(value: object) -> str:
+    if value in (None, ""):
+        return "auto"
+    mode = str(value).strip().lower()
+    if mode not in CROP_MODES:
+        raise InputError(f"parameter 'crop' must be 'auto' (search the product the model finds) or 'off' (search "
+                         f"the whole photo), got {str(value)[:40]!r}")
+    return mode
+
+
+@dataclass(frozen=True)
+class Searched:
+    """Which part of one photo was searched, for the answer."""
+    box: Box  # fractions of the upright photo
+    source: str  # "crop": the locator's box; "whole": the whole photo; "app": the app's own box
+    confidence: float | None = None  # the locator's, where it found a box
+    found: Box | None = None  # the locator's box when it was not used (unsure, or nearly the whole photo)
+
+    def to_dict(self) -> dict:
+        out: dict = {"box": [round(v, 4) for v in self.box], "searched": self.source}
+        if self.confidence is not None:
+            out["confidence"] = round(self.confidence, 3)
+        if self.found is not None:
+            out["found"] = [round(v, 4) for v in self.found]
+        return out
+
+    def row(self) -> list[float]:
+        """As the `boxes` output's row: x0, y0, x1, y1, confidence (NaN when there is none)."""
+        return [*self.box, np.nan if self.confidence is None else self.confidence]
+
+
+def locate(boxes: np.ndarray, images: list[Image.Image], spec: PreprocessSpec) -> list[Localisation | None]:
+    """The predictor's boxes (fractions of the model's input) as boxes on each decoded photo."""
+    out: list[Localisation | None] = []
+    for row, img in zip(np.asarray(boxes, dtype=np.float32).reshape(-1, 5), images):
+        if not np.isfinite(row).all():
+            out.append(None)
+            continue
+        box = from_input_box(tuple(float(v) for v in row[:4]), *img.size, crop_window(*img.size, spec))
+        out.append(Localisation(box, float(row[4])))
+    return out
+
+
+def plan_crops(images: list[Image.Image], located: list[Localisation | None]
+               ) -> tuple[list[Image.Image], list[Searched]]:
+    """The photos to search again (the crop where the box is usable, else the photo itself) and what each
+    searched; nothing to search again when no box is usable (the first answer stands)."""
+    photos, searched = [], []
+    for img, loc in zip(images, located):
+        if loc is not None and loc.usable:
+            crop = loc.crop_box(*img.size)
+            photos.append(crop_to_box(img, crop))
+            searched.append(Searched(crop, "crop", loc.confidence))
+        else:
+            photos.append(img)
+            searched.append(Searched((0.0, 0.0, 1.0, 1.0), "whole", None if loc is None else loc.confidence,
+                                     None if loc is None else loc.box))
+    return photos, searched
