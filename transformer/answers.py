@@ -3,8 +3,8 @@
 Per photo searched with, one `matches` JSON document:
 
     {"labels": {"category": {"label": "footwear", "probability": 0.93}, …},      predicted for the photo
-     "box": {"box": [0.21, 0.3, 0.74, 0.83], "searched": "crop", "confidence": 0.82},
-                                                                                  the part searched
+     "box": {"box": [0.21, 0.3, 0.74, 0.83], "searched": "crop", "confidence": 0.82,
+             "region": [0.15, 0.24, 0.8, 0.89]}                   where the product is; the part searched
      "matches": [{"listing_id": "L1", "title": "Red sneaker", "score": 0.91,
                   "labels": {"category": "footwear", "color": "red"},             all the listing's labels
                   "metadata": {"url": "https://…", "price": "49.00"},            its free-form fields

@@ -41,18 +41,20 @@ def parse_crop(value: object) -> str:
 
 @dataclass(frozen=True)
 class Searched:
-    """Which part of one photo was searched, for the answer."""
-    box: Box  # fractions of the upright photo
-    source: str  # "crop": the locator's box; "whole": the whole photo; "app": the app's own box
+    """Which part of one photo was searched, for the answer (boxes as fractions of the upright photo)."""
+    box: Box  # where the product is: the locator's box, the app's box, or the whole photo
+    source: str  # "crop": the locator's box was searched; "whole": the whole photo; "app": the app's own box
     confidence: float | None = None  # the locator's, where it found a box
-    found: Box | None = None  # the locator's box when it was not used (unsure, or nearly the whole photo)
+    region: Box | None = None  # with "crop": the part searched (the box with context, squared)
+    found: Box | None = None  # with "whole": the locator's box, not used (unsure, or nearly the whole photo)
 
     def to_dict(self) -> dict:
         out: dict = {"box": [round(v, 4) for v in self.box], "searched": self.source}
         if self.confidence is not None:
             out["confidence"] = round(self.confidence, 3)
-        if self.found is not None:
-            out["found"] = [round(v, 4) for v in self.found]
+        for name, box in (("region", self.region), ("found", self.found)):
+            if box is not None:
+                out[name] = [round(v, 4) for v in box]
         return out
 
     def row(self) -> list[float]:
@@ -81,9 +83,9 @@ def plan_crops(images: list[Image.Image], located: list[Localisation | None]
         if loc is not None and loc.usable:
             crop = loc.crop_box(*img.size)
             photos.append(crop_to_box(img, crop))
-            searched.append(Searched(crop, "crop", loc.confidence))
+            searched.append(Searched(loc.box, "crop", loc.confidence, region=crop))
         else:
             photos.append(img)
             searched.append(Searched((0.0, 0.0, 1.0, 1.0), "whole", None if loc is None else loc.confidence,
-                                     None if loc is None else loc.box))
+                                     found=None if loc is None else loc.box))
     return photos, searched
