@@ -20,6 +20,10 @@ from PIL import Image
 
 from lookalike.core.preprocessing import PreprocessSpec
 
+import test_try_page  # its Debian-chromium browser fixture, reused as it is
+
+browser = test_try_page.browser
+
 pytestmark = pytest.mark.slow
 MODEL = "lookalike"
 
@@ -67,7 +71,7 @@ def served(s3_server, tmp_path_factory):
         stack = ServingStack(env, log_dir=tmp_path_factory.mktemp("logs"))
         try:
             stack.start()
-            yield {"stack": stack, "catalog": catalog, "photos": photos}
+            yield {"stack": stack, "catalog": catalog, "photos": photos, "settings": store.settings}
         finally:
             stack.stop()
 
@@ -135,3 +139,61 @@ def test_a_bad_crop_parameter_is_refused_with_what_to_send(served):
     _, photo, _ = _scenes(served, 1)[0]
     response, _, _ = _ask(served, photo, crop="sometimes")
     assert response.status_code == 400 and "'crop' must be 'auto'" in response.json()["error"]
+
+
+# ---- the try page draws the box and takes one --------------------------------------------------
+
+def test_the_try_page_draws_the_box_found_takes_a_dragged_box_and_puts_results_first_on_a_phone(
+        served, browser, tmp_path):
+    from lookalike.app.try_page import TryPageServer
+
+    chromium = browser
+    scenes = _scenes(served)
+    cropped = next(((photo, doc) for _, photo, _ in scenes
+                    for doc in [_ask(served, photo)[1]] if doc["box"]["searched"] == "crop"), None)
+    assert cropped is not None
+    photo, doc = cropped
+    path = tmp_path / "scene.jpg"
+    path.write_bytes(photo)
+    with TryPageServer(served["stack"].endpoints["transformer_rest"], s3=served["settings"]) as server:
+        page = chromium.new_page(viewport={"width": 1280, "height": 860})
+        page.set_default_timeout(60_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url)
+        page.wait_for_selector("#status[data-state=ready]")
+        page.set_input_files("#photo", str(path))
+        assert test_try_page._settle(page) == "done", page.inner_text("#error")
+        overlay = page.locator("#found-box")
+        assert overlay.is_visible() and overlay.get_attribute("data-searched") == "crop"
+        drawn = [float(v) for v in overlay.get_attribute("data-box").split(",")]
+        assert np.allclose(drawn, doc["box"]["box"], atol=1e-3)
+        if os.environ.get("LOOKALIKE_SCREENSHOT") == "1":  # the README's picture of the box
+            page.screenshot(path=str(test_try_page.SCREENSHOT.parent / "try_page_box.png"))
+        # drawn where the box is: its rectangle over the photo's (a square photo fills the preview)
+        photo_box, box = page.locator("#preview").bounding_box(), overlay.bounding_box()
+        assert abs(box["x"] - (photo_box["x"] + drawn[0] * photo_box["width"])) < 4
+
+        # the shopper drags a box: it is sent as `box`, searched, and drawn as theirs
+        page.evaluate("() => { document.body.dataset.state = 'idle'; }")
+        x0, y0 = photo_box["x"] + 0.25 * photo_box["width"], photo_box["y"] + 0.3 * photo_box["height"]
+        x1, y1 = photo_box["x"] + 0.75 * photo_box["width"], photo_box["y"] + 0.8 * photo_box["height"]
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2)
+        page.mouse.move(x1, y1)
+        page.mouse.up()
+        assert test_try_page._settle(page) == "done", page.inner_text("#error")
+        assert overlay.get_attribute("data-searched") == "app"
+        assert np.allclose([float(v) for v in overlay.get_attribute("data-box").split(",")],
+                           [0.25, 0.3, 0.75, 0.8], atol=0.02)
+        assert page.locator("#matches .match").count() == 10 and errors == []
+
+        # on a phone-sized screen the matches come first once there are some
+        phone = chromium.new_page(viewport={"width": 390, "height": 844})
+        phone.goto(server.url)
+        phone.wait_for_selector("#status[data-state=ready]")
+        phone.set_input_files("#photo", str(path))
+        assert test_try_page._settle(phone) == "done"
+        assert phone.locator("#matches").bounding_box()["y"] < phone.locator("#drop").bounding_box()["y"]
+        assert phone.locator("#matches .match").first.bounding_box()["y"] < 844  # on the first screen

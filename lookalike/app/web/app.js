@@ -12,6 +12,9 @@
  *                          //   photo_id (the photo that matched), image_url (that photo, fetchable),
  *                          //   image_urls (all the listing's photos), category, image}, ...]
  *     result.labels        // {category: {label, probability}, ...} predicted for the photo
+ *     result.box           // the part of the photo searched: {box: [x0, y0, x1, y1] (fractions of the
+ *                          //   photo), searched: "crop" (the product the service found) | "whole" |
+ *                          //   "app" (your box), confidence, region (the crop, with context)}
  *     result.modelVersion  // the model version that answered
  *     result.indexVersion  // the index version that answered
  *     result.requestId     // the id the server logged the request under
@@ -21,8 +24,10 @@
  *     // e.g. 400 "the image is not an image we can read (JPEG, PNG or WebP expected)",
  *     //      413 "the image is 12,345,678 bytes; the limit is 10,485,760", 503 (not ready)
  *
- * Options: topK (1-1000, default 10), filter ("category=footwear", "category=predicted"), nprobe,
- * model (default "lookalike"), baseUrl (default "": this origin), signal (an AbortSignal).
+ * Options: topK (1-100, default 10), filter ("category=footwear", "category=predicted"), nprobe,
+ * box ("x0,y0,x1,y1" fractions: search only that part), crop ("auto", the default: search the product the
+ * service finds; "off": the whole photo), model (default "lookalike"), baseUrl (default "": this
+ * origin), signal (an AbortSignal).
  *
  * On the wire it is a KServe v2 (Open Inference Protocol) REST request with the binary tensor extension:
  *
@@ -53,8 +58,8 @@ export class SearchError extends Error {
 
 const utf8 = new TextEncoder();
 
-export async function searchPhoto(file, { topK = 10, filter = null, nprobe = null, model = "lookalike",
-                                          baseUrl = "", signal = undefined } = {}) {
+export async function searchPhoto(file, { topK = 10, filter = null, nprobe = null, box = null, crop = null,
+                                          model = "lookalike", baseUrl = "", signal = undefined } = {}) {
   const photo = new Uint8Array(await file.arrayBuffer());
 
   // One BYTES element: its length (uint32, little-endian), then its bytes.
@@ -65,6 +70,8 @@ export async function searchPhoto(file, { topK = 10, filter = null, nprobe = nul
   const parameters = { top_k: topK };
   if (filter) parameters.filter = filter;
   if (nprobe) parameters.nprobe = nprobe;
+  if (box) parameters.box = box;
+  if (crop) parameters.crop = crop;
   const header = utf8.encode(JSON.stringify({
     inputs: [{ name: "image", shape: [1], datatype: "BYTES", parameters: { binary_data_size: element.length } }],
     parameters,
@@ -101,6 +108,7 @@ export async function searchPhoto(file, { topK = 10, filter = null, nprobe = nul
   return {
     labels: doc.labels || {},
     matches: doc.matches || [],
+    box: doc.box || null,
     modelVersion: String(versions.model_version || body.model_version || ""),
     indexVersion: String(versions.index_version || ""),
     requestId: String(body.id || response.headers.get("x-request-id") || ""),
@@ -147,6 +155,9 @@ const $ = (id) => document.getElementById(id);
 let current = null;    // the photo being searched with
 let inFlight = null;   // the AbortController of the request under way
 let previewUrl = null;
+let userBox = null;    // [x0, y0, x1, y1] the shopper drew, sent as `box`; null: the service finds the product
+let drag = null;       // the box being drawn: {x, y} where the pointer went down (fractions of the photo)
+let dragged = false;   // a drag just ended: the click that follows must not open the file chooser
 
 function show(el, visible) { el.hidden = !visible; }
 
@@ -223,8 +234,49 @@ function renderMatch(match, rank) {
   return item;
 }
 
+/* Where the photo is drawn inside the preview element (object-fit: contain leaves bands around it). */
+function photoRect() {
+  const img = $("preview");
+  const w = img.clientWidth, h = img.clientHeight;
+  const scale = Math.min(w / (img.naturalWidth || 1), h / (img.naturalHeight || 1));
+  const pw = img.naturalWidth * scale, ph = img.naturalHeight * scale;
+  return { left: img.offsetLeft + (w - pw) / 2, top: img.offsetTop + (h - ph) / 2, width: pw, height: ph };
+}
+
+function placeBox(el, box) {
+  if (!box) { show(el, false); return; }
+  const r = photoRect();
+  el.style.left = `${r.left + box[0] * r.width}px`;
+  el.style.top = `${r.top + box[1] * r.height}px`;
+  el.style.width = `${(box[2] - box[0]) * r.width}px`;
+  el.style.height = `${(box[3] - box[1]) * r.height}px`;
+  show(el, true);
+}
+
+/* The box the service searched: the product it found, or the shopper's own; nothing for the whole photo. */
+function renderBox(found) {
+  const el = $("found-box");
+  el.dataset.searched = found ? found.searched : "";
+  el.dataset.box = found ? found.box.join(",") : "";
+  placeBox(el, found && found.searched !== "whole" ? found.box : null);
+  show($("whole-photo"), Boolean(found && found.searched !== "whole"));
+}
+
+function pointAt(event) {
+  const r = photoRect();
+  const rect = $("preview").getBoundingClientRect();
+  const x = (event.clientX - rect.left - (r.left - $("preview").offsetLeft)) / r.width;
+  const y = (event.clientY - rect.top - (r.top - $("preview").offsetTop)) / r.height;
+  return { x: Math.min(1, Math.max(0, x)), y: Math.min(1, Math.max(0, y)) };
+}
+
+function boxOf(a, b) {
+  return [Math.min(a.x, b.x), Math.min(a.y, b.y), Math.max(a.x, b.x), Math.max(a.y, b.y)];
+}
+
 function render(result) {
   renderLabels(result.labels);
+  renderBox(result.box);
   $("model-version").textContent = result.modelVersion || "?";
   $("index-version").textContent = result.indexVersion || "?";
   $("elapsed").textContent = `${Math.round(result.elapsedMs)} ms`;
@@ -248,6 +300,8 @@ async function search() {
     const result = await searchPhoto(current, {
       topK: Number($("top-k").value),
       filter: $("same-category").checked ? "category=predicted" : null,
+      box: userBox ? userBox.map((v) => v.toFixed(4)).join(",") : null,
+      crop: $("auto-crop").checked ? null : "off",
       model: MODEL,
       signal: controller.signal,
     });
@@ -274,6 +328,8 @@ function sizeText(bytes) {
 function choose(file) {
   if (!file) return;
   current = file;
+  userBox = null;
+  renderBox(null);
   if (previewUrl) URL.revokeObjectURL(previewUrl);
   previewUrl = URL.createObjectURL(file);
   const preview = $("preview");
@@ -315,8 +371,43 @@ function wire() {
   }
   $("top-k").addEventListener("change", search);
   $("same-category").addEventListener("change", search);
+  $("auto-crop").addEventListener("change", () => { userBox = null; search(); });
+  $("whole-photo").addEventListener("click", () => {
+    userBox = null;
+    $("auto-crop").checked = false;
+    search();
+  });
+
+  // Drag across the photo to draw a box: it is sent as `box` and searched.
+  const preview = $("preview");
+  preview.addEventListener("pointerdown", (event) => {
+    if (!current || event.button !== 0) return;
+    event.preventDefault();
+    preview.setPointerCapture(event.pointerId);
+    drag = pointAt(event);
+  });
+  preview.addEventListener("pointermove", (event) => {
+    if (drag) placeBox($("draft-box"), boxOf(drag, pointAt(event)));
+  });
+  preview.addEventListener("pointerup", (event) => {
+    if (!drag) return;
+    const box = boxOf(drag, pointAt(event));
+    drag = null;
+    show($("draft-box"), false);
+    if (box[2] - box[0] < 0.03 || box[3] - box[1] < 0.03) return; // a click, not a box
+    dragged = true;
+    userBox = box;
+    search();
+  });
+  window.addEventListener("resize", () => {
+    const el = $("found-box");
+    if (!el.hidden && el.dataset.box) placeBox(el, el.dataset.box.split(",").map(Number));
+  });
 
   const drop = $("drop");
+  drop.addEventListener("click", (event) => {
+    if (dragged) { event.preventDefault(); dragged = false; } // the end of a drag is not a click
+  });
   for (const type of ["dragenter", "dragover"]) {
     drop.addEventListener(type, (event) => { event.preventDefault(); drop.classList.add("over"); });
   }
