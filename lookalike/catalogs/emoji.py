@@ -409,6 +409,21 @@ class EmojiImportResult:
         return "\n".join(lines)
 
 
+def spread_over_groups(concepts: list, limit: int) -> list:
+    """`limit` concepts taken in turn from each Unicode group (each group in Unicode's order), returned in
+    Unicode's order: every group is represented as evenly as its size allows."""
+    by_group: dict[str, list] = {}
+    for c in concepts:
+        by_group.setdefault(c.group, []).append(c)
+    picked: set[int] = set()
+    queues = [list(reversed(members)) for members in by_group.values()]
+    while len(picked) < min(limit, len(concepts)):
+        for queue in queues:
+            if queue and len(picked) < limit:
+                picked.add(id(queue.pop()))
+    return [c for c in concepts if id(c) in picked]
+
+
 def import_emoji(store: ObjectStore, *, sources: EmojiSources | str | Path | None = None,
                  sets: Sequence[str] | None = None, holdout_set: str = DEFAULT_HOLDOUT, limit: int | None = None,
                  groups: Sequence[str] | None = None, size: int = SIZE, name: str = CATALOG_NAME,
@@ -419,8 +434,9 @@ def import_emoji(store: ObjectStore, *, sources: EmojiSources | str | Path | Non
 
     `sets` limits the design sets (default: all four); a set that is missing here is reported with how to
     get it and the others are imported, as long as two catalog sets remain. `groups` keeps Unicode groups
-    by name ("Food & Drink"); `limit` keeps the first N listings in Unicode's order (deterministic: a slice
-    is a prefix of the full import).
+    by name ("Food & Drink"); `limit` keeps N listings spread over every group (`spread_over_groups`:
+    deterministic, and a quick slice still has every group to learn, which a prefix of Unicode's order,
+    all smileys, would not).
     """
     started = time.perf_counter()
     if limit is not None and limit <= 0:
@@ -451,7 +467,7 @@ def import_emoji(store: ObjectStore, *, sources: EmojiSources | str | Path | Non
     holdout = renderers.get(holdout_set)
     chosen = [c for c in concepts if sum(renderers[s].has(c) for s in catalog_sets) >= 2]
     if limit is not None:
-        chosen = chosen[:limit]
+        chosen = spread_over_groups(chosen, limit)
     if not chosen:
         raise CatalogError("no emoji concept is drawn by two of the design sets found")
 

@@ -123,7 +123,7 @@ def test_a_slice_imports_as_a_multi_view_catalog_and_a_shopper_catalog(store, so
     assert not [k for k in again.keys if "/images/" in k]
 
 
-def test_holdout_set_is_selectable_and_limit_is_a_prefix(store, sources):
+def test_holdout_set_is_selectable_and_a_limited_slice_starts_in_unicode_order(store, sources):
     result = import_emoji(store, sources=sources, sets=["fluent", "twemoji", "noto"], holdout_set="twemoji",
                           limit=5, name="emoji-small", shopper_name="emoji-small-shopper", progress=False)
     listings = _jsonl(store, "emoji-small")
@@ -155,3 +155,18 @@ def test_missing_sources_say_how_to_get_them(tmp_path, store, sources):
         find_sources(tmp_path, sets=["apple"])
     with pytest.raises(CatalogError, match="--limit must be positive"):
         import_emoji(store, sources=sources, limit=0, progress=False)
+
+
+def test_a_limited_import_spreads_over_every_group():
+    from types import SimpleNamespace
+
+    from lookalike.catalogs.emoji import spread_over_groups
+
+    concepts = [SimpleNamespace(group=g, n=i) for g, size in (("Smileys", 50), ("Flags", 5), ("Food", 20))
+                for i in range(size)]
+    picked = spread_over_groups(concepts, 12)
+    assert len(picked) == 12 and [c.group for c in picked].count("Flags") == 4
+    assert {c.group for c in picked} == {"Smileys", "Flags", "Food"}
+    assert picked == [c for c in concepts if c in picked]  # Unicode's order kept
+    assert spread_over_groups(concepts, 12) == picked  # deterministic
+    assert len(spread_over_groups(concepts, 500)) == len(concepts)

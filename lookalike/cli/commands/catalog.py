@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Color Emoji (Debian). These are renders, not photographs. The held-out set becomes the "
                     "catalog emoji-shopper (same listing ids, source user_photo) for evaluation; the rest the "
                     "catalog emoji. A full import takes a few minutes.")
-    em.add_argument("--limit", type=int, default=None, metavar="N", help="the first N listings in Unicode's order")
+    em.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="N listings spread over every emoji group (deterministic)")
     em.add_argument("--sets", nargs="+", default=None, metavar="SET",
                     help="design sets to use: fluent twemoji openmoji noto (default: all)")
     em.add_argument("--holdout-set", default="noto", metavar="SET",
