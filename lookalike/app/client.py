@@ -12,8 +12,8 @@ MODEL_NAME = "lookalike"
 
 
 def query_photos(url: str, photos: Sequence[bytes], *, top_k: int = 5, filter: str | None = None,
-                 box: str | None = None, timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """POST photos to the transformer (binary BYTES tensor); one {labels, matches} document per photo."""
+                 box: str | None = None, crop: str | None = None, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """POST photos to the transformer (binary BYTES tensor); one {labels, matches, box} document per photo."""
     import asyncio
 
     import numpy as np
@@ -27,6 +27,8 @@ def query_photos(url: str, photos: Sequence[bytes], *, top_k: int = 5, filter: s
             params["filter"] = filter
         if box:
             params["box"] = box
+        if crop:
+            params["crop"] = crop
         client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=timeout_s, retries=0))
         try:
             return await client.infer(url, InferRequest(MODEL_NAME, [tensor], parameters=params), model_name=MODEL_NAME)

@@ -62,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1",
                    help="search only this part of each photo, as fractions of its width and height "
                         "(e.g. 0.25,0.1,0.75,0.9 for the middle half)")
+    q.add_argument("--crop", choices=("auto", "off"), default=None,
+                   help="auto (the default): search the product the model finds in the photo; off: the whole photo")
     q.add_argument("--json", action="store_true",
                    help="print the results as JSON (one document per photo: labels and matches) instead of a table")
     q.add_argument("--html", type=Path, default=None, metavar="OUT", help="also write an HTML page of the results")
@@ -186,7 +188,7 @@ def _query(args: argparse.Namespace) -> int:
         photos.append(path.read_bytes())
     url = args.url or _default_url()
     try:
-        results = query_photos(url, photos, top_k=args.top_k, filter=args.filter, box=args.box)
+        results = query_photos(url, photos, top_k=args.top_k, filter=args.filter, box=args.box, crop=args.crop)
     except httpx.HTTPStatusError as exc:
         raise CommandError(f"the transformer answered {exc.response.status_code}: "
                            f"{error_text(exc.response)}") from exc
@@ -197,6 +199,12 @@ def _query(args: argparse.Namespace) -> int:
     for path, result in zip([] if args.json else args.photos, results):
         labels = ", ".join(f"{t}={v['label']} ({v['probability']:.2f})" for t, v in result["labels"].items())
         print(f"\n{path}: {labels}")
+        searched = result.get("box") or {}
+        if searched.get("searched") in ("crop", "app"):
+            box = ", ".join(f"{v:.2f}" for v in searched["box"])
+            how = (f"the product found (confidence {searched.get('confidence', 0):.2f})"
+                   if searched["searched"] == "crop" else "your box")
+            print(f"  searched {how}: {box}")
         print(f"  {'#':>2}  {'score':>6}  {'listing':<24} {'category':<12} title")
         for rank, m in enumerate(result["matches"], 1):
             print(f"  {rank:>2}  {m['score']:>6.3f}  {m['listing_id']:<24} {m['category']:<12} {m['title']}")
