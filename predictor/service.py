@@ -186,6 +186,9 @@ class Matches:
     index_version: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     photo_ids: list[list[str]] = field(default_factory=list)  # beside listing_ids: the photo that matched
+    # what the answer was searched with, when it came from images: kept by the predictor's cache
+    embeddings: np.ndarray | None = field(default=None, repr=False)
+    head_probs: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def top_k(self) -> int:
@@ -242,7 +245,8 @@ def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.n
     # listing_ids and photo_ids leave out the misses; the scores of the hits come first in each row
     for i, (row, srow) in enumerate(zip(ids, scores)):
         score_arr[i, :len(row)] = np.asarray(srow, np.float32)[:len(row)]
-    return Matches(ids, score_arr, labels, best, pair.model_version, pair.index_version, timings, photos)
+    return Matches(ids, score_arr, labels, best, pair.model_version, pair.index_version, timings, photos,
+                   embeddings, probs)
 
 
 # ---- micro-batching ------------------------------------------------------------------------------

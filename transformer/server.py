@@ -3,6 +3,10 @@
 Input (one tensor):  image  BYTES [N] (or [N,1])  encoded JPEG, PNG, WebP, HEIC or AVIF photos; over REST JSON, as
                                                   base64 strings; over gRPC or REST's binary extension,
                                                   raw bytes
+  or, search by listing ("more like this"):
+                     listing_id BYTES [N]         listings already in the index: searched with their own
+                     (photo_id  BYTES [N])        stored vectors (first photo, or the one named), no photo
+                                                  sent, each left out of its own results; unknown: 404
 Parameters:          top_k, nprobe, filter / filter_<task> (passed on to the predictor, see predictor/server.py);
                      box "x0,y0,x1,y1" (fractions of the photo: search only the product inside it)
 Outputs:             listing_ids, photo_ids, scores, label_<task>, prob_<task> (from the predictor: top-k
@@ -13,7 +17,9 @@ Outputs:             listing_ids, photo_ids, scores, label_<task>, prob_<task> (
                      `lookalike.transformer.answers`)
 
 preprocess: check limits (images per request, bytes, pixels), decode with EXIF orientation, apply the
-            model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S]
+            model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S];
+            a photo whose content key this transformer sent before is first asked for by key alone, and
+            decoded only if the predictor's caches miss it (`lookalike.serving.photo_cache`)
 predict:    send the tensor to the predictor over gRPC v2 (binary, no JSON lists) with a deadline, as FP16
             by default: half the bytes of FP32 and still exact to the pixel (see `predictor_tensor`)
 postprocess: join listing metadata from every catalog the served index names, photos as fetchable URLs
@@ -43,6 +49,8 @@ from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore, connect
 from lookalike.core.decoding import ImageLimits, decode_images
 from lookalike.transformer.answers import join, text
+from lookalike.transformer.predictor_requests import is_miss, listing_request, probe_request
+from lookalike.serving.photo_cache import KEYS_PARAMETER, RecentKeys, content_key
 from lookalike.transformer.metadata import ListingMetadata, PhotoUrls
 from lookalike.serving.metrics import RequestTrace, set_serving_versions
 from lookalike.core.index_card import CARD_FILE as INDEX_CARD_FILE
@@ -54,9 +62,9 @@ from lookalike.core.settings import cpu_limit, decode_threads
 from lookalike.serving.limits import AdmissionGate
 from lookalike.serving.errors import (BadInput, ModelMoved, Timeout, TooLarge, Unavailable, V2Error, as_v2_error,
                                       status_for)
-from lookalike.serving.protocol import (MAX_NPROBE, MAX_TOP_K, REQUEST_ID_HEADER, shown, int_parameter, output,
-                                        parameters_of, request_id, requested, single_input, tensor_as_numpy,
-                                        wants_binary)
+from lookalike.serving.protocol import (LISTING_INPUT, MAX_NPROBE, MAX_TOP_K, REQUEST_ID_HEADER, shown, int_parameter,
+                                        listing_query, output, parameters_of, request_id, requested, single_input,
+                                        tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +89,9 @@ class TransformerSettings:
     # worst case the manifest checks hold under the pod's memory limit).
     max_in_work: int = 0
     max_waiting: int = -1
+    # Content keys of photos sent with their pixels, remembered to ask the predictor's caches first
+    # (16 bytes each and ~200 of bookkeeping: 8 MiB remembers ~35,000 photos); 0: never ask.
+    recent_keys_bytes: int = 8 * 1024 * 1024
 
 
 class _State:
@@ -92,6 +103,11 @@ class _State:
         self.images: list = []
         self.spec: ModelCard | None = None
         self.client_request: InferRequest | None = None
+        self.count = 0  # photos or listings asked about
+        self.items: list[bytes] = []  # the encoded photos, kept while a probe may still need their pixels
+        self.keys: list[str] = []  # their content keys
+        self.probe = False  # asked the predictor by content key alone
+        self.by_listing = False
 
 
 class LookalikeTransformer(kserve.Model):
@@ -109,6 +125,7 @@ class LookalikeTransformer(kserve.Model):
         self.metadata = ListingMetadata(store, ())
         self.photo_urls = PhotoUrls(store)
         self._seen_pairs: set[tuple[str, str]] = set()
+        self.recent = RecentKeys(self.settings.recent_keys_bytes)
         self._channel: grpc.aio.Channel | None = None
         self._stub = None
         # Pixel work (decode, preprocess) is CPU-bound: one thread per core, since more would only
@@ -165,6 +182,7 @@ class LookalikeTransformer(kserve.Model):
 
     # ---- v2 metadata -------------------------------------------------------------------------
     def get_input_types(self) -> list[dict[str, Any]]:
+        # the photos; a search by listing sends `listing_id` instead (v2 metadata cannot say "one of")
         return [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
 
     def get_output_types(self) -> list[dict[str, Any]]:
@@ -195,23 +213,49 @@ class LookalikeTransformer(kserve.Model):
             params = self._parameters(payload)
             state = _State(trace, params)
             state.client_request = payload
-            tensor = single_input(payload, INPUT_NAME, "BYTES",
-                                  "encoded JPEG, PNG, WebP, HEIC or AVIF photos, one per element")
-            items = self._items(tensor)
             state.spec = self.spec
-            # Decoding and preprocessing share one trip to a worker thread (one hop, not two).
-            batch = await asyncio.get_running_loop().run_in_executor(self._pixels, self._decode_and_preprocess, items,
-                                                                     state)
+            forwarded = {k: v for k, v in params.items() if v is not None and k != BOX}
+            query = listing_query(payload, self.settings.limits.max_images)
+            if query is not None:
+                if params.get(BOX) is not None:
+                    raise BadInput("parameter 'box' cuts a photo; a search by listing has none")
+                state.by_listing, state.count = True, len(query[0])
+                request = listing_request(self.name, rid, *query, forwarded)
+            else:
+                tensor = single_input(payload, INPUT_NAME, "BYTES",
+                                      "encoded JPEG, PNG, WebP, HEIC or AVIF photos, one per element; or "
+                                      f"{LISTING_INPUT!r} to search by listing")
+                state.items = self._items(tensor)
+                state.count = len(state.items)
+                request = await self._photo_request(rid, state, forwarded)
         except Exception as exc:
             error = _as_v2_error(exc, rid)
             trace.finish(error)
             raise error from exc
-        tensor_out = predictor_tensor(batch, self.settings.predictor_datatype)
-        forwarded = {k: v for k, v in params.items() if v is not None and k != BOX}
-        forwarded[PREPROCESSED_FOR] = state.spec.model_version
-        request = InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid, parameters=forwarded)
         request.lookalike_state = state  # carried to predict/postprocess with the request itself
         return request
+
+    async def _photo_request(self, rid: str, state: _State, forwarded: dict[str, Any]) -> InferRequest:
+        """Photos seen before are asked for by content key alone (decoded only if that misses); the
+        others are decoded and preprocessed and sent as pixels, with their keys."""
+        loop = asyncio.get_running_loop()
+        if self.settings.recent_keys_bytes > 0:
+            # hashing a few MB releases the GIL: off the event loop, like the pixel work
+            state.keys = await loop.run_in_executor(self._pixels, _content_keys, state.items, state.params.get(BOX))
+            if self.recent.all_known(state.keys):
+                state.probe = True
+                return probe_request(self.name, rid, state.keys, forwarded)
+        return await self._pixel_request(rid, state, forwarded)
+
+    async def _pixel_request(self, rid: str, state: _State, forwarded: dict[str, Any]) -> InferRequest:
+        # Decoding and preprocessing share one trip to a worker thread (one hop, not two).
+        batch = await asyncio.get_running_loop().run_in_executor(self._pixels, self._decode_and_preprocess,
+                                                                 state.items, state)
+        parameters = {**forwarded, PREPROCESSED_FOR: state.spec.model_version}
+        if state.keys:
+            parameters[KEYS_PARAMETER] = ",".join(state.keys)
+        tensor_out = predictor_tensor(batch, self.settings.predictor_datatype)
+        return InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid, parameters=parameters)
 
     def _parameters(self, payload: InferRequest) -> dict[str, Any]:
         params = parameters_of(payload)
@@ -288,6 +332,16 @@ class LookalikeTransformer(kserve.Model):
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         state: _State = payload.lookalike_state
         try:
+            if state.probe:
+                with state.trace.stage("predict"):
+                    response = await self._call_predictor(payload)
+                if not is_miss(response):
+                    response.lookalike_state, response.lookalike_request = state, payload
+                    return response
+                self.recent.forget(state.keys)  # evicted there, or another predictor: send the pixels
+                forwarded = {k: v for k, v in (payload.parameters or {}).items()}
+                payload = await self._pixel_request(str(payload.id), state, forwarded)
+                payload.lookalike_state = state
             for attempt in range(2):  # a second try only after following the predictor to a new model
                 try:
                     with state.trace.stage("predict"):
@@ -298,7 +352,7 @@ class LookalikeTransformer(kserve.Model):
                     await self._follow(moved.model_version, state, payload)
                     continue
                 served = str(to_plain(response.parameters).get("model_version") or response.model_version or "")
-                if served and state.spec is not None and served != state.spec.model_version:
+                if served and state.spec is not None and served != state.spec.model_version and state.images:
                     if await self._follow(served, state, payload) and attempt == 0:
                         continue  # answered on input preprocessed for the old model: redo it
                 break
@@ -306,6 +360,8 @@ class LookalikeTransformer(kserve.Model):
             error = _as_v2_error(exc, state.trace.request_id)
             state.trace.finish(error)
             raise error from exc
+        if state.keys:
+            self.recent.add(state.keys)  # the predictor holds their embeddings and answers now
         response.lookalike_state = state
         response.lookalike_request = payload
         return response
@@ -344,7 +400,9 @@ class LookalikeTransformer(kserve.Model):
         state.trace.fields.update(model_version=params.get("model_version"), index_version=params.get("index_version"),
                                   predictor_embed_ms=params.get("embed_us", 0) / 1000,
                                   predictor_search_ms=params.get("search_us", 0) / 1000)
-        state.trace.finish(images=len(state.images))
+        cached = state.probe and not state.images
+        state.trace.fields["query"] = "listing" if state.by_listing else "cached photo" if cached else "photo"
+        state.trace.finish(images=0 if state.by_listing else state.count)
         set_serving_versions("transformer", str(params.get("model_version")), str(params.get("index_version")))
         return response
 
@@ -356,7 +414,7 @@ class LookalikeTransformer(kserve.Model):
             await asyncio.get_running_loop().run_in_executor(None, self._load_catalogs_of, model_version, index_version)
         ids = outputs["listing_ids"].as_numpy()
         scores = outputs["scores"].as_numpy().astype(np.float32)
-        n, k = scores.shape if scores.ndim == 2 else (len(state.images), 0)
+        n, k = scores.shape if scores.ndim == 2 else (state.count, 0)
         ids = ids.reshape(n, k)
         photo_ids = outputs["photo_ids"].as_numpy().reshape(n, k) if "photo_ids" in outputs else None
         tasks = [name[len("label_"):] for name in outputs if name.startswith("label_")]
@@ -447,6 +505,10 @@ def predictor_tensor(batch: np.ndarray, datatype: str = "FP16") -> InferInput:
     tensor = InferInput(PREDICTOR_INPUT, list(batch.shape), datatype)
     tensor.set_data_from_numpy(batch.astype(WIRE_DTYPES[datatype], copy=False), binary_data=True)
     return tensor
+
+
+def _content_keys(items: list[bytes], box: tuple[float, float, float, float] | None) -> list[str]:
+    return [content_key(item, box) for item in items]
 
 
 def _maybe_base64(value: bytes) -> bytes:
