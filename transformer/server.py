@@ -60,8 +60,8 @@ from lookalike.core.preprocessing import preprocess_batch
 from lookalike.core.budget import transformer_plan
 from lookalike.core.settings import cpu_limit, decode_threads
 from lookalike.serving.limits import AdmissionGate
-from lookalike.serving.errors import (BadInput, ModelMoved, Timeout, TooLarge, Unavailable, V2Error, as_v2_error,
-                                      status_for)
+from lookalike.serving.errors import (BadInput, ModelMoved, NotFound, Timeout, TooLarge, Unavailable, V2Error,
+                                      as_v2_error, status_for)
 from lookalike.serving.protocol import (LISTING_INPUT, MAX_NPROBE, MAX_TOP_K, REQUEST_ID_HEADER, shown, int_parameter,
                                         listing_query, output, parameters_of, request_id, requested, single_input,
                                         tensor_as_numpy, wants_binary)
@@ -321,11 +321,12 @@ class LookalikeTransformer(kserve.Model):
 
     async def _call_predictor(self, request: InferRequest) -> InferResponse:
         timeout = self.settings.predictor_timeout_s
+        by_listing = request.lookalike_state.by_listing if hasattr(request, "lookalike_state") else False
         try:
             reply = await self._predictor_stub().ModelInfer(
                 request.to_grpc(), timeout=timeout, metadata=((REQUEST_ID_HEADER, str(request.id)),))
         except grpc.aio.AioRpcError as exc:
-            raise _predictor_error(exc, self.predictor_host, timeout) from None
+            raise _predictor_error(exc, self.predictor_host, timeout, by_listing) from None
         return InferResponse.from_grpc(reply)
 
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
@@ -529,9 +530,10 @@ def to_plain(params: Any) -> dict[str, Any]:
     return to_http_parameters(params)
 
 
-def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float) -> V2Error:
+def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float, by_listing: bool = False) -> V2Error:
     """What the client is told when the predictor answers with a gRPC error (its status read back through
-    the wire table): the predictor's own client errors as they are, the rest said from our side."""
+    the wire table): the predictor's own client errors as they are (a listing it does not hold: 404), the
+    rest said from our side."""
     status, details = status_for(exc.code()), exc.details() or ""
     if status == 504:
         return Timeout(f"the predictor at {host} did not answer within {timeout:g} s; retry later")
@@ -543,6 +545,8 @@ def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float) -> V2
         return ModelMoved(ModelMoved.version_in(details), details.split(";", 1)[-1].strip())
     if status in (400, 413):
         return V2Error(details, status=status)
+    if status == 404 and by_listing:
+        return NotFound(details)
     if status == 404:
         return Unavailable(f"the predictor at {host} does not serve this model ({details})")
     return V2Error(f"the predictor failed: {details or exc.code().name}")

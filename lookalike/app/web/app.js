@@ -24,6 +24,15 @@
  * Options: topK (1-1000, default 10), filter ("category=footwear", "category=predicted"), nprobe,
  * model (default "lookalike"), baseUrl (default "": this origin), signal (an AbortSignal).
  *
+ * "More like this" for a listing already in the index needs no photo: the same options, and
+ *
+ *     const result = await searchListing("listing-123", { topK: 10 });  // optionally { photoId: "2" }
+ *
+ * sends the listing id instead of a photo (input `listing_id`, BYTES; `photo_id` beside it to search
+ * with that photo of the listing rather than its first): the listing's own stored vector is searched
+ * with, the listing is left out of its results, and `result.labels` are its own catalog labels. An
+ * unknown listing is a 404 whose message names it.
+ *
  * On the wire it is a KServe v2 (Open Inference Protocol) REST request with the binary tensor extension:
  *
  *     POST /v2/models/lookalike/infer
@@ -53,20 +62,35 @@ export class SearchError extends Error {
 
 const utf8 = new TextEncoder();
 
-export async function searchPhoto(file, { topK = 10, filter = null, nprobe = null, model = "lookalike",
-                                          baseUrl = "", signal = undefined } = {}) {
+/* One BYTES element: its length (uint32, little-endian), then its bytes. */
+function bytesElement(bytes) {
+  const element = new Uint8Array(4 + bytes.length);
+  new DataView(element.buffer).setUint32(0, bytes.length, true);
+  element.set(bytes, 4);
+  return element;
+}
+
+export async function searchPhoto(file, options = {}) {
   const photo = new Uint8Array(await file.arrayBuffer());
+  return search_({ image: bytesElement(photo) }, options);
+}
 
-  // One BYTES element: its length (uint32, little-endian), then its bytes.
-  const element = new Uint8Array(4 + photo.length);
-  new DataView(element.buffer).setUint32(0, photo.length, true);
-  element.set(photo, 4);
+export async function searchListing(listingId, { photoId = null, ...options } = {}) {
+  const inputs = { listing_id: bytesElement(utf8.encode(String(listingId))) };
+  if (photoId) inputs.photo_id = bytesElement(utf8.encode(String(photoId)));
+  return search_(inputs, options);
+}
 
+/* One query (a photo, or a listing) as a v2 binary-extension request; its one `matches` document. */
+async function search_(elements, { topK = 10, filter = null, nprobe = null, model = "lookalike",
+                                   baseUrl = "", signal = undefined } = {}) {
   const parameters = { top_k: topK };
   if (filter) parameters.filter = filter;
   if (nprobe) parameters.nprobe = nprobe;
+  const names = Object.keys(elements);
   const header = utf8.encode(JSON.stringify({
-    inputs: [{ name: "image", shape: [1], datatype: "BYTES", parameters: { binary_data_size: element.length } }],
+    inputs: names.map((name) => ({ name, shape: [1], datatype: "BYTES",
+                                   parameters: { binary_data_size: elements[name].length } })),
     parameters,
     outputs: [{ name: "matches", parameters: { binary_data: false } }],
   }));
@@ -80,7 +104,7 @@ export async function searchPhoto(file, { topK = 10, filter = null, nprobe = nul
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": String(header.length), // the JSON part's length in bytes
       },
-      body: new Blob([header, element]),
+      body: new Blob([header, ...names.map((name) => elements[name])]),
       signal,
     });
   } catch (err) {
@@ -94,7 +118,7 @@ export async function searchPhoto(file, { topK = 10, filter = null, nprobe = nul
   const body = JSON.parse(text);
   const out = (body.outputs || []).find((o) => o.name === "matches");
   if (!out || !Array.isArray(out.data) || out.data.length !== 1) {
-    throw new SearchError(response.status, "the answer holds no 'matches' output for the photo");
+    throw new SearchError(response.status, "the answer holds no 'matches' output for the query");
   }
   const doc = JSON.parse(out.data[0]); // BYTES in JSON: a string, here itself a JSON document
   const versions = body.parameters || {};
@@ -144,7 +168,7 @@ const STATUS_TEXT = { 400: "Bad Request", 404: "Not Found", 411: "Length Require
                       500: "Internal Error", 503: "Not Ready", 504: "Timed Out" };
 
 const $ = (id) => document.getElementById(id);
-let current = null;    // the photo being searched with
+let current = null;    // what is searched with: a photo (File), or {listingId, title} for "more like this"
 let inFlight = null;   // the AbortController of the request under way
 let previewUrl = null;
 
@@ -220,6 +244,10 @@ function renderMatch(match, rank) {
   const photos = Array.isArray(match.image_urls) ? match.image_urls.length : 0;
   if (photos > 1) meta.append(element("span", "photos", `${photos} photos · matched ${match.photo_id}`));
   item.append(meta);
+  const more = element("button", "more-like-this", "More like this");
+  more.type = "button";
+  more.addEventListener("click", () => chooseListing(match));
+  item.append(more);
   return item;
 }
 
@@ -245,12 +273,15 @@ async function search() {
   show($("busy"), true);
   document.body.dataset.state = "searching";
   try {
-    const result = await searchPhoto(current, {
+    const options = {
       topK: Number($("top-k").value),
       filter: $("same-category").checked ? "category=predicted" : null,
       model: MODEL,
       signal: controller.signal,
-    });
+    };
+    const result = current.listingId
+      ? await searchListing(current.listingId, options)
+      : await searchPhoto(current, options);
     render(result);
     document.body.dataset.state = "done";
   } catch (err) {
@@ -271,9 +302,29 @@ function sizeText(bytes) {
   return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 }
 
+/* "More like this": search by a listing of the results (no photo is sent: the index has its vectors). */
+function chooseListing(match) {
+  current = { listingId: match.listing_id, title: match.title || match.listing_id };
+  const preview = $("preview");
+  const src = matchPhotoUrl(match);
+  preview.classList.remove("pixelated");
+  preview.onload = () => pixelateWhenEnlarged(preview);
+  preview.onerror = () => { show(preview, false); show($("no-preview"), true); };
+  if (src) preview.src = src;
+  show(preview, Boolean(src));
+  show($("no-preview"), !src);
+  show($("drop-hint"), false);
+  $("photo-name").textContent = `more like ${current.title} · ${current.listingId}`;
+  $("photo-name").dataset.listingId = current.listingId;
+  show($("photo-name"), true);
+  window.scrollTo({ top: 0 });
+  search();
+}
+
 function choose(file) {
   if (!file) return;
   current = file;
+  delete $("photo-name").dataset.listingId;
   if (previewUrl) URL.revokeObjectURL(previewUrl);
   previewUrl = URL.createObjectURL(file);
   const preview = $("preview");
