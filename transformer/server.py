@@ -240,8 +240,9 @@ class LookalikeTransformer(kserve.Model):
         others are decoded and preprocessed and sent as pixels, with their keys."""
         loop = asyncio.get_running_loop()
         if self.settings.recent_keys_bytes > 0:
-            # hashing a few MB releases the GIL: off the event loop, like the pixel work
-            state.keys = await loop.run_in_executor(self._pixels, _content_keys, state.items, state.params.get(BOX))
+            # hashing a few MB releases the GIL: off the event loop, but not queued behind other requests'
+            # decodes in the pixel pool (a repeat must not wait for them)
+            state.keys = await loop.run_in_executor(None, _content_keys, state.items, state.params.get(BOX))
             if self.recent.all_known(state.keys):
                 state.probe = True
                 return probe_request(self.name, rid, state.keys, forwarded)
