@@ -30,6 +30,10 @@ jpeg_served=<ms>` (the HEIC with a covering thumbnail vs the same photo as JPEG)
 
     python benchmarks/serving.py [--catalog-size 1500] [--size 224] [--duration 20] [--clients 8]
 
+Why this file is long: every line it prints is measured in one run against one published pair and one
+served stack (minutes to build and start), so each ratio's baseline is measured beside it; the helpers are
+shared with benchmarks/soak.py and benchmarks/gpu_check.py.
+
 The model is tf_efficientnet_lite0 with its packaged ImageNet weights (untrained heads: speed does not
 depend on what the weights learned). Photos are catalog images upscaled to 320 px and JPEG-encoded, as a
 phone upload would arrive.

@@ -30,8 +30,6 @@ model (kserve), 503 predictor down, 504 predictor too slow; the message says wha
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -45,12 +43,12 @@ import kserve
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from lookalike.core.artifacts import index_repo, model_repo
-from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore, connect
 from lookalike.core.decoding import ImageLimits, decode_images
 from lookalike.transformer.answers import join, text
-from lookalike.transformer.predictor_requests import is_miss, listing_request, probe_request
-from lookalike.serving.photo_cache import KEYS_PARAMETER, RecentKeys, content_key
+from lookalike.transformer.predictor_requests import (content_keys, is_miss, listing_request,
+                                                      predictor_error, predictor_tensor, probe_request, to_plain)
+from lookalike.serving.photo_cache import KEYS_PARAMETER, RecentKeys
 from lookalike.transformer.metadata import ListingMetadata, PhotoUrls
 from lookalike.serving.metrics import RequestTrace, set_serving_versions
 from lookalike.core.index_card import CARD_FILE as INDEX_CARD_FILE
@@ -60,16 +58,14 @@ from lookalike.core.preprocessing import preprocess_batch
 from lookalike.core.budget import transformer_plan
 from lookalike.core.settings import cpu_limit, decode_threads
 from lookalike.serving.limits import AdmissionGate
-from lookalike.serving.errors import (BadInput, ModelMoved, NotFound, Timeout, TooLarge, Unavailable, V2Error,
-                                      as_v2_error, status_for)
-from lookalike.serving.protocol import (LISTING_INPUT, MAX_NPROBE, MAX_TOP_K, REQUEST_ID_HEADER, shown, int_parameter,
-                                        listing_query, output, parameters_of, request_id, requested, single_input,
-                                        tensor_as_numpy, wants_binary)
+from lookalike.serving.errors import (BadInput, ModelMoved, TooLarge, Unavailable, as_v2_error)
+from lookalike.serving.protocol import (LISTING_INPUT, MAX_NPROBE, MAX_TOP_K, REQUEST_ID_HEADER, int_parameter,
+                                        listing_query, maybe_base64, output, parameters_of, request_id, requested,
+                                        shown, single_input, tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
-PREDICTOR_INPUT = "images"
 PREPROCESSED_FOR = "preprocessed_for"  # tells the predictor which model's preprocessing the tensor has
 FORWARDED_PARAMETERS = ("top_k", "nprobe", "filter")
 BOX = "box"  # the part of the photo the shopper cares about: "x0,y0,x1,y1" as fractions of width and height
@@ -242,7 +238,7 @@ class LookalikeTransformer(kserve.Model):
         if self.settings.recent_keys_bytes > 0:
             # hashing a few MB releases the GIL: off the event loop, but not queued behind other requests'
             # decodes in the pixel pool (a repeat must not wait for them)
-            state.keys = await loop.run_in_executor(None, _content_keys, state.items, state.params.get(BOX))
+            state.keys = await loop.run_in_executor(None, content_keys, state.items, state.params.get(BOX))
             if self.recent.all_known(state.keys):
                 state.probe = True
                 return probe_request(self.name, rid, state.keys, forwarded)
@@ -291,7 +287,7 @@ class LookalikeTransformer(kserve.Model):
             value = bytes(value)
             if len(value) > limits.max_bytes * 4 // 3 + 4:
                 raise TooLarge(f"{name} is {len(value):,} bytes; the limit is {limits.max_bytes:,}")
-            items.append(_maybe_base64(value))
+            items.append(maybe_base64(value))
         return items
 
     def _decode_all(self, items: list[bytes], state: _State) -> list:
@@ -327,7 +323,7 @@ class LookalikeTransformer(kserve.Model):
             reply = await self._predictor_stub().ModelInfer(
                 request.to_grpc(), timeout=timeout, metadata=((REQUEST_ID_HEADER, str(request.id)),))
         except grpc.aio.AioRpcError as exc:
-            raise _predictor_error(exc, self.predictor_host, timeout, by_listing) from None
+            raise predictor_error(exc, self.predictor_host, timeout, by_listing) from None
         return InferResponse.from_grpc(reply)
 
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
@@ -489,68 +485,6 @@ def crop_to_box(img, box: tuple[float, float, float, float]):
     w, h = img.size
     left, top = min(w - 1, int(box[0] * w)), min(h - 1, int(box[1] * h))
     return img.crop((left, top, max(left + 1, round(box[2] * w)), max(top + 1, round(box[3] * h))))
-
-
-WIRE_DTYPES = {"FP16": np.float16, "FP32": np.float32}
-
-
-def predictor_tensor(batch: np.ndarray, datatype: str = "FP16") -> InferInput:
-    """The preprocessed batch as the predictor's binary input tensor.
-
-    FP16 halves the bytes between the two servers (602 KB -> 301 KB per 224-px image), which is most of
-    what the hop costs, and loses nothing: the values are 8-bit pixel levels, normalised, and FP16's
-    error (under 2^-11 of the value) stays far below half the distance between two levels, so every
-    value still names its exact pixel level. The predictor widens it back to FP32 before the model.
-    """
-    if datatype not in WIRE_DTYPES:
-        raise InputError(f"predictor datatype must be one of {', '.join(WIRE_DTYPES)}, got {datatype!r}")
-    tensor = InferInput(PREDICTOR_INPUT, list(batch.shape), datatype)
-    tensor.set_data_from_numpy(batch.astype(WIRE_DTYPES[datatype], copy=False), binary_data=True)
-    return tensor
-
-
-def _content_keys(items: list[bytes], box: tuple[float, float, float, float] | None) -> list[str]:
-    return [content_key(item, box) for item in items]
-
-
-def _maybe_base64(value: bytes) -> bytes:
-    """REST JSON carries bytes as base64 text; raw JPEG/PNG/WebP bytes are never valid base64."""
-    if value[:4] in (b"\xff\xd8\xff\xe0", b"\x89PNG", b"RIFF") or value[:3] == b"\xff\xd8\xff":
-        return value
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return value
-
-
-def to_plain(params: Any) -> dict[str, Any]:
-    if not params:
-        return {}
-    from kserve.protocol.infer_type import to_http_parameters
-
-    return to_http_parameters(params)
-
-
-def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float, by_listing: bool = False) -> V2Error:
-    """What the client is told when the predictor answers with a gRPC error (its status read back through
-    the wire table): the predictor's own client errors as they are (a listing it does not hold: 404), the
-    rest said from our side."""
-    status, details = status_for(exc.code()), exc.details() or ""
-    if status == 504:
-        return Timeout(f"the predictor at {host} did not answer within {timeout:g} s; retry later")
-    if status == 503:
-        first_line = details.splitlines()[0] if details else "unavailable"
-        return Unavailable(f"the predictor at {host} is not reachable or not ready ({first_line}); "
-                           f"retry shortly")
-    if status == 409 and ModelMoved.version_in(details):
-        return ModelMoved(ModelMoved.version_in(details), details.split(";", 1)[-1].strip())
-    if status in (400, 413):
-        return V2Error(details, status=status)
-    if status == 404 and by_listing:
-        return NotFound(details)
-    if status == 404:
-        return Unavailable(f"the predictor at {host} does not serve this model ({details})")
-    return V2Error(f"the predictor failed: {details or exc.code().name}")
 
 
 def _as_v2_error(exc: BaseException, rid: str) -> BaseException:

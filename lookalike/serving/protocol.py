@@ -13,6 +13,8 @@ Why this exists (kserve 0.21):
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 import uuid
@@ -207,6 +209,17 @@ def _id_strings(tensor: InferInput, max_items: int, allow_empty: bool) -> list[s
                            f"{shown(value)}")
         out.append(value)
     return out
+
+
+def maybe_base64(value: bytes) -> bytes:
+    """A BYTES element as the bytes it carries: REST JSON sends bytes as base64 text, and raw JPEG, PNG or
+    WebP bytes are never valid base64."""
+    if value[:4] in (b"\xff\xd8\xff\xe0", b"\x89PNG", b"RIFF") or value[:3] == b"\xff\xd8\xff":
+        return value
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return value
 
 
 def tensor_as_numpy(tensor: InferInput) -> np.ndarray:
@@ -423,5 +436,5 @@ def _servers_bound_to(host: str) -> tuple[type, type]:
 
 
 __all__ = ["ModelServer", "BinaryDataPlane", "REQUEST_ID_HEADER", "request_id", "parameters_of", "int_parameter",
-           "single_input", "listing_query", "LISTING_INPUT", "PHOTO_INPUT", "tensor_as_numpy", "wants_binary", "output",
-           "requested"]
+           "single_input", "listing_query", "maybe_base64", "LISTING_INPUT", "PHOTO_INPUT", "tensor_as_numpy",
+           "wants_binary", "output", "requested"]
