@@ -9,14 +9,30 @@ In one run, on one published model and index (built here in a private embedded S
   (e) micro-batching, in process: 8 threads with and without the batcher
   (f) CPU per image: the CPU time of every process involved (this client, the transformer, the
       predictor) per image, one photo at a time and under the 8-client load
-  (g) real phone sizes: 12-MP (4032x3024, ~4 MB) and 1080x1440 JPEGs and a 12-MP HEIC, in process and
-      served (gRPC), one at a time, then the CPU per 12-MP image in process and served under 8 clients
+  (g) real phone sizes: 12-MP (4032x3024, ~4 MB) and 1080x1440 JPEGs and 12-MP HEICs (one embedding a
+      512-px thumbnail, as phones embed one; one whose only thumbnail is 320 px, under the 256 px the
+      model's preprocessing needs, so the whole image is decoded), in process and served (gRPC), one at a
+      time, then the CPU per 12-MP image in process and served under 8 clients
+  (h) repeated photos: 12-MP JPEGs from 8 gRPC clients, every other request a repeat of the client's
+      previous upload (the same bytes), the rest never seen before: p50 of each kind, and the share of the
+      predictor's answer lookups that hit (from its /metrics)
+  (i) search by listing vs search by that listing's photo (its catalog photo as a 320-px JPEG upload, new
+      bytes each time), one at a time over gRPC, interleaved
 
-and prints p50/p99 latency and images/s for each, then the ratios. The last two lines read
+Every upload of (b)-(g) and (i) is new bytes (a unique JPEG comment, or a HEIC `free` box): the servers'
+cache of repeated photos answers none of them, so they measure the whole path; (h) measures the cache.
+
+It prints p50/p99 latency and images/s for each, then the ratios, then `cache: first_p50=<ms>
+repeat_p50=<ms> hit_rate=<r>`, `listing: p50=<ms> photo_p50=<ms>`, `heic: p50_12mp served=<ms>
+jpeg_served=<ms>` (the HEIC with a covering thumbnail vs the same photo as JPEG), and last
 `serving: p50 served=<ms> in_process=<ms> ratio=<r> errors=<n>` (served: the slower of REST and gRPC) and
 `serving: p50_12mp served=<ms> in_process=<ms>; cpu_per_image served=<core-ms> in_process=<core-ms>; errors=<n>`.
 
     python benchmarks/serving.py [--catalog-size 1500] [--size 224] [--duration 20] [--clients 8]
+
+Why this file is long: every line it prints is measured in one run against one published pair and one
+served stack (minutes to build and start), so each ratio's baseline is measured beside it; the helpers are
+shared with benchmarks/soak.py and benchmarks/gpu_check.py.
 
 The model is tf_efficientnet_lite0 with its packaged ImageNet weights (untrained heads: speed does not
 depend on what the weights learned). Photos are catalog images upscaled to 320 px and JPEG-encoded, as a
@@ -66,7 +82,7 @@ def private_store(prefix: str):
     return workdir, s3, ObjectStore(settings)
 
 
-def build_pair(store, catalog_size: int, size: int) -> tuple[str, str, list]:
+def build_pair(store, catalog_size: int, size: int, with_ids: bool = False) -> tuple:
     from lookalike.predictor.embedder import Embedder
     from lookalike.predictor.index import VectorIndex
     from lookalike.core.artifacts import model_repo, new_version
@@ -100,6 +116,8 @@ def build_pair(store, catalog_size: int, size: int) -> tuple[str, str, list]:
                               model_version=model_version)
     index_version = index.publish(store)
     print(f"published model {model_version} ({size} px) and index {index_version} ({index!r})", flush=True)
+    if with_ids:  # the listing of each photo, for searches by listing
+        return model_version, index_version, photos, [r.listing_id for r in rows]
     return model_version, index_version, photos
 
 
@@ -135,17 +153,22 @@ def phone_photos(catalog_photos: list[bytes], n: int = 16) -> list[bytes]:
     return out
 
 
+HEIC_THUMBNAIL = "12-MP HEIC, 512-px thumbnail"
+HEIC_SMALL_THUMBNAIL = "12-MP HEIC, 320-px thumbnail"
+
+
 def real_phone_photos() -> dict[str, list[bytes]]:
     """Phone-sized uploads made from real photographs (scikit-image's samples): 12-MP JPEGs at quality 90
     with sensor-like noise (so they weigh what a phone's do, ~3-4 MB), some with an EXIF rotation, portrait
-    1080x1440 JPEGs, and 12-MP HEICs."""
+    1080x1440 JPEGs, and 12-MP HEICs with an embedded thumbnail (512 px on the long side: the decoder uses
+    it; 320 px: too small for the model's 256, so the whole image is decoded)."""
     import pillow_heif
     from PIL import Image
     from skimage import data as skdata
 
     rng = np.random.default_rng(0)
     sources = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
-    out: dict[str, list[bytes]] = {"12-MP JPEG": [], "1080x1440 JPEG": [], "12-MP HEIC": []}
+    out: dict[str, list[bytes]] = {"12-MP JPEG": [], "1080x1440 JPEG": [], HEIC_THUMBNAIL: [], HEIC_SMALL_THUMBNAIL: []}
     for i, arr in enumerate(sources):
         big = np.asarray(Image.fromarray(arr).resize((4032, 3024), Image.Resampling.BICUBIC), np.int16)
         big = np.clip(big + rng.normal(0, 4, big.shape), 0, 255).astype(np.uint8)
@@ -156,11 +179,25 @@ def real_phone_photos() -> dict[str, list[bytes]]:
             buf = io.BytesIO()
             photo.save(buf, format=fmt, quality=90, exif=exif)
             out[name].append(buf.getvalue())
-        heif = pillow_heif.from_pillow(img)
-        buf = io.BytesIO()
-        heif.save(buf, quality=80)
-        out["12-MP HEIC"].append(buf.getvalue())
+        for name, thumbnail in ((HEIC_THUMBNAIL, 512), (HEIC_SMALL_THUMBNAIL, 320)):
+            buf = io.BytesIO()
+            pillow_heif.from_pillow(img).save(buf, quality=80, thumbnails=[thumbnail])
+            out[name].append(buf.getvalue())
     return out
+
+
+_nonce = iter(range(1 << 62))
+
+
+def unique(photo: bytes) -> bytes:
+    """The same photo as bytes never sent before: a JPEG with a comment segment after its start marker, a
+    HEIC with a `free` box at its end (both ignored by decoders), so no cache can answer it."""
+    tag = f"{os.getpid()}-{next(_nonce)}".encode()
+    if photo[:2] == b"\xff\xd8":
+        return photo[:2] + b"\xff\xfe" + (len(tag) + 2).to_bytes(2, "big") + tag + photo[2:]
+    if photo[4:8] == b"ftyp":
+        return photo + (len(tag) + 8).to_bytes(4, "big") + b"free" + tag
+    raise ValueError("unique() makes new JPEG or HEIC bytes only")
 
 
 def in_process(store, photos: list[bytes], n: int, batching: bool = False):
@@ -226,30 +263,96 @@ def concurrent(make_call, photos: list[bytes], clients: int, duration_s: float) 
     return samples, wall, len(samples), errors[0]
 
 
-def rest_call(url: str):
+def rest_call(url: str, fresh: bool = True):
+    """A one-photo REST client; `fresh`: every upload as new bytes (`unique`), so the cache never answers."""
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(url.removeprefix("http://"), connection_timeout=30, network_timeout=30)
 
     def call(photo: bytes):
         tensor = httpclient.InferInput("image", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([photo], dtype=object), binary_data=True)
+        tensor.set_data_from_numpy(np.array([unique(photo) if fresh else photo], dtype=object), binary_data=True)
         return client.infer(MODEL, [tensor], parameters={"top_k": 10})
 
     return call
 
 
-def grpc_call(url: str):
+def grpc_call(url: str, fresh: bool = True):
+    """A one-photo gRPC client; `fresh`: every upload as new bytes (`unique`), so the cache never answers."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
 
     def call(photo: bytes):
         tensor = grpcclient.InferInput("image", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([photo], dtype=object))
+        tensor.set_data_from_numpy(np.array([unique(photo) if fresh else photo], dtype=object))
         return client.infer(MODEL, [tensor], parameters={"top_k": 10}, client_timeout=30)
 
     return call
+
+
+def grpc_listing_call(url: str):
+    """A search-by-listing gRPC client: call(listing_id)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+
+    def call(listing_id: str):
+        tensor = grpcclient.InferInput("listing_id", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([listing_id.encode()], dtype=object))
+        return client.infer(MODEL, [tensor], parameters={"top_k": 10}, client_timeout=30)
+
+    return call
+
+
+def cache_hits(predictor_rest: str) -> tuple[float, float]:
+    """The predictor's answer-cache hits and misses so far, from its /metrics."""
+    import httpx
+
+    counts = {"hit": 0.0, "miss": 0.0}
+    for line in httpx.get(f"{predictor_rest}/metrics", timeout=10).text.splitlines():
+        if line.startswith("lookalike_cache_lookups_total{") and 'cache="answer"' in line:
+            for result in counts:
+                if f'result="{result}"' in line:
+                    counts[result] += float(line.rsplit(" ", 1)[1])
+    return counts["hit"], counts["miss"]
+
+
+def repeats(url: str, photos: list[bytes], clients: int, duration_s: float) -> tuple[list[float], list[float], int]:
+    """`clients` gRPC clients, each alternating a never-seen upload and a repeat of it (the same bytes):
+    (first-time latencies, repeat latencies, errors)."""
+    first: list[float] = []
+    again: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(k: int) -> None:
+        call = grpc_call(url, fresh=False)
+        i, previous, mine = k, None, ([], [])
+        while not stop.is_set():
+            photo = unique(photos[i % len(photos)]) if previous is None else previous
+            t = time.perf_counter()
+            try:
+                call(photo)
+                mine[previous is not None].append(time.perf_counter() - t)
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                with lock:
+                    errors[0] += 1
+            previous = photo if previous is None else None
+            i += clients
+        with lock:
+            first.extend(mine[0])
+            again.extend(mine[1])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(duration_s)
+    stop.set()
+    for t in threads:
+        t.join()
+    return first, again, errors[0]
 
 
 def main() -> int:
@@ -270,7 +373,7 @@ def main() -> int:
     try:
         print(f"building a pair: {args.catalog_size} Fashion-MNIST listings, tf_efficientnet_lite0 at {args.size} px",
               flush=True)
-        _, _, catalog_photos = build_pair(store, args.catalog_size, args.size)
+        _, _, catalog_photos, listing_ids = build_pair(store, args.catalog_size, args.size, with_ids=True)
         photos = phone_photos(catalog_photos)
 
         _, _, one = in_process(store, photos, args.requests)
@@ -331,7 +434,7 @@ def main() -> int:
         p50s: dict[str, dict[str, float]] = {}
         for name, uploads in phone.items():
             mb = np.mean([len(u) for u in uploads]) / 1e6
-            n = 12 if "HEIC" in name else 40
+            n = 6 if name == HEIC_SMALL_THUMBNAIL else 40
             samples, walls = interleaved({"in process": one, "served": grpc_one}, uploads, n, warmup=4)
             p50s[name] = {mode: report(f"{name} ({mb:.1f} MB) {mode}", samples[mode], walls[mode], n)["p50"]
                           for mode in samples}
@@ -352,6 +455,30 @@ def main() -> int:
         print(f"{'12-MP JPEG served, ' + str(args.clients) + ' clients':<34} {cpu_served:6.1f} core-ms/image   "
               f"{busy:4.2f} cores busy")
 
+        print(f"\n(h) repeated photos: 12-MP JPEGs, {args.clients} gRPC clients, every other request a repeat")
+        hits0, misses0 = cache_hits(stack.endpoints["predictor_rest"])
+        first, again, errors_h = repeats(url, twelve, args.clients, args.duration / 2)
+        hits1, misses1 = cache_hits(stack.endpoints["predictor_rest"])
+        hit_rate = (hits1 - hits0) / max(1.0, hits1 - hits0 + misses1 - misses0)
+        cache_first = report("12-MP JPEG, first time", first, args.duration / 2, len(first))["p50"]
+        cache_repeat = report("12-MP JPEG, repeated", again, args.duration / 2, len(again))["p50"]
+        print(f"{'':<34} answer cache hit rate {hit_rate:.2f}; errors: {errors_h}")
+
+        print("\n(i) search by listing vs by that listing's photo (gRPC, one at a time, interleaved)")
+        by_listing, by_photo = grpc_listing_call(url), grpc_call(url)
+        n_listing = min(len(photos), len(listing_ids))
+        calls_i = {"by listing": lambda i: by_listing(listing_ids[i % n_listing]),
+                   "by its photo (320-px JPEG)": lambda i: by_photo(photos[i % n_listing])}
+        samples_i = {name: [] for name in calls_i}
+        for i in range(args.requests // 2 + 10):
+            for name, call in calls_i.items():
+                t = time.perf_counter()
+                call(i)
+                if i >= 10:  # the first rounds warm both paths
+                    samples_i[name].append(time.perf_counter() - t)
+        listing_p50, photo_p50 = (report(name, samples_i[name], sum(samples_i[name]), len(samples_i[name]))["p50"]
+                                  for name in calls_i)
+
         print("\nratios")
         print(f"  REST p50 / in-process p50 = {rest['p50'] / base['p50']:.2f}")
         print(f"  gRPC p50 / in-process p50 = {grpc_r['p50'] / base['p50']:.2f}   (target <= 1.3)")
@@ -363,10 +490,18 @@ def main() -> int:
         print(f"  12-MP JPEG served p50 / in-process p50 = {p12['served'] / p12['in process']:.2f}   "
               f"(target: served <= 60 ms)")
         print(f"  12-MP CPU per image served under load / in process = {cpu_served / cpu_in:.2f}   (target <= 1.25)")
+        heic_served, jpeg_served = p50s[HEIC_THUMBNAIL]["served"], p12["served"]
+        print(f"  repeated 12-MP p50 / first-time p50 = {cache_repeat / cache_first:.2f}   (target <= 0.2)")
+        print(f"  search by listing p50 / by its photo p50 = {listing_p50 / photo_p50:.2f}   (target <= 0.2)")
+        print(f"  12-MP HEIC (thumbnail) served p50 / 12-MP JPEG served p50 = {heic_served / jpeg_served:.2f}   "
+              f"(target <= 2); without a covering thumbnail {p50s[HEIC_SMALL_THUMBNAIL]['served'] / jpeg_served:.1f}")
+        print(f"cache: first_p50={cache_first:.1f} repeat_p50={cache_repeat:.1f} hit_rate={hit_rate:.2f}")
+        print(f"listing: p50={listing_p50:.2f} photo_p50={photo_p50:.2f}")
+        print(f"heic: p50_12mp served={heic_served:.1f} jpeg_served={jpeg_served:.1f}")
         print(f"serving: p50 served={served:.2f} in_process={base['p50']:.2f} "
               f"ratio={served / base['p50']:.2f} errors={errors}")
         print(f"serving: p50_12mp served={p12['served']:.1f} in_process={p12['in process']:.1f}; cpu_per_image "
-              f"served={cpu_served:.1f} in_process={cpu_in:.1f}; errors={errors + errors12}")
+              f"served={cpu_served:.1f} in_process={cpu_in:.1f}; errors={errors + errors12 + errors_h}")
     finally:
         if stack is not None:
             stack.stop()

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refresh_seconds", type=float, default=float(env("LOOKALIKE_REFRESH_SECONDS", "0")),
                         help="poll the model/index aliases this often and swap when they move (0: only on "
                              "POST /v2/repository/models/NAME/load)")
+    parser.add_argument("--cache_mb", type=float, default=float(env("LOOKALIKE_CACHE_MB", "64")),
+                        help="memory for the embeddings and answers of repeated photos, in MiB (0: no cache) "
+                             "[env LOOKALIKE_CACHE_MB]")
     return parser
 
 
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = PredictorSettings(model_ref=args.model_version, index_ref=args.index_version, model_dir=args.model_dir,
                                  backend=args.backend, max_batch=args.max_batch, batching=args.batching,
                                  max_images=args.max_images, refresh_seconds=args.refresh_seconds,
-                                 mmap_index=args.mmap_index)
+                                 mmap_index=args.mmap_index, cache_bytes=int(args.cache_mb * 1024 * 1024))
     model = LookalikePredictor(args.model_name, settings)
     try:
         model.load()

@@ -39,8 +39,10 @@ import numpy as np
 import kserve
 from kserve.model_repository import ModelRepository
 from kserve.protocol.infer_type import InferRequest, InferResponse
+from lookalike.predictor.by_listing import search_by_listing
+from lookalike.predictor.cache import SearchCache, request_key
 from lookalike.predictor.service import (DEFAULT_MODEL_REF, Matches, SearchService, ServingPair, parse_filters,
-                                         resolve_model)
+                                         resolve_model, search_pair)
 from lookalike.core.artifacts import index_repo
 from lookalike.core.boxes import BOXES
 from lookalike.core.s3 import connect
@@ -48,8 +50,9 @@ from lookalike.core.settings import cpu_limit
 from lookalike.serving.limits import AdmissionGate
 from lookalike.serving.metrics import RequestTrace, observe_batch, observe_cancelled, set_serving_versions
 from lookalike.serving.errors import BadInput, ModelMoved, TooLarge, Unavailable, as_v2_error
-from lookalike.serving.protocol import (MAX_NPROBE, MAX_TOP_K, int_parameter, output, parameters_of, request_id,
-                                        requested, single_input, tensor_as_numpy, wants_binary)
+from lookalike.serving.photo_cache import KEYS_INPUT, KEYS_PARAMETER, MISS_PARAMETER
+from lookalike.serving.protocol import (MAX_NPROBE, MAX_TOP_K, int_parameter, listing_query, output, parameters_of,
+                                        request_id, requested, single_input, tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class PredictorSettings:
     max_queue_images: int = 256  # images waiting for the micro-batcher; past it: 503 + Retry-After
     max_in_work: int = 0  # requests worked on at once (0: 4 per CPU of the pod's limit); as many more wait
     refresh_seconds: float = 0.0  # poll the aliases and swap when they move; 0 = only on request
+    cache_bytes: int = 64 * 1024 * 1024  # embeddings and answers of repeated photos (predictor/cache.py); 0: off
 
 
 class LookalikePredictor(kserve.Model):
@@ -83,6 +87,7 @@ class LookalikePredictor(kserve.Model):
         self._watcher: threading.Thread | None = None
         limit = self.settings.max_in_work or 4 * cpu_limit()
         self.gate = AdmissionGate(limit=limit, queue=limit)
+        self.cache = SearchCache(self.settings.cache_bytes)
 
     async def healthy(self) -> bool:
         """Readiness says what is true: a pair is loaded and requests are being answered (the batcher is
@@ -190,36 +195,93 @@ class LookalikePredictor(kserve.Model):
 
     async def _predict(self, payload: InferRequest, rid: str, trace: RequestTrace) -> tuple[InferResponse, int]:
         """The work of one admitted request: its answer and how many images it held (its failures become
-        v2 errors in `predict`)."""
-        pair = self.service.pair
+        v2 errors in `predict`). The request asks by photo (pixels), by listing, or by a photo's content
+        key alone (the transformer's probe of the caches)."""
+        pair = self.service.pair  # read once: the whole request is answered by this pair
+        params = parameters_of(payload)
+        # A top_k above the catalog's size is answered with every listing, not refused.
+        top_k = min(int_parameter(params, "top_k", 10, 1, MAX_TOP_K), max(1, pair.index.listing_count))
+        nprobe = int_parameter(params, "nprobe", None, 1, MAX_NPROBE)
+        filters = parse_filters(params, pair.heads)
+        loop = asyncio.get_running_loop()
+        query = listing_query(payload, self.settings.max_images)
+        if query is not None:
+            matches = await loop.run_in_executor(None, functools.partial(
+                search_by_listing, pair, *query, top_k=top_k, nprobe=nprobe, filters=filters))
+            return self._timed(trace, rid, payload, matches), 0
+        wanted = request_key(top_k, nprobe, filters)
+        if [i.name for i in payload.inputs] == [KEYS_INPUT]:
+            keys = self._keys(tensor_as_numpy(payload.inputs[0]).reshape(-1).tolist())
+            matches = await self._from_cache(pair, keys, wanted, top_k, nprobe, filters)
+            if matches is None:
+                return self._miss(rid, pair), 0
+            return self._timed(trace, rid, payload, matches), len(keys)
         size = pair.embedder.size
         tensor = single_input(payload, INPUT_NAME, INPUT_DATATYPES, f"preprocessed images [N,3,{size},{size}]")
         images = tensor_as_numpy(tensor)
         if images.ndim != 4 or images.shape[1:] != (3, size, size):
-            wanted = str(parameters_of(payload).get(PREPROCESSED_FOR) or "")
-            if wanted and wanted != pair.model_version:  # a transformer still on the previous model
+            wanted_model = str(params.get(PREPROCESSED_FOR) or "")
+            if wanted_model and wanted_model != pair.model_version:  # a transformer still on the previous model
                 raise ModelMoved(pair.model_version, f"this predictor now serves model {pair.model_version} "
-                                 f"({size} px input); the input was preprocessed for {wanted}")
+                                 f"({size} px input); the input was preprocessed for {wanted_model}")
             raise BadInput(f"input {INPUT_NAME!r} must have shape [N, 3, {size}, {size}] (this model's input "
                            f"size is {size}), got {list(images.shape)}")
         if len(images) == 0:
             raise BadInput(f"input {INPUT_NAME!r} holds no images")
         if len(images) > self.settings.max_images:
             raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
-        params = parameters_of(payload)
-        # A top_k above the catalog's size is answered with every listing, not refused.
-        top_k = min(int_parameter(params, "top_k", 10, 1, MAX_TOP_K), max(1, pair.index.listing_count))
-        nprobe = int_parameter(params, "nprobe", None, 1, MAX_NPROBE)
-        filters = parse_filters(params, pair.heads)
+        # Content keys name the photos only when the pixels were preprocessed for the model served here.
+        keys = None
+        if params.get(KEYS_PARAMETER) and str(params.get(PREPROCESSED_FOR) or "") == pair.model_version:
+            keys = self._keys(str(params[KEYS_PARAMETER]).split(","))
+            if len(keys) != len(images):
+                raise BadInput(f"parameter {KEYS_PARAMETER!r} names {len(keys)} photos for {len(images)} images")
+        if keys and self.cache.enabled:
+            matches = await self._from_cache(pair, keys, wanted, top_k, nprobe, filters)
+            if matches is not None:
+                return self._timed(trace, rid, payload, matches), len(images)
         if self.service.batcher is not None:
             future = self.service.submit(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair)
             matches: Matches = await asyncio.wrap_future(future)
         else:  # concurrent requests run side by side in the executor's threads
-            matches = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            matches = await loop.run_in_executor(None, functools.partial(
                 self.service.search, images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair))
+        if keys:
+            self.cache.keep(pair, keys, wanted, matches, matches.embeddings, matches.head_probs)
+        return self._timed(trace, rid, payload, matches), len(images)
+
+    async def _from_cache(self, pair: ServingPair, keys: list[str], wanted: tuple, top_k: int, nprobe: int | None,
+                          filters: dict[str, str]) -> Matches | None:
+        """The answer of photos seen before: cached whole, or searched with their cached embeddings."""
+        matches = self.cache.answer(pair, keys, wanted)
+        if matches is not None:
+            return matches
+        found = self.cache.embedding(pair, keys)
+        if found is None:
+            return None
+        emb, probs, boxes = found
+        matches = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            search_pair, pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters, timings={}))
+        matches.boxes = boxes  # the locator's boxes, kept with the embeddings
+        self.cache.keep(pair, keys, wanted, matches)
+        return matches
+
+    def _keys(self, values: list) -> list[str]:
+        keys = [v.decode() if isinstance(v, (bytes, bytearray)) else str(v) for v in values]
+        if not keys or len(keys) > self.settings.max_images or not all(0 < len(k) <= 64 for k in keys):
+            raise BadInput(f"photo content keys must be 1 to {self.settings.max_images} strings of 1-64 characters")
+        return keys
+
+    def _miss(self, rid: str, pair: ServingPair) -> InferResponse:
+        """The answer to a probe the caches cannot answer: no outputs, and the miss said in a parameter."""
+        return InferResponse(response_id=rid, model_name=self.name, infer_outputs=[], model_version=pair.model_version,
+                             parameters={MISS_PARAMETER: True, "model_version": pair.model_version,
+                                         "index_version": pair.index_version})
+
+    def _timed(self, trace: RequestTrace, rid: str, request: InferRequest, matches: Matches) -> InferResponse:
         for stage, seconds in matches.timings.items():
             trace.add(stage, seconds)
-        return self._response(rid, payload, matches), len(images)
+        return self._response(rid, request, matches)
 
     def _response(self, rid: str, request: InferRequest, m: Matches) -> InferResponse:
         binary = wants_binary(request)

@@ -28,7 +28,7 @@ import numpy as np
 
 from lookalike.predictor.embedder import Embedder
 from lookalike.predictor.index import VectorIndex
-from lookalike.core.boxes import box_from_objectness
+from lookalike.core.boxes import boxes_table
 from lookalike.core.artifacts import ArtifactError, VersionNotFound, model_repo
 from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore
@@ -190,6 +190,9 @@ class Matches:
     # [N, 5] x0, y0, x1, y1, confidence: where the locator sees the product, as fractions of the model's
     # input (NaN where it sees none); None when the model has no locator
     boxes: np.ndarray | None = None
+    # what the answer was searched with, when it came from images: kept by the predictor's cache
+    embeddings: np.ndarray | None = field(default=None, repr=False)
+    head_probs: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def top_k(self) -> int:
@@ -222,19 +225,6 @@ def _predicted(heads: dict[str, list[str]], probs: dict[str, np.ndarray]) -> tup
     return labels, best
 
 
-def located_boxes(objectness: np.ndarray | None) -> np.ndarray | None:
-    """The locator's box per image [N, 5] (fractions of the model's input, then the confidence; NaN where
-    it sees no product), or None without a locator."""
-    if objectness is None:
-        return None
-    out = np.full((len(objectness), 5), np.nan, np.float32)
-    for i, prob in enumerate(objectness):
-        found = box_from_objectness(prob)
-        if found is not None:
-            out[i] = (*found.box, found.confidence)
-    return out
-
-
 def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.ndarray], *, top_k: int,
                 nprobe: int | None, filters: dict[str, str], timings: dict[str, float],
                 objectness: np.ndarray | None = None) -> Matches:
@@ -261,7 +251,7 @@ def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.n
     for i, (row, srow) in enumerate(zip(ids, scores)):
         score_arr[i, :len(row)] = np.asarray(srow, np.float32)[:len(row)]
     return Matches(ids, score_arr, labels, best, pair.model_version, pair.index_version, timings, photos,
-                   located_boxes(objectness))
+                   boxes_table(objectness), embeddings, probs)
 
 
 # ---- micro-batching ------------------------------------------------------------------------------

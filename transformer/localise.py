@@ -18,25 +18,40 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from lookalike.core.boxes import Box, Localisation, crop_to_box, from_input_box
+from lookalike.core.boxes import Box, Localisation, crop_to_box, from_input_box, parse_box
 from lookalike.core.errors import InputError
 from lookalike.core.preprocessing import PreprocessSpec, crop_window
+from lookalike.serving.errors import BadInput
+from lookalike.serving.protocol import shown
 
 CROP = "crop"  # request parameter: "auto" (default) or "off"
 CROP_MODES = ("auto", "off")
 # Photos are decoded a little larger when they may be cropped, so a crop of two thirds of the photo still
 # has the pixels the model's input needs (a 12-MP JPEG still decodes at 1/8 scale in the DCT domain).
 CROP_DECODE_SCALE = 1.4
+WHOLE = (0.0, 0.0, 1.0, 1.0)
+# Content-key suffixes (lookalike.serving.photo_cache): a photo asked with the automatic crop never shares
+# an answer with crop=off, and the answer of its crop is kept under a key of its own.
+AUTO_CROP_KEY = ".auto"
+CROPPED_KEY = ".crop"
 
 
-def parse_crop(value: object) -> str:
-    if value in (None, ""):
-        return "auto"
-    mode = str(value).strip().lower()
+def box_and_crop(params: dict) -> tuple[Box | None, str]:
+    """The request's `box` (fractions of the upright photo; None: not given) and `crop` mode, checked: a
+    400 that says what to send otherwise."""
+    box = params.get("box")
+    if box not in (None, "") and not isinstance(box, str):
+        raise BadInput(f"parameter 'box' must be a string 'x0,y0,x1,y1', got {shown(box)}")
+    try:
+        box = parse_box(box, shown(box))
+    except InputError as exc:
+        raise BadInput(str(exc)) from None
+    mode = params.get(CROP)
+    mode = "auto" if mode in (None, "") else str(mode).strip().lower()
     if mode not in CROP_MODES:
-        raise InputError(f"parameter 'crop' must be 'auto' (search the product the model finds) or 'off' (search "
-                         f"the whole photo), got {str(value)[:40]!r}")
-    return mode
+        raise BadInput(f"parameter 'crop' must be 'auto' (search the product the model finds) or 'off' (search "
+                       f"the whole photo), got {shown(params.get(CROP))}")
+    return box, mode
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,6 @@ def plan_crops(images: list[Image.Image], located: list[Localisation | None]
             searched.append(Searched(loc.box, "crop", loc.confidence, region=crop))
         else:
             photos.append(img)
-            searched.append(Searched((0.0, 0.0, 1.0, 1.0), "whole", None if loc is None else loc.confidence,
+            searched.append(Searched(WHOLE, "whole", None if loc is None else loc.confidence,
                                      found=None if loc is None else loc.box))
     return photos, searched

@@ -3,6 +3,10 @@
 Input (one tensor):  image  BYTES [N] (or [N,1])  encoded JPEG, PNG, WebP, HEIC or AVIF photos; over REST JSON, as
                                                   base64 strings; over gRPC or REST's binary extension,
                                                   raw bytes
+  or, search by listing ("more like this"):
+                     listing_id BYTES [N]         listings already in the index: searched with their own
+                     (photo_id  BYTES [N])        stored vectors (first photo, or the one named), no photo
+                                                  sent, each left out of its own results; unknown: 404
 Parameters:          top_k, nprobe, filter / filter_<task> (passed on to the predictor, see predictor/server.py);
                      box "x0,y0,x1,y1" (fractions of the photo: search only the product inside it);
                      crop "auto" (default: search the product the model's locator finds) or "off"
@@ -15,7 +19,9 @@ Outputs:             listing_ids, photo_ids, scores, label_<task>, prob_<task> (
                      box searched per photo (x0, y0, x1, y1 fractions, the locator's confidence or NaN)
 
 preprocess: check limits (images per request, bytes, pixels), decode with EXIF orientation, apply the
-            model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S]
+            model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S];
+            a photo whose content key this transformer sent before is first asked for by key alone, and
+            decoded only if the predictor's caches miss it (`lookalike.serving.photo_cache`)
 predict:    send the tensor to the predictor over gRPC v2 (binary, no JSON lists) with a deadline, as FP16
             by default: half the bytes of FP32 and still exact to the pixel (see `predictor_tensor`); where
             the model's locator is sure where the product is, search that crop instead (one more call:
@@ -24,12 +30,15 @@ postprocess: join listing metadata from every catalog the served index names, ph
 
 Failures are v2 errors with the status a client can act on: 400 bad input, 413 too large, 404 unknown
 model (kserve), 503 predictor down, 504 predictor too slow; the message says what was wrong.
+
+Why this file is long: KServe's Model contract (preprocess, predict, postprocess) is one class, and a
+request's detours between them (the cache probe that falls back to pixels, following a model swap, the
+automatic crop's second call) share the request's state; their pieces that stand alone live beside it
+(predictor_requests.py, localise.py, answers.py, metadata.py).
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -43,12 +52,15 @@ import kserve
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from lookalike.core.artifacts import index_repo, model_repo
-from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore, connect
 from lookalike.core.decoding import ImageLimits, decode_images
-from lookalike.core.boxes import BOXES, crop_to_box, parse_box as parse_box_fractions
+from lookalike.core.boxes import BOXES, crop_to_box
 from lookalike.transformer.answers import join, text
-from lookalike.transformer.localise import CROP, CROP_DECODE_SCALE, Searched, locate, parse_crop, plan_crops
+from lookalike.transformer.localise import (AUTO_CROP_KEY, CROP, CROP_DECODE_SCALE, CROPPED_KEY, WHOLE, Searched,
+                                            box_and_crop, locate, plan_crops)
+from lookalike.transformer.predictor_requests import (content_keys, is_miss, listing_request,
+                                                      predictor_error, predictor_tensor, probe_request, to_plain)
+from lookalike.serving.photo_cache import KEYS_PARAMETER, RecentKeys
 from lookalike.transformer.metadata import ListingMetadata, PhotoUrls
 from lookalike.serving.metrics import RequestTrace, set_serving_versions
 from lookalike.core.index_card import CARD_FILE as INDEX_CARD_FILE
@@ -58,16 +70,14 @@ from lookalike.core.preprocessing import preprocess_batch
 from lookalike.core.budget import transformer_plan
 from lookalike.core.settings import cpu_limit, decode_threads
 from lookalike.serving.limits import AdmissionGate
-from lookalike.serving.errors import (BadInput, ModelMoved, Timeout, TooLarge, Unavailable, V2Error, as_v2_error,
-                                      status_for)
-from lookalike.serving.protocol import (MAX_NPROBE, MAX_TOP_K, REQUEST_ID_HEADER, shown, int_parameter, output,
-                                        parameters_of, request_id, requested, single_input, tensor_as_numpy,
-                                        wants_binary)
+from lookalike.serving.errors import (BadInput, ModelMoved, TooLarge, Unavailable, as_v2_error)
+from lookalike.serving.protocol import (LISTING_INPUT, MAX_NPROBE, MAX_TOP_K, REQUEST_ID_HEADER, int_parameter,
+                                        listing_query, maybe_base64, output, parameters_of, request_id, requested,
+                                        shown, single_input, tensor_as_numpy, wants_binary)
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
-PREDICTOR_INPUT = "images"
 PREPROCESSED_FOR = "preprocessed_for"  # tells the predictor which model's preprocessing the tensor has
 FORWARDED_PARAMETERS = ("top_k", "nprobe", "filter")
 BOX = "box"  # the part of the photo the shopper cares about: "x0,y0,x1,y1" as fractions of width and height
@@ -86,6 +96,9 @@ class TransformerSettings:
     # worst case the manifest checks hold under the pod's memory limit).
     max_in_work: int = 0
     max_waiting: int = -1
+    # Content keys of photos sent with their pixels, remembered to ask the predictor's caches first
+    # (16 bytes each and ~200 of bookkeeping: 8 MiB remembers ~35,000 photos); 0: never ask.
+    recent_keys_bytes: int = 8 * 1024 * 1024
 
 
 class _State:
@@ -98,6 +111,11 @@ class _State:
         self.spec: ModelCard | None = None
         self.client_request: InferRequest | None = None
         self.searched: list[Searched] | None = None  # the box searched per photo, for the answer
+        self.count = 0  # photos or listings asked about
+        self.items: list[bytes] = []  # the encoded photos, kept while a probe may still need their pixels
+        self.keys: list[str] = []  # their content keys
+        self.probe = False  # asked the predictor by content key alone
+        self.by_listing = False
 
 
 class LookalikeTransformer(kserve.Model):
@@ -115,6 +133,7 @@ class LookalikeTransformer(kserve.Model):
         self.metadata = ListingMetadata(store, ())
         self.photo_urls = PhotoUrls(store)
         self._seen_pairs: set[tuple[str, str]] = set()
+        self.recent = RecentKeys(self.settings.recent_keys_bytes)
         self._channel: grpc.aio.Channel | None = None
         self._stub = None
         # Pixel work (decode, preprocess) is CPU-bound: one thread per core, since more would only
@@ -171,6 +190,7 @@ class LookalikeTransformer(kserve.Model):
 
     # ---- v2 metadata -------------------------------------------------------------------------
     def get_input_types(self) -> list[dict[str, Any]]:
+        # the photos; a search by listing sends `listing_id` instead (v2 metadata cannot say "one of")
         return [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
 
     def get_output_types(self) -> list[dict[str, Any]]:
@@ -202,23 +222,59 @@ class LookalikeTransformer(kserve.Model):
             params = self._parameters(payload)
             state = _State(trace, params)
             state.client_request = payload
-            tensor = single_input(payload, INPUT_NAME, "BYTES",
-                                  "encoded JPEG, PNG, WebP, HEIC or AVIF photos, one per element")
-            items = self._items(tensor)
             state.spec = self.spec
-            # Decoding and preprocessing share one trip to a worker thread (one hop, not two).
-            batch = await asyncio.get_running_loop().run_in_executor(self._pixels, self._decode_and_preprocess, items,
-                                                                     state)
+            forwarded = {k: v for k, v in params.items() if v is not None and k not in (BOX, CROP)}
+            query = listing_query(payload, self.settings.limits.max_images)
+            if query is not None:
+                if params.get(BOX) is not None:
+                    raise BadInput("parameter 'box' cuts a photo; a search by listing has none")
+                state.by_listing, state.count = True, len(query[0])
+                request = listing_request(self.name, rid, *query, forwarded)
+            else:
+                tensor = single_input(payload, INPUT_NAME, "BYTES",
+                                      "encoded JPEG, PNG, WebP, HEIC or AVIF photos, one per element; or "
+                                      f"{LISTING_INPUT!r} to search by listing")
+                state.items = self._items(tensor)
+                state.count = len(state.items)
+                request = await self._photo_request(rid, state, forwarded)
         except Exception as exc:
             error = _as_v2_error(exc, rid)
             trace.finish(error)
             raise error from exc
-        tensor_out = predictor_tensor(batch, self.settings.predictor_datatype)
-        forwarded = {k: v for k, v in params.items() if v is not None and k not in (BOX, CROP)}
-        forwarded[PREPROCESSED_FOR] = state.spec.model_version
-        request = InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid, parameters=forwarded)
         request.lookalike_state = state  # carried to predict/postprocess with the request itself
         return request
+
+    async def _photo_request(self, rid: str, state: _State, forwarded: dict[str, Any]) -> InferRequest:
+        """Photos seen before are asked for by content key alone (decoded only if that misses); the
+        others are decoded and preprocessed and sent as pixels, with their keys."""
+        loop = asyncio.get_running_loop()
+        if self.settings.recent_keys_bytes > 0:
+            # hashing a few MB releases the GIL: off the event loop, but not queued behind other requests'
+            # decodes in the pixel pool (a repeat must not wait for them)
+            state.keys = await loop.run_in_executor(None, content_keys, state.items, state.params.get(BOX))
+            if self._may_crop(state):  # the answer depends on the crop: never shares a key with crop=off
+                state.keys = [key + AUTO_CROP_KEY for key in state.keys]
+            if self.recent.all_known(state.keys):
+                # What each photo searched last time (the automatic crop's box, or None); a photo that was
+                # cropped is asked for by its crop's key, whose answer the predictor keeps.
+                remembered = [self.recent.get(key) for key in state.keys]
+                state.probe = True
+                if self._may_crop(state):
+                    state.searched = [r if isinstance(r, Searched) else Searched(WHOLE, "whole") for r in remembered]
+                probe_keys = [key + CROPPED_KEY if isinstance(r, Searched) and r.source == "crop" else key
+                              for key, r in zip(state.keys, remembered)]
+                return probe_request(self.name, rid, probe_keys, forwarded)
+        return await self._pixel_request(rid, state, forwarded)
+
+    async def _pixel_request(self, rid: str, state: _State, forwarded: dict[str, Any]) -> InferRequest:
+        # Decoding and preprocessing share one trip to a worker thread (one hop, not two).
+        batch = await asyncio.get_running_loop().run_in_executor(self._pixels, self._decode_and_preprocess,
+                                                                 state.items, state)
+        parameters = {**forwarded, PREPROCESSED_FOR: state.spec.model_version}
+        if state.keys:
+            parameters[KEYS_PARAMETER] = ",".join(state.keys)
+        tensor_out = predictor_tensor(batch, self.settings.predictor_datatype)
+        return InferRequest(model_name=self.name, infer_inputs=[tensor_out], request_id=rid, parameters=parameters)
 
     def _parameters(self, payload: InferRequest) -> dict[str, Any]:
         params = parameters_of(payload)
@@ -229,11 +285,7 @@ class LookalikeTransformer(kserve.Model):
                 if not isinstance(value, str):
                     raise BadInput(f"parameter {shown(key)} must be a string, got {shown(value)}")
                 out[key] = value
-        out[BOX] = parse_box(params.get(BOX))
-        try:
-            out[CROP] = parse_crop(params.get(CROP))
-        except InputError as exc:
-            raise BadInput(str(exc)) from None
+        out[BOX], out[CROP] = box_and_crop(params)
         return out
 
     def _items(self, tensor: InferInput) -> list[bytes]:
@@ -257,7 +309,7 @@ class LookalikeTransformer(kserve.Model):
             value = bytes(value)
             if len(value) > limits.max_bytes * 4 // 3 + 4:
                 raise TooLarge(f"{name} is {len(value):,} bytes; the limit is {limits.max_bytes:,}")
-            items.append(_maybe_base64(value))
+            items.append(maybe_base64(value))
         return items
 
     def _decode_all(self, items: list[bytes], state: _State) -> list:
@@ -290,17 +342,28 @@ class LookalikeTransformer(kserve.Model):
 
     async def _call_predictor(self, request: InferRequest) -> InferResponse:
         timeout = self.settings.predictor_timeout_s
+        by_listing = request.lookalike_state.by_listing if hasattr(request, "lookalike_state") else False
         try:
             reply = await self._predictor_stub().ModelInfer(
                 request.to_grpc(), timeout=timeout, metadata=((REQUEST_ID_HEADER, str(request.id)),))
         except grpc.aio.AioRpcError as exc:
-            raise _predictor_error(exc, self.predictor_host, timeout) from None
+            raise predictor_error(exc, self.predictor_host, timeout, by_listing) from None
         return InferResponse.from_grpc(reply)
 
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         state: _State = payload.lookalike_state
         try:
+            if state.probe:
+                with state.trace.stage("predict"):
+                    response = await self._call_predictor(payload)
+                if not is_miss(response):
+                    response.lookalike_state, response.lookalike_request = state, payload
+                    return response
+                self.recent.forget(state.keys)  # evicted there, or another predictor: send the pixels
+                forwarded = {k: v for k, v in (payload.parameters or {}).items()}
+                payload = await self._pixel_request(str(payload.id), state, forwarded)
+                payload.lookalike_state = state
             for attempt in range(2):  # a second try only after following the predictor to a new model
                 try:
                     with state.trace.stage("predict"):
@@ -311,7 +374,7 @@ class LookalikeTransformer(kserve.Model):
                     await self._follow(moved.model_version, state, payload)
                     continue
                 served = str(to_plain(response.parameters).get("model_version") or response.model_version or "")
-                if served and state.spec is not None and served != state.spec.model_version:
+                if served and state.spec is not None and served != state.spec.model_version and state.images:
                     if await self._follow(served, state, payload) and attempt == 0:
                         continue  # answered on input preprocessed for the old model: redo it
                 break
@@ -320,6 +383,10 @@ class LookalikeTransformer(kserve.Model):
             error = _as_v2_error(exc, state.trace.request_id)
             state.trace.finish(error)
             raise error from exc
+        if state.keys and not state.probe:
+            # The predictor holds their embeddings and answers now (the crops' under their own keys); what
+            # each photo searched is remembered beside its key for the answer to a repeat.
+            self.recent.add(state.keys, state.searched)
         response.lookalike_state = state
         response.lookalike_request = payload
         return response
@@ -333,7 +400,7 @@ class LookalikeTransformer(kserve.Model):
         call for the whole batch); record which box each photo searched."""
         app_box = state.params.get(BOX)
         if app_box is not None:
-            state.searched = [Searched(app_box, "app") for _ in state.images]
+            state.searched = [Searched(app_box, "app") for _ in range(state.count)]
             return response
         found = next((o for o in response.outputs if o.name == BOXES), None)
         if found is None or state.params.get(CROP) != "auto":
@@ -346,6 +413,9 @@ class LookalikeTransformer(kserve.Model):
                 return response
             batch = await loop.run_in_executor(self._pixels, preprocess_batch, photos, state.spec.preprocessing)
         request.inputs[0] = predictor_tensor(batch, self.settings.predictor_datatype)
+        if state.keys:  # the crops' answers are kept under their own keys (the whole photos' stay)
+            request.parameters = {**(request.parameters or {}),
+                                  KEYS_PARAMETER: ",".join(key + CROPPED_KEY for key in state.keys)}
         with state.trace.stage("predict"):
             return await self._call_predictor(request)
 
@@ -383,7 +453,9 @@ class LookalikeTransformer(kserve.Model):
         state.trace.fields.update(model_version=params.get("model_version"), index_version=params.get("index_version"),
                                   predictor_embed_ms=params.get("embed_us", 0) / 1000,
                                   predictor_search_ms=params.get("search_us", 0) / 1000)
-        state.trace.finish(images=len(state.images))
+        cached = state.probe and not state.images
+        state.trace.fields["query"] = "listing" if state.by_listing else "cached photo" if cached else "photo"
+        state.trace.finish(images=0 if state.by_listing else state.count)
         set_serving_versions("transformer", str(params.get("model_version")), str(params.get("index_version")))
         return response
 
@@ -395,7 +467,7 @@ class LookalikeTransformer(kserve.Model):
             await asyncio.get_running_loop().run_in_executor(None, self._load_catalogs_of, model_version, index_version)
         ids = outputs["listing_ids"].as_numpy()
         scores = outputs["scores"].as_numpy().astype(np.float32)
-        n, k = scores.shape if scores.ndim == 2 else (len(state.images), 0)
+        n, k = scores.shape if scores.ndim == 2 else (state.count, 0)
         ids = ids.reshape(n, k)
         photo_ids = outputs["photo_ids"].as_numpy().reshape(n, k) if "photo_ids" in outputs else None
         tasks = [name[len("label_"):] for name in outputs if name.startswith("label_")]
@@ -442,71 +514,6 @@ class LookalikeTransformer(kserve.Model):
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-def parse_box(value: Any) -> tuple[float, float, float, float] | None:
-    """The `box` parameter as (x0, y0, x1, y1) fractions of the upright photo (`lookalike.core.boxes`)."""
-    if value not in (None, "") and not isinstance(value, str):
-        raise BadInput(f"parameter 'box' must be a string 'x0,y0,x1,y1', got {shown(value)}")
-    try:
-        return parse_box_fractions(value, shown(value))
-    except InputError as exc:
-        raise BadInput(str(exc)) from None
-
-
-WIRE_DTYPES = {"FP16": np.float16, "FP32": np.float32}
-
-
-def predictor_tensor(batch: np.ndarray, datatype: str = "FP16") -> InferInput:
-    """The preprocessed batch as the predictor's binary input tensor.
-
-    FP16 halves the bytes between the two servers (602 KB -> 301 KB per 224-px image), which is most of
-    what the hop costs, and loses nothing: the values are 8-bit pixel levels, normalised, and FP16's
-    error (under 2^-11 of the value) stays far below half the distance between two levels, so every
-    value still names its exact pixel level. The predictor widens it back to FP32 before the model.
-    """
-    if datatype not in WIRE_DTYPES:
-        raise InputError(f"predictor datatype must be one of {', '.join(WIRE_DTYPES)}, got {datatype!r}")
-    tensor = InferInput(PREDICTOR_INPUT, list(batch.shape), datatype)
-    tensor.set_data_from_numpy(batch.astype(WIRE_DTYPES[datatype], copy=False), binary_data=True)
-    return tensor
-
-
-def _maybe_base64(value: bytes) -> bytes:
-    """REST JSON carries bytes as base64 text; raw JPEG/PNG/WebP bytes are never valid base64."""
-    if value[:4] in (b"\xff\xd8\xff\xe0", b"\x89PNG", b"RIFF") or value[:3] == b"\xff\xd8\xff":
-        return value
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return value
-
-
-def to_plain(params: Any) -> dict[str, Any]:
-    if not params:
-        return {}
-    from kserve.protocol.infer_type import to_http_parameters
-
-    return to_http_parameters(params)
-
-
-def _predictor_error(exc: grpc.aio.AioRpcError, host: str, timeout: float) -> V2Error:
-    """What the client is told when the predictor answers with a gRPC error (its status read back through
-    the wire table): the predictor's own client errors as they are, the rest said from our side."""
-    status, details = status_for(exc.code()), exc.details() or ""
-    if status == 504:
-        return Timeout(f"the predictor at {host} did not answer within {timeout:g} s; retry later")
-    if status == 503:
-        first_line = details.splitlines()[0] if details else "unavailable"
-        return Unavailable(f"the predictor at {host} is not reachable or not ready ({first_line}); "
-                           f"retry shortly")
-    if status == 409 and ModelMoved.version_in(details):
-        return ModelMoved(ModelMoved.version_in(details), details.split(";", 1)[-1].strip())
-    if status in (400, 413):
-        return V2Error(details, status=status)
-    if status == 404:
-        return Unavailable(f"the predictor at {host} does not serve this model ({details})")
-    return V2Error(f"the predictor failed: {details or exc.code().name}")
-
 
 def _as_v2_error(exc: BaseException, rid: str) -> BaseException:
     if isinstance(exc, ModelMoved):  # still moving after one retry: a swap is under way

@@ -1,5 +1,6 @@
 """A Python client of the public endpoint (KServe v2 REST, binary tensors), and an HTML page of its results:
-what `lookalike query` and `lookalike demo` use to search with photos.
+what `lookalike query` and `lookalike demo` use to search with photos, or by listings already in the index
+("more like this").
 """
 from __future__ import annotations
 
@@ -14,24 +15,43 @@ MODEL_NAME = "lookalike"
 def query_photos(url: str, photos: Sequence[bytes], *, top_k: int = 5, filter: str | None = None,
                  box: str | None = None, crop: str | None = None, timeout_s: float = 30.0) -> list[dict[str, Any]]:
     """POST photos to the transformer (binary BYTES tensor); one {labels, matches, box} document per photo."""
+    params: dict[str, Any] = {"box": box} if box else {}
+    if crop:
+        params["crop"] = crop
+    return _search(url, {"image": list(photos)}, top_k, filter, params, timeout_s)
+
+
+def query_listings(url: str, listing_ids: Sequence[str], photo_ids: Sequence[str | None] | None = None, *,
+                   top_k: int = 5, filter: str | None = None, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """The listings most like each of `listing_ids` (searched with its stored vector: its first photo, or
+    the photo named beside it in `photo_ids`), each listing left out of its own results; one {labels,
+    matches} document per listing (its labels are its own)."""
+    inputs: dict[str, list[bytes]] = {"listing_id": [lid.encode() for lid in listing_ids]}
+    if photo_ids is not None and any(photo_ids):
+        inputs["photo_id"] = [(p or "").encode() for p in photo_ids]
+    return _search(url, inputs, top_k, filter, {}, timeout_s)
+
+
+def _search(url: str, inputs: dict[str, list[bytes]], top_k: int, filter: str | None, params: dict[str, Any],
+            timeout_s: float) -> list[dict[str, Any]]:
     import asyncio
 
     import numpy as np
     from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
     async def call():
-        tensor = InferInput("image", [len(photos)], "BYTES")
-        tensor.set_data_from_numpy(np.array(list(photos), dtype=object), binary_data=True)
-        params: dict[str, Any] = {"top_k": top_k}
+        tensors = []
+        for name, values in inputs.items():
+            tensor = InferInput(name, [len(values)], "BYTES")
+            tensor.set_data_from_numpy(np.array(values, dtype=object), binary_data=True)
+            tensors.append(tensor)
+        parameters: dict[str, Any] = {"top_k": top_k, **params}
         if filter:
-            params["filter"] = filter
-        if box:
-            params["box"] = box
-        if crop:
-            params["crop"] = crop
+            parameters["filter"] = filter
         client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=timeout_s, retries=0))
         try:
-            return await client.infer(url, InferRequest(MODEL_NAME, [tensor], parameters=params), model_name=MODEL_NAME)
+            return await client.infer(url, InferRequest(MODEL_NAME, tensors, parameters=parameters),
+                                      model_name=MODEL_NAME)
         finally:
             await client.close()
 
@@ -84,7 +104,9 @@ def write_html(out: Path, results: list[tuple[Path, bytes, dict[str, Any]]]) -> 
     for path, data, result in results:
         labels = "<br>".join(f"{escape(t)}: {escape(v['label'])} ({v['probability']:.2f})"
                              for t, v in result["labels"].items())
-        cells = [f'<td class="q"><img src="{_data_uri(data)}"><div>{escape(path.name)}<br>{labels}</div></td>']
+        # a search by listing has no photo of its own: its listing id stands in the first cell
+        query = f'<img src="{_data_uri(data)}">' if data else '<div class="missing">listing</div>'
+        cells = [f'<td class="q">{query}<div>{escape(path.name)}<br>{labels}</div></td>']
         for m in result["matches"]:
             img = _image_bytes(m.get("image_url") or m.get("image", ""), stores)
             tag = f'<img src="{_data_uri(img)}">' if img else '<div class="missing">no image</div>'

@@ -78,6 +78,19 @@ def box_from_objectness(prob: np.ndarray, threshold: float = 0.5) -> Localisatio
     return Localisation(box, confidence)
 
 
+def boxes_table(objectness: np.ndarray | None) -> np.ndarray | None:
+    """The locator's box per image [N, 5] (fractions of the model's input, then the confidence; NaN where
+    it sees no product): the predictor's `boxes` output. None without a locator."""
+    if objectness is None:
+        return None
+    out = np.full((len(objectness), 5), np.nan, np.float32)
+    for i, prob in enumerate(objectness):
+        found = box_from_objectness(prob)
+        if found is not None:
+            out[i] = (*found.box, found.confidence)
+    return out
+
+
 def context_box(box: Box, width: int, height: int, margin: float = MARGIN) -> Box:
     """`box` widened by `margin` of its size on each side, then to a square in pixels, within the photo."""
     x0, y0, x1, y1 = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)

@@ -13,6 +13,8 @@ Why this exists (kserve 0.21):
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 import uuid
@@ -41,6 +43,12 @@ REQUEST_ID_HEADER = "x-request-id"
 # finds almost nothing more (the index's own nprobe is tuned for recall@10 >= 0.95).
 MAX_TOP_K = 100
 MAX_NPROBE = 1024
+# Search by listing ("more like this"): instead of a photo, a request may carry the listing ids (and, beside
+# each, optionally one of its photo ids) as BYTES tensors [N] under these names; both servers read them
+# with `listing_query`.
+LISTING_INPUT = "listing_id"
+PHOTO_INPUT = "photo_id"
+MAX_ID_CHARS = 512
 _UNIT = "server"  # which server this process is, for the metrics of requests refused before the model
 
 
@@ -156,6 +164,62 @@ def single_input(request: InferRequest, name: str, datatype: str | tuple[str, ..
     if tensor.datatype not in accepted:
         raise BadInput(f"input {name!r} must have datatype {expected} ({what}), got {tensor.datatype}")
     return tensor
+
+
+def listing_query(request: InferRequest, max_items: int) -> tuple[list[str], list[str | None]] | None:
+    """The listing ids (and beside each the photo id, or None) a search-by-listing request names; None when
+    the request holds no `listing_id` input (a search by photo). BadInput for any other input beside them,
+    shapes other than [N] or [N, 1], empty or overlong ids, or a photo_id tensor of another length."""
+    names = [i.name for i in request.inputs]
+    if LISTING_INPUT not in names:
+        return None
+    extra = [n for n in names if n not in (LISTING_INPUT, PHOTO_INPUT)]
+    if extra or len(set(names)) != len(names):
+        raise BadInput(f"a search by listing takes the inputs {LISTING_INPUT!r} (BYTES [N]) and optionally "
+                       f"{PHOTO_INPUT!r} (BYTES [N]), each once; got {shown(names[:5], 120)}")
+    tensors = {i.name: i for i in request.inputs}
+    listings = _id_strings(tensors[LISTING_INPUT], max_items, allow_empty=False)
+    photos: list[str | None] = [None] * len(listings)
+    if PHOTO_INPUT in tensors:
+        given = _id_strings(tensors[PHOTO_INPUT], max_items, allow_empty=True)
+        if len(given) != len(listings):
+            raise BadInput(f"input {PHOTO_INPUT!r} holds {len(given)} ids for {len(listings)} listings: name one "
+                           f"photo per listing (an empty string: its first photo)")
+        photos = [p or None for p in given]
+    return listings, photos
+
+
+def _id_strings(tensor: InferInput, max_items: int, allow_empty: bool) -> list[str]:
+    if tensor.datatype != "BYTES":
+        raise BadInput(f"input {tensor.name!r} must have datatype BYTES (ids as strings), got {tensor.datatype}")
+    shape = list(tensor.shape)
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] == 0:
+        raise BadInput(f"input {tensor.name!r} must have shape [N] or [N, 1] with N >= 1, got {shape}")
+    if shape[0] > max_items:
+        raise BadInput(f"{shape[0]} ids in input {tensor.name!r}; at most {max_items} per request")
+    out = []
+    for value in tensor_as_numpy(tensor).reshape(-1):
+        if isinstance(value, (bytes, bytearray, np.bytes_)):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadInput(f"input {tensor.name!r} holds bytes that are not UTF-8 text") from None
+        if not isinstance(value, str) or len(value) > MAX_ID_CHARS or (not value and not allow_empty):
+            raise BadInput(f"input {tensor.name!r} must hold ids of 1 to {MAX_ID_CHARS} characters, got "
+                           f"{shown(value)}")
+        out.append(value)
+    return out
+
+
+def maybe_base64(value: bytes) -> bytes:
+    """A BYTES element as the bytes it carries: REST JSON sends bytes as base64 text, and raw JPEG, PNG or
+    WebP bytes are never valid base64."""
+    if value[:4] in (b"\xff\xd8\xff\xe0", b"\x89PNG", b"RIFF") or value[:3] == b"\xff\xd8\xff":
+        return value
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return value
 
 
 def tensor_as_numpy(tensor: InferInput) -> np.ndarray:
@@ -372,4 +436,5 @@ def _servers_bound_to(host: str) -> tuple[type, type]:
 
 
 __all__ = ["ModelServer", "BinaryDataPlane", "REQUEST_ID_HEADER", "request_id", "parameters_of", "int_parameter",
-           "single_input", "tensor_as_numpy", "wants_binary", "output", "requested"]
+           "single_input", "listing_query", "maybe_base64", "LISTING_INPUT", "PHOTO_INPUT", "tensor_as_numpy",
+           "wants_binary", "output", "requested"]

@@ -51,13 +51,14 @@ from lookalike.predictor.index.gpu import GPU_MAX_K, add_chunks, gpu_count, make
 from lookalike.predictor.index.lock import ReadWriteLock
 from lookalike.predictor.index.listings import SearchResult, oversample, top_listings
 from lookalike.predictor.index.refine import RefineCopy
+from lookalike.predictor.index.stored import StoredVectors, UnknownListing
 from lookalike.predictor.index.keys import check_photo_ids, listing_key, listing_keys, photo_key, photo_keys
 from lookalike.predictor.index.table import ListingTable
 from lookalike.core.index_card import IndexCard
 
 __all__ = ["VectorIndex", "SearchResult", "listing_key", "listing_keys", "photo_key", "photo_keys", "DEFAULT_FACTORY",
            "PQ_FACTORY", "VectorIndexError", "BadIndexInput", "IndexMismatch", "CorruptIndex", "IndexCard", "gpu_count",
-           "check_vectors", "parse_bytes", "flat_bytes_per_vector", "REFINE_K_FACTOR", "recall_at_k"]
+           "check_vectors", "parse_bytes", "flat_bytes_per_vector", "REFINE_K_FACTOR", "recall_at_k", "UnknownListing"]
 
 recall_at_k = tuning.recall_at_k
 
@@ -81,6 +82,7 @@ class VectorIndex:
         self._params: dict[Any, Any] = {}
         self._use_gpu = want_gpu(use_gpu)
         self._gpu = make_replica(index) if self._use_gpu else None
+        self._stored = StoredVectors(index, self._ivf, refine)
 
     # ---- properties -----------------------------------------------------------------------------
     @property
@@ -143,6 +145,13 @@ class VectorIndex:
         with self._lock.read():
             _, rows = self._table.check_known([listing_id])
             return [self._table.photo_ids[int(r)] for r in rows]
+
+    def vector_of(self, listing_id: str, photo_id: str | None = None) -> tuple[np.ndarray, str]:
+        """The vector the index holds for a listing's photo (its first photo by default) and that photo's
+        id: a query for "more like this" without the photo (`lookalike.predictor.index.stored`).
+        UnknownListing (404) when the index has no such listing or photo."""
+        with self._lock.read():
+            return self._stored.of_listing(self._table, listing_id, photo_id)
 
     def labels_of(self, listing_id: str) -> dict[str, str | None]:
         with self._lock.read():

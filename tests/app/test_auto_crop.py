@@ -197,3 +197,22 @@ def test_the_try_page_draws_the_box_found_takes_a_dragged_box_and_puts_results_f
         assert test_try_page._settle(phone) == "done"
         assert phone.locator("#matches").bounding_box()["y"] < phone.locator("#drop").bounding_box()["y"]
         assert phone.locator("#matches .match").first.bounding_box()["y"] < 844  # on the first screen
+
+
+def _answer_hits(served) -> float:
+    text = httpx.get(f"{served['stack'].endpoints['predictor_rest']}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("lookalike_cache_lookups_total{") and 'cache="answer"' in line
+               and 'result="hit"' in line and 'unit="predictor"' in line)
+
+
+def test_a_repeated_photo_is_answered_from_the_cache_with_the_same_crop(served):
+    photo, first = next((photo, doc) for _, photo, _ in _scenes(served)
+                        for doc in [_ask(served, photo)[1]] if doc["box"]["searched"] == "crop")
+    hits = _answer_hits(served)
+    _, again, _ = _ask(served, photo)
+    assert _answer_hits(served) > hits  # the predictor answered from its cache
+    assert again["box"] == first["box"]  # the box searched the first time, remembered with the key
+    assert [m["listing_id"] for m in again["matches"]] == [m["listing_id"] for m in first["matches"]]
+    _, whole, _ = _ask(served, photo, crop="off")  # another question: never the crop's cached answer
+    assert whole["box"]["searched"] == "whole"

@@ -152,6 +152,27 @@ def _rest_infer(url: str, photos: list[bytes], *, parameters=None, model=MODEL, 
     return httpx.post(f"{url}/v2/models/{model}/infer", json=body, timeout=timeout)
 
 
+def _fresh(photo: bytes) -> bytes:
+    """The same pixels as new bytes (a PNG with a unique text chunk): a photo no cache has seen."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("nonce", uuid.uuid4().hex)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    """One sample of a server's /metrics (0 when it has not been counted yet)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    assert wanted  # a series not counted yet reads 0
+    return 0.0
+
+
 def _matches(response: httpx.Response) -> list[dict]:
     assert response.status_code == 200, response.text
     body = response.json()
@@ -288,7 +309,8 @@ def test_tritonclient_http_and_grpc_binary_and_json(stack, pair):
     import tritonclient.http as httpclient
 
     ids = _ids(pair, 2)
-    photos = np.array([pair["photos"][i] for i in ids], dtype=object)
+    # bytes never sent before (same pixels): decoded and embedded, not answered from the cache
+    photos = np.array([_fresh(pair["photos"][i]) for i in ids], dtype=object)
     http = httpclient.InferenceServerClient(stack.endpoints["transformer_rest"].removeprefix("http://"))
     tensor = httpclient.InferInput("image", [2], "BYTES")
     tensor.set_data_from_numpy(photos, binary_data=True)
@@ -558,6 +580,65 @@ def test_predictor_slow_is_504_and_down_is_503(stack, pair, tmp_path):
         lonely.stop()
 
 
+# ---- fast paths: repeated photos, search by listing --------------------------------------------------
+
+@pytest.mark.slow
+def test_a_repeated_photo_is_answered_from_the_predictor_s_cache(stack, pair):
+    url, predictor = stack.endpoints["transformer_rest"], stack.endpoints["predictor_rest"]
+    photo = _fresh(pair["photos"][_ids(pair, 3)[2]])
+    hits = _metric(predictor, "lookalike_cache_lookups_total", unit="predictor", cache="answer", result="hit")
+    first = _matches(_rest_infer(url, [photo], parameters={"top_k": 3}))
+    again = _matches(_rest_infer(url, [photo], parameters={"top_k": 3}))
+    assert again == first
+    assert _metric(predictor, "lookalike_cache_lookups_total", unit="predictor", cache="answer",
+                   result="hit") == hits + 1
+    # another top_k is another answer (from the embedding kept: no decode, no model)
+    five = _matches(_rest_infer(url, [photo], parameters={"top_k": 5}))
+    assert len(five[0]["matches"]) == 5 and five[0]["matches"][:3] == first[0]["matches"]
+    assert _metric(predictor, "lookalike_cache_lookups_total", unit="predictor", cache="embedding", result="hit") >= 1
+    lines = [json.loads(line) for line in (stack.log_dir / "transformer.log").read_text().splitlines()
+             if line.startswith("{") and '"query":"cached photo"' in line]
+    assert lines and set(lines[-1]["stages_ms"]) == {"predict", "postprocess"}  # nothing decoded
+
+
+def _by_listing(url: str, listing_ids: list[str], photo_ids: list[str] | None = None, **parameters):
+    inputs = [{"name": "listing_id", "shape": [len(listing_ids)], "datatype": "BYTES", "data": listing_ids}]
+    if photo_ids is not None:
+        inputs.append({"name": "photo_id", "shape": [len(photo_ids)], "datatype": "BYTES", "data": photo_ids})
+    return httpx.post(f"{url}/v2/models/{MODEL}/infer", json={"inputs": inputs, "parameters": parameters},
+                      timeout=30)
+
+
+@pytest.mark.slow
+def test_search_by_listing_over_rest_and_grpc_leaves_the_listing_out(stack, pair):
+    url = stack.endpoints["transformer_rest"]
+    ids = [r.listing_id for r in pair["catalog"].rows]
+    vectors = pair["vectors"]
+    expected = {}
+    for i in (0, 5):  # the nearest other listings by the stored vectors, exactly
+        order = [j for j in np.argsort(-(vectors @ vectors[i]), kind="stable") if j != i]
+        expected[ids[i]] = [ids[j] for j in order[:4]]
+    docs = _matches(_by_listing(url, [ids[0], ids[5]], top_k=4))
+    assert [[m["listing_id"] for m in d["matches"]] for d in docs] == [expected[ids[0]], expected[ids[5]]]
+    row = pair["catalog"].rows[0]
+    assert docs[0]["labels"]["category"] == {"label": row.labels["category"], "probability": 1.0}
+    # naming the photo ("0": the only one here) answers the same; over gRPC too
+    assert _matches(_by_listing(url, [ids[0]], ["0"], top_k=4))[0]["matches"] == docs[0]["matches"]
+    got = triton_grpc(stack.endpoints["transformer_grpc"], [
+        {"photos": [ids[5].encode()], "name": "listing_id", "parameters": {"top_k": 4}},
+        {"photos": [b"no-such-listing"], "name": "listing_id"}])
+    ok, unknown = got["calls"]
+    assert ok["ok"] and ok["outputs"]["listing_ids"][0] == expected[ids[5]]
+    assert not unknown["ok"] and unknown["status"] == "StatusCode.NOT_FOUND" and "no-such-listing" in unknown["message"]
+    # an unknown listing or photo is a 404 naming it; a box has nothing to cut
+    for response, words in ((_by_listing(url, ["no-such-listing"]), "no-such-listing"),
+                            (_by_listing(url, [ids[0]], ["7"]), "'7'"),
+                            (_by_listing(url, [ids[0]], box="0,0,0.5,0.5"), "box"),
+                            (_by_listing(url, [""]), "listing_id")):
+        assert response.status_code in (400, 404) and words in response.json()["error"], response.text
+    assert _by_listing(url, ["no-such-listing"]).status_code == 404
+
+
 # ---- the in-process service: micro-batching and swapping ------------------------------------------
 
 @pytest.mark.slow
@@ -794,6 +875,14 @@ def test_lookalike_query_prints_matches_and_writes_html(stack, pair, tmp_path):
     assert ids["0,0,0.3,0.3"] != ids[""]
     done = _lookalike("query", str(photo), "--url", url, "--box", "0.5,0.5,0.2,0.9", env=_server_env(pair))
     assert done.returncode == 1 and "answered 400" in done.stderr and "box" in done.stderr
+
+    # --listing: "more like this" for a listing in the index, without a photo
+    done = _lookalike("query", "--listing", lid, "--top-k", "3", "--url", url, "--json", env=_server_env(pair))
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout)[0]
+    assert doc["listing"] == lid and len(doc["matches"]) == 3 and lid not in [m["listing_id"] for m in doc["matches"]]
+    done = _lookalike("query", "--listing", "no-such-listing", "--url", url, env=_server_env(pair))
+    assert done.returncode == 1 and "answered 404" in done.stderr and "no-such-listing" in done.stderr
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

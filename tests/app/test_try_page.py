@@ -1,7 +1,8 @@
 """The try page (`lookalike/app/try_page.py` + `lookalike/app/web/`): its proxy forwards only the inference, metadata
 and ready routes and passes v2 errors through unchanged; /photo serves catalog photos and nothing else; and,
 in a real headless Chromium against a real serving stack, a photo dropped on the page shows its listings,
-the versions that answered, and the server's own message when the photo is not one.
+the versions that answered, "more like this" on a result shows that listing's lookalikes, and the server's
+own message when the photo is not one.
 
 `LOOKALIKE_SCREENSHOT=1` also saves the page with real results to docs/images/try_page.png (the README's).
 """
@@ -216,6 +217,16 @@ def _transformer_error(stack, data: bytes) -> tuple[int, str]:
     return reply.status_code, reply.json()["error"]
 
 
+def _listing_answer(stack, listing_id: str, top_k: int) -> list[str]:
+    """The listings the transformer answers for a search by `listing_id` (REST JSON)."""
+    body = {"inputs": [{"name": "listing_id", "shape": [1], "datatype": "BYTES", "data": [listing_id]}],
+            "parameters": {"top_k": top_k}}
+    r = httpx.post(f"{stack.endpoints['transformer_rest']}/v2/models/{MODEL}/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    ids = next(o for o in r.json()["outputs"] if o["name"] == "listing_ids")["data"]
+    return [i for i in ids if i]
+
+
 def _settle(page) -> str:
     """Wait for the search under way to end; 'done' or 'error'."""
     page.wait_for_function("() => ['done', 'error'].includes(document.body.dataset.state)")  # a function: the
@@ -264,6 +275,16 @@ def test_a_photo_dropped_on_the_page_shows_its_listings_and_versions(browser, tr
         if os.environ.get("LOOKALIKE_SCREENSHOT") == "1":
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        # "more like this" on a result: that listing's lookalikes, without it, as the endpoint answers them
+        liked = ids[1]
+        expected = _listing_answer(stack, liked, 10)
+        page.locator("#matches .match").nth(1).locator("button.more-like-this").click()
+        page.wait_for_function(f"() => document.querySelector('#photo-name').dataset.listingId === '{liked}'")
+        assert _settle(page) == "done", page.inner_text("#error")
+        more = page.locator("#matches .match").evaluate_all("cards => cards.map(c => c.dataset.listingId)")
+        assert more == expected and liked not in more and len(more) == 10
+        assert page.locator("#matches button.more-like-this").count() == 10  # offered on every result
 
         # not a photo: the transformer's own 400 message, in the visible error box, and no stale listings
         notes = tmp_path / "notes.txt"

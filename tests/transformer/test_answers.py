@@ -15,12 +15,12 @@ from lookalike.core.preprocessing import PreprocessSpec, preprocess_batch
 
 
 def test_base64_photos_are_recognised_and_raw_photos_left_alone():
-    from lookalike.transformer.server import _maybe_base64
+    from lookalike.serving.protocol import maybe_base64
 
     png = _png_bytes(Image.new("RGB", (4, 4), "red"))
-    assert _maybe_base64(png) == png
-    assert _maybe_base64(base64.b64encode(png)) == png
-    assert _maybe_base64(b"not base64 at all!") == b"not base64 at all!"
+    assert maybe_base64(png) == png
+    assert maybe_base64(base64.b64encode(png)) == png
+    assert maybe_base64(b"not base64 at all!") == b"not base64 at all!"
 
 
 def test_listing_metadata_reads_catalog_rows_and_skips_bad_ones(tmp_path):

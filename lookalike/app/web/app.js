@@ -29,6 +29,15 @@
  * service finds; "off": the whole photo), model (default "lookalike"), baseUrl (default "": this
  * origin), signal (an AbortSignal).
  *
+ * "More like this" for a listing already in the index needs no photo: the same options, and
+ *
+ *     const result = await searchListing("listing-123", { topK: 10 });  // optionally { photoId: "2" }
+ *
+ * sends the listing id instead of a photo (input `listing_id`, BYTES; `photo_id` beside it to search
+ * with that photo of the listing rather than its first): the listing's own stored vector is searched
+ * with, the listing is left out of its results, and `result.labels` are its own catalog labels. An
+ * unknown listing is a 404 whose message names it.
+ *
  * On the wire it is a KServe v2 (Open Inference Protocol) REST request with the binary tensor extension:
  *
  *     POST /v2/models/lookalike/infer
@@ -58,22 +67,37 @@ export class SearchError extends Error {
 
 const utf8 = new TextEncoder();
 
-export async function searchPhoto(file, { topK = 10, filter = null, nprobe = null, box = null, crop = null,
-                                          model = "lookalike", baseUrl = "", signal = undefined } = {}) {
+/* One BYTES element: its length (uint32, little-endian), then its bytes. */
+function bytesElement(bytes) {
+  const element = new Uint8Array(4 + bytes.length);
+  new DataView(element.buffer).setUint32(0, bytes.length, true);
+  element.set(bytes, 4);
+  return element;
+}
+
+export async function searchPhoto(file, options = {}) {
   const photo = new Uint8Array(await file.arrayBuffer());
+  return search_({ image: bytesElement(photo) }, options);
+}
 
-  // One BYTES element: its length (uint32, little-endian), then its bytes.
-  const element = new Uint8Array(4 + photo.length);
-  new DataView(element.buffer).setUint32(0, photo.length, true);
-  element.set(photo, 4);
+export async function searchListing(listingId, { photoId = null, ...options } = {}) {
+  const inputs = { listing_id: bytesElement(utf8.encode(String(listingId))) };
+  if (photoId) inputs.photo_id = bytesElement(utf8.encode(String(photoId)));
+  return search_(inputs, options);
+}
 
+/* One query (a photo, or a listing) as a v2 binary-extension request; its one `matches` document. */
+async function search_(elements, { topK = 10, filter = null, nprobe = null, box = null, crop = null,
+                                   model = "lookalike", baseUrl = "", signal = undefined } = {}) {
   const parameters = { top_k: topK };
   if (filter) parameters.filter = filter;
   if (nprobe) parameters.nprobe = nprobe;
   if (box) parameters.box = box;
   if (crop) parameters.crop = crop;
+  const names = Object.keys(elements);
   const header = utf8.encode(JSON.stringify({
-    inputs: [{ name: "image", shape: [1], datatype: "BYTES", parameters: { binary_data_size: element.length } }],
+    inputs: names.map((name) => ({ name, shape: [1], datatype: "BYTES",
+                                   parameters: { binary_data_size: elements[name].length } })),
     parameters,
     outputs: [{ name: "matches", parameters: { binary_data: false } }],
   }));
@@ -87,7 +111,7 @@ export async function searchPhoto(file, { topK = 10, filter = null, nprobe = nul
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": String(header.length), // the JSON part's length in bytes
       },
-      body: new Blob([header, element]),
+      body: new Blob([header, ...names.map((name) => elements[name])]),
       signal,
     });
   } catch (err) {
@@ -101,7 +125,7 @@ export async function searchPhoto(file, { topK = 10, filter = null, nprobe = nul
   const body = JSON.parse(text);
   const out = (body.outputs || []).find((o) => o.name === "matches");
   if (!out || !Array.isArray(out.data) || out.data.length !== 1) {
-    throw new SearchError(response.status, "the answer holds no 'matches' output for the photo");
+    throw new SearchError(response.status, "the answer holds no 'matches' output for the query");
   }
   const doc = JSON.parse(out.data[0]); // BYTES in JSON: a string, here itself a JSON document
   const versions = body.parameters || {};
@@ -152,7 +176,7 @@ const STATUS_TEXT = { 400: "Bad Request", 404: "Not Found", 411: "Length Require
                       500: "Internal Error", 503: "Not Ready", 504: "Timed Out" };
 
 const $ = (id) => document.getElementById(id);
-let current = null;    // the photo being searched with
+let current = null;    // what is searched with: a photo (File), or {listingId, title} for "more like this"
 let inFlight = null;   // the AbortController of the request under way
 let previewUrl = null;
 let userBox = null;    // [x0, y0, x1, y1] the shopper drew, sent as `box`; null: the service finds the product
@@ -231,6 +255,10 @@ function renderMatch(match, rank) {
   const photos = Array.isArray(match.image_urls) ? match.image_urls.length : 0;
   if (photos > 1) meta.append(element("span", "photos", `${photos} photos · matched ${match.photo_id}`));
   item.append(meta);
+  const more = element("button", "more-like-this", "More like this");
+  more.type = "button";
+  more.addEventListener("click", () => chooseListing(match));
+  item.append(more);
   return item;
 }
 
@@ -297,14 +325,17 @@ async function search() {
   show($("busy"), true);
   document.body.dataset.state = "searching";
   try {
-    const result = await searchPhoto(current, {
+    const options = {
       topK: Number($("top-k").value),
       filter: $("same-category").checked ? "category=predicted" : null,
-      box: userBox ? userBox.map((v) => v.toFixed(4)).join(",") : null,
-      crop: $("auto-crop").checked ? null : "off",
+      box: userBox && !current.listingId ? userBox.map((v) => v.toFixed(4)).join(",") : null,
+      crop: $("auto-crop").checked || current.listingId ? null : "off",
       model: MODEL,
       signal: controller.signal,
-    });
+    };
+    const result = current.listingId
+      ? await searchListing(current.listingId, options)
+      : await searchPhoto(current, options);
     render(result);
     document.body.dataset.state = "done";
   } catch (err) {
@@ -325,11 +356,33 @@ function sizeText(bytes) {
   return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 }
 
+/* "More like this": search by a listing of the results (no photo is sent: the index has its vectors). */
+function chooseListing(match) {
+  current = { listingId: match.listing_id, title: match.title || match.listing_id };
+  userBox = null;
+  renderBox(null); // a listing is searched with its stored vector: no box to draw or take
+  const preview = $("preview");
+  const src = matchPhotoUrl(match);
+  preview.classList.remove("pixelated");
+  preview.onload = () => pixelateWhenEnlarged(preview);
+  preview.onerror = () => { show(preview, false); show($("no-preview"), true); };
+  if (src) preview.src = src;
+  show(preview, Boolean(src));
+  show($("no-preview"), !src);
+  show($("drop-hint"), false);
+  $("photo-name").textContent = `more like ${current.title} · ${current.listingId}`;
+  $("photo-name").dataset.listingId = current.listingId;
+  show($("photo-name"), true);
+  window.scrollTo({ top: 0 });
+  search();
+}
+
 function choose(file) {
   if (!file) return;
   current = file;
   userBox = null;
   renderBox(null);
+  delete $("photo-name").dataset.listingId;
   if (previewUrl) URL.revokeObjectURL(previewUrl);
   previewUrl = URL.createObjectURL(file);
   const preview = $("preview");
@@ -381,7 +434,7 @@ function wire() {
   // Drag across the photo to draw a box: it is sent as `box` and searched.
   const preview = $("preview");
   preview.addEventListener("pointerdown", (event) => {
-    if (!current || event.button !== 0) return;
+    if (!current || current.listingId || event.button !== 0) return;
     event.preventDefault();
     preview.setPointerCapture(event.pointerId);
     drag = pointAt(event);

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lookalike.app.client import MODEL_NAME, error_text, query_photos, write_html
+from lookalike.app.client import MODEL_NAME, error_text, query_listings, query_photos, write_html
 from lookalike.cli.commands import stop_on_sigterm
 from lookalike.app.serving_stack import ServingStack
 from lookalike.core.settings import home
@@ -48,11 +48,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how often the predictor checks whether the aliases moved, to swap (0: never; default 30)")
     p.set_defaults(func=_serve)
 
-    q = sub.add_parser("query", help="search with photos through the running transformer",
+    q = sub.add_parser("query", help="search with photos (or by listing) through the running transformer",
                        description="Send photos to the transformer (KServe v2 REST, binary tensors) and print each "
-                                   "photo's predicted labels and best matches. --html also writes a page with the "
-                                   "photo beside its matches (images inlined).")
-    q.add_argument("photos", nargs="+", type=Path, metavar="PHOTO", help="JPEG, PNG, WebP, HEIC or AVIF files")
+                                   "photo's predicted labels and best matches; or, with --listing, the listings "
+                                   "most like a listing already in the index (no photo sent). --html also writes "
+                                   "a page with the photo beside its matches (images inlined).")
+    q.add_argument("photos", nargs="*", type=Path, metavar="PHOTO", help="JPEG, PNG, WebP, HEIC or AVIF files")
+    q.add_argument("--listing", action="append", default=[], metavar="ID",
+                   help="search by this listing instead of a photo (\"more like this\"; repeat for several); "
+                        "it is left out of its own results")
+    q.add_argument("--photo-id", default=None, metavar="PHOTO_ID",
+                   help="with one --listing: search with this photo of it (default: its first photo)")
     q.add_argument("--url", default=None,
                    help="transformer REST endpoint (default: the one `lookalike serve` recorded, else "
                         "http://127.0.0.1:8080)")
@@ -181,6 +187,12 @@ def _query(args: argparse.Namespace) -> int:
 
     from lookalike.cli.main import CommandError
 
+    if bool(args.photos) == bool(args.listing):
+        raise CommandError("name photos to search with, or --listing ID to search by a listing (not both)")
+    if args.photo_id is not None and len(args.listing) != 1:
+        raise CommandError("--photo-id names a photo of one --listing")
+    if args.listing and args.box:
+        raise CommandError("--box cuts a photo; a search by listing has none")
     photos = []
     for path in args.photos:
         if not path.is_file():
@@ -188,14 +200,20 @@ def _query(args: argparse.Namespace) -> int:
         photos.append(path.read_bytes())
     url = args.url or _default_url()
     try:
-        results = query_photos(url, photos, top_k=args.top_k, filter=args.filter, box=args.box, crop=args.crop)
+        if args.listing:
+            results = query_listings(url, args.listing, [args.photo_id] if args.photo_id else None, top_k=args.top_k,
+                                     filter=args.filter)
+            args.photos, photos = [Path(lid) for lid in args.listing], [b""] * len(args.listing)
+        else:
+            results = query_photos(url, photos, top_k=args.top_k, filter=args.filter, box=args.box, crop=args.crop)
     except httpx.HTTPStatusError as exc:
         raise CommandError(f"the transformer answered {exc.response.status_code}: "
                            f"{error_text(exc.response)}") from exc
     except httpx.TransportError as exc:
         raise CommandError(f"no transformer answers at {url} ({exc}); start one with `lookalike serve`") from exc
     if args.json:
-        print(json.dumps([{"photo": str(path), **result} for path, result in zip(args.photos, results)], indent=2))
+        what = "listing" if args.listing else "photo"
+        print(json.dumps([{what: str(path), **result} for path, result in zip(args.photos, results)], indent=2))
     for path, result in zip([] if args.json else args.photos, results):
         labels = ", ".join(f"{t}={v['label']} ({v['probability']:.2f})" for t, v in result["labels"].items())
         print(f"\n{path}: {labels}")
