@@ -18,11 +18,15 @@ In one run, on one published model and index (built here in a private embedded S
       predictor's answer lookups that hit (from its /metrics)
   (i) search by listing vs search by that listing's photo (its catalog photo as a 320-px JPEG upload, new
       bytes each time), one at a time over gRPC, interleaved
+  (j) the automatic crop: 12-MP JPEGs of a catalog product cut out into a cluttered scene, served with the
+      crop (the default: the locator's box searched, one more predictor call) and with crop=off,
+      interleaved, and the CPU per image of each
 
 Every upload of (b)-(g) and (i) is new bytes (a unique JPEG comment, or a HEIC `free` box): the servers'
 cache of repeated photos answers none of them, so they measure the whole path; (h) measures the cache.
 
-It prints p50/p99 latency and images/s for each, then the ratios, then `cache: first_p50=<ms>
+It prints p50/p99 latency and images/s for each, then the ratios, then `crop: p50_12mp auto=<ms> off=<ms>
+ratio=<r>; cpu_per_image auto=<core-ms> off=<core-ms>; cropped=<k/n>`, `cache: first_p50=<ms>
 repeat_p50=<ms> hit_rate=<r>`, `listing: p50=<ms> photo_p50=<ms>`, `heic: p50_12mp served=<ms>
 jpeg_served=<ms>` (the HEIC with a covering thumbnail vs the same photo as JPEG), and last
 `serving: p50 served=<ms> in_process=<ms> ratio=<r> errors=<n>` (served: the slower of REST and gRPC) and
@@ -35,7 +39,9 @@ served stack (minutes to build and start), so each ratio's baseline is measured 
 shared with benchmarks/soak.py and benchmarks/gpu_check.py.
 
 The model is tf_efficientnet_lite0 with its packaged ImageNet weights (untrained heads: speed does not
-depend on what the weights learned). Photos are catalog images upscaled to 320 px and JPEG-encoded, as a
+depend on what the weights learned) and a locator trained here on 300 simulated views, as the default
+training gives one (so every served line includes the automatic crop wherever the locator is sure).
+Photos are catalog images upscaled to 320 px and JPEG-encoded, as a
 phone upload would arrive.
 """
 from __future__ import annotations
@@ -82,7 +88,9 @@ def private_store(prefix: str):
     return workdir, s3, ObjectStore(settings)
 
 
-def build_pair(store, catalog_size: int, size: int, with_ids: bool = False) -> tuple:
+def build_pair(store, catalog_size: int, size: int, with_ids: bool = False, locator_views: int = 300) -> tuple:
+    """Publish a model (ImageNet weights, untrained heads, a locator trained on `locator_views` simulated
+    views: as the default training gives one) and its index of the catalog's photos."""
     from lookalike.predictor.embedder import Embedder
     from lookalike.predictor.index import VectorIndex
     from lookalike.core.artifacts import model_repo, new_version
@@ -97,9 +105,22 @@ def build_pair(store, catalog_size: int, size: int, with_ids: bool = False) -> t
     catalog = Catalog.open(uri, store)
     tasks = catalog.tasks()
     config = ModelConfig(embedding_dim=128, heads={t: tasks[t] for t in ("category", "fine_category")},
-                         preprocessing=PreprocessSpec(size=size, resize=round(size * 256 / 224)))
+                         preprocessing=PreprocessSpec(size=size, resize=round(size * 256 / 224)),
+                         locator=locator_views > 0)
+    model = create_model(config)
+    if locator_views:
+        import torch
+
+        from lookalike.training.data import ImageBank
+        from lookalike.training.locator import train_locator
+
+        images = [decode_image(catalog.image_bytes(r)).resize((112, 112)) for r in catalog.rows[:200]]
+        metrics = train_locator(model, ImageBank(list(catalog.rows[:200]), images), config.preprocessing,
+                                views=locator_views, seed=0, device=torch.device("cpu"), steps=200)
+        print(f"locator: {metrics['views']} simulated views, held-out box IoU {metrics['held_out']['mean_iou']:.2f}",
+              flush=True)
     with tempfile.TemporaryDirectory() as out:
-        export_model(create_model(config), config, out, model_version=new_version(), lineage={"catalog": uri})
+        export_model(model, config, out, model_version=new_version(), lineage={"catalog": uri})
         model_version = publish_model(store, out, alias="production")
     embedder = Embedder.load(model_repo(store).fetch(model_version))
     spec = embedder.preprocessing
@@ -183,6 +204,26 @@ def real_phone_photos() -> dict[str, list[bytes]]:
             buf = io.BytesIO()
             pillow_heif.from_pillow(img).save(buf, quality=80, thumbnails=[thumbnail])
             out[name].append(buf.getvalue())
+    return out
+
+
+def scene_photos_12mp(catalog_photos: list[bytes], n: int = 6) -> list[bytes]:
+    """12-MP JPEGs of a product in a cluttered scene: catalog photos cut out into the evaluation recipe's
+    scenes (`simulate`), upscaled to 4032x3024 with sensor-like noise: what the automatic crop is for."""
+    from PIL import Image
+
+    from lookalike.training.phone_photos import EVALUATION, simulate
+
+    rng = np.random.default_rng(1)
+    out = []
+    for k, data in enumerate(catalog_photos[:n]):
+        src = Image.open(io.BytesIO(data)).convert("RGB").resize((112, 112))
+        scene, _ = simulate(src, 500 + k, out_size=1008, recipe=EVALUATION, cutout=True)
+        big = np.asarray(scene.resize((4032, 3024), Image.Resampling.BICUBIC), np.int16)
+        big = np.clip(big + rng.normal(0, 4, big.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(big).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
     return out
 
 
@@ -277,16 +318,18 @@ def rest_call(url: str, fresh: bool = True):
     return call
 
 
-def grpc_call(url: str, fresh: bool = True):
-    """A one-photo gRPC client; `fresh`: every upload as new bytes (`unique`), so the cache never answers."""
+def grpc_call(url: str, fresh: bool = True, crop: str | None = None):
+    """A one-photo gRPC client; `fresh`: every upload as new bytes (`unique`), so the cache never answers;
+    `crop`: the request's crop parameter (default: the service's, auto)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
+    parameters = {"top_k": 10, **({"crop": crop} if crop else {})}
 
     def call(photo: bytes):
         tensor = grpcclient.InferInput("image", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([unique(photo) if fresh else photo], dtype=object))
-        return client.infer(MODEL, [tensor], parameters={"top_k": 10}, client_timeout=30)
+        return client.infer(MODEL, [tensor], parameters=parameters, client_timeout=30)
 
     return call
 
@@ -479,6 +522,23 @@ def main() -> int:
         listing_p50, photo_p50 = (report(name, samples_i[name], sum(samples_i[name]), len(samples_i[name]))["p50"]
                                   for name in calls_i)
 
+        print("\n(j) the automatic crop: 12-MP JPEGs of a product in a cluttered scene, served (gRPC) with the "
+              "crop (default) and with crop=off, one at a time, interleaved")
+        from lookalike.app.client import query_photos
+
+        scenes = scene_photos_12mp(catalog_photos)
+        searched = [doc["box"]["searched"] for doc in query_photos(stack.endpoints["transformer_rest"],
+                                                                   [unique(p) for p in scenes], top_k=10)]
+        crop_calls = {"crop auto": grpc_call(url), "crop off": grpc_call(url, crop="off")}
+        samples_j, walls_j = interleaved(crop_calls, scenes, 30, warmup=4)
+        crop_p50 = {name: report(f"12-MP scene, {name}", samples_j[name], walls_j[name], 30)["p50"]
+                    for name in crop_calls}
+        crop_cpu = {name: cpu_per_image(meter, lambda c=call: [c(p) for p in scenes + scenes] and 2 * len(scenes))[0]
+                    for name, call in crop_calls.items()}
+        cropped = f"{searched.count('crop')}/{len(searched)}"
+        print(f"{'':<34} photos cropped: {cropped}; CPU per image: auto {crop_cpu['crop auto']:.1f}, off "
+              f"{crop_cpu['crop off']:.1f} core-ms")
+
         print("\nratios")
         print(f"  REST p50 / in-process p50 = {rest['p50'] / base['p50']:.2f}")
         print(f"  gRPC p50 / in-process p50 = {grpc_r['p50'] / base['p50']:.2f}   (target <= 1.3)")
@@ -495,6 +555,11 @@ def main() -> int:
         print(f"  search by listing p50 / by its photo p50 = {listing_p50 / photo_p50:.2f}   (target <= 0.2)")
         print(f"  12-MP HEIC (thumbnail) served p50 / 12-MP JPEG served p50 = {heic_served / jpeg_served:.2f}   "
               f"(target <= 2); without a covering thumbnail {p50s[HEIC_SMALL_THUMBNAIL]['served'] / jpeg_served:.1f}")
+        print(f"  12-MP scene served p50 with the crop / without = "
+              f"{crop_p50['crop auto'] / crop_p50['crop off']:.2f}   (target <= 1.6)")
+        print(f"crop: p50_12mp auto={crop_p50['crop auto']:.1f} off={crop_p50['crop off']:.1f} "
+              f"ratio={crop_p50['crop auto'] / crop_p50['crop off']:.2f}; cpu_per_image "
+              f"auto={crop_cpu['crop auto']:.1f} off={crop_cpu['crop off']:.1f}; cropped={cropped}")
         print(f"cache: first_p50={cache_first:.1f} repeat_p50={cache_repeat:.1f} hit_rate={hit_rate:.2f}")
         print(f"listing: p50={listing_p50:.2f} photo_p50={photo_p50:.2f}")
         print(f"heic: p50_12mp served={heic_served:.1f} jpeg_served={jpeg_served:.1f}")
