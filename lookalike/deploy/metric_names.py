@@ -1,30 +1,8 @@
-"""Which metric names the servers export, read from the prometheus_client registry they register in, and which
-metric names a PromQL expression reads: so the dashboard and the alerts can be checked against the real
-list, never a hand-kept one."""
+"""Which metric names a PromQL expression reads, so the dashboard and the alerts can be checked against what the
+servers export (tests/deploy/test_dashboard.py reads that from the prometheus_client registry itself)."""
 from __future__ import annotations
 
 import re
-
-# The names prometheus_client adds to a family's name when it exposes it, per type.
-_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created"),
-             "summary": ("", "_count", "_sum", "_created"), "info": ("_info",), "stateset": ("",),
-             "enum": ("",), "unknown": ("",)}
-
-
-def exported_metric_names() -> set[str]:
-    """Every sample name the two servers' `/metrics` can show: the project's metrics (registered on import of
-    lookalike.serving.metrics) and kserve's own (kserve.metrics), as the default registry exposes them."""
-    import kserve.metrics  # noqa: F401 - registers kserve's request histograms
-    from prometheus_client import REGISTRY
-
-    import lookalike.serving.metrics  # noqa: F401 - registers the project's metrics
-
-    names = set()
-    for family in REGISTRY.collect():
-        names |= {family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",))}
-        names |= {sample.name for sample in family.samples}
-    return names
-
 
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
 _MATCHERS = re.compile(r"\{[^}]*\}")

@@ -9,9 +9,29 @@ from pathlib import Path
 import pytest
 
 from lookalike.deploy import alerts, dashboard
-from lookalike.deploy.metric_names import exported_metric_names, promql_metric_names
+from lookalike.deploy.metric_names import promql_metric_names
 
 COMMITTED = Path(__file__).resolve().parents[2] / "manifests" / "monitoring" / "dashboard.json"
+
+# The names prometheus_client adds to a family's name when it exposes it, per type.
+_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created"),
+             "summary": ("", "_count", "_sum", "_created"), "info": ("_info",), "stateset": ("",),
+             "enum": ("",), "unknown": ("",)}
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the two servers' `/metrics` can show: the project's metrics (registered on import of
+    lookalike.serving.metrics) and kserve's own (kserve.metrics), as the default registry exposes them."""
+    import kserve.metrics  # noqa: F401 - registers kserve's request histograms
+    from prometheus_client import REGISTRY
+
+    import lookalike.serving.metrics  # noqa: F401 - registers the project's metrics
+
+    names = set()
+    for family in REGISTRY.collect():
+        names |= {family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",))}
+        names |= {sample.name for sample in family.samples}
+    return names
 
 
 @pytest.fixture(scope="module")
