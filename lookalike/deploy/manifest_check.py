@@ -41,6 +41,7 @@ from lookalike.deploy.autoscaling import autoscaling_rules
 from lookalike.deploy.capacity import capacity_rules
 from lookalike.deploy.crd_schemas import CRDS, dotted, field_of, schema_errors
 from lookalike.deploy.crd_schemas import kserve_schema_dir  # noqa: F401 - part of this module's interface
+from lookalike.deploy.dev_credentials import credential_files, write_dev_credentials
 from lookalike.deploy.policy_check import policy_problems
 from lookalike.deploy.problems import ManifestError, Problem
 
@@ -133,6 +134,10 @@ def render(overlay: str | Path, root: Path | None = None) -> list[dict[str, Any]
                                                       or {}).get("secretGenerator") or []
                  for s in (gen.get("envs") or []) + (gen.get("files") or [])]
     absent = [rel for rel in generated if not (path / rel).is_file()]
+    known = {p for paths in credential_files(path.parent.parent).values() for p in paths}
+    if absent and all(path / rel in known for rel in absent):
+        write_dev_credentials(path.parent.parent)  # the dev keys are generated on first use, never committed
+        absent = []
     if absent:
         raise ManifestError(f"{path.name} reads generated credentials that are not there ({', '.join(absent)}): run "
                             f"`lookalike manifests dev-secrets` first")

@@ -132,8 +132,6 @@ def test_dev_credentials_are_generated_random_and_ignored(tmp_path, capsys):
     for paths in credential_files(tree).values():
         for path in paths:
             path.unlink()
-    with pytest.raises(mc.ManifestError, match="run `lookalike manifests dev-secrets` first"):
-        mc.render("dev", tree)
     assert main(["manifests", "dev-secrets", "--manifests", str(tree)]) == 0
     assert "4 credential files written" in capsys.readouterr().out
     files = credential_files(tree)
@@ -143,6 +141,14 @@ def test_dev_credentials_are_generated_random_and_ignored(tmp_path, capsys):
     assert write_dev_credentials(tree) == []  # kept unless rotated
     write_dev_credentials(tree, rotate=True)
     assert files["serving"][0].read_text() != keys["serving"]
+    # A render generates missing dev keys itself; a generator file it does not know is an error.
+    for path in files["serving"]:
+        path.unlink()
+    assert mc.find_object(mc.render("dev", tree), "Secret", "lookalike-s3-serving")
+    assert files["serving"][0].read_text() != keys["serving"]
+    edit(tree / "overlays/dev/kustomization.yaml", "credentials/serving.env", "credentials/other.env")
+    with pytest.raises(mc.ManifestError, match="run `lookalike manifests dev-secrets` first"):
+        mc.render("dev", tree)
     # The real tree's files are ignored by git.
     for path in credential_files(mc.repo_root() / "manifests")["pipelines"]:
         check = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=mc.repo_root())
