@@ -4,7 +4,8 @@ as a plain Prometheus rules file, so the two can never say different things.
     lookalike manifests alerts            # rewrites manifests/monitoring/prometheusrule.yaml and rules.yml
 
 Every threshold is a named constant below with where its number comes from; docs/operations.md's runbook
-says, per alert, what it means, what to look at and what to do. The metrics are the servers' own
+says, per alert, what it means, what to look at and what to do. Each aggregates `by (namespace)`, so one
+Prometheus watching several deployments (dev and production) alerts on each apart. The metrics are the servers' own
 (lookalike/serving/metrics.py): the rules read nothing a scrape of the two servers does not give.
 
 `time_scale` shrinks every window and `for:` duration by one factor, so the live test
@@ -87,18 +88,18 @@ def duration(seconds: float) -> str:
 
 def _share(selector: str) -> str:
     """The share of the served requests whose response matches `selector`, over the window."""
-    return (f"sum(rate(lookalike_responses_total{{{SERVED},{selector}}}[$window])) "
-            f"/ sum(rate(lookalike_responses_total{{{SERVED}}}[$window]))")
+    return (f"sum by (namespace) (rate(lookalike_responses_total{{{SERVED},{selector}}}[$window])) "
+            f"/ sum by (namespace) (rate(lookalike_responses_total{{{SERVED}}}[$window]))")
 
 
 def _hit_rate(offset: str = "") -> str:
-    return (f'sum by (cache) (rate(lookalike_cache_lookups_total{{result="hit"}}[$cache]{offset})) '
-            f"/ sum by (cache) (rate(lookalike_cache_lookups_total[$cache]{offset}))")
+    return (f'sum by (namespace, cache) (rate(lookalike_cache_lookups_total{{result="hit"}}[$cache]{offset})) '
+            f"/ sum by (namespace, cache) (rate(lookalike_cache_lookups_total[$cache]{offset}))")
 
 
 ALERTS = [
     Alert("LookalikeLatencyP99AboveSLO",
-          f"sum(histogram_quantile(0.99, sum by (le, stage) "
+          f"sum by (namespace) (histogram_quantile(0.99, sum by (namespace, le, stage) "
           f"(rate(lookalike_stage_seconds_bucket{{{SERVED}}}[$window])))) > {LATENCY_SLO_SECONDS}",
           for_=600, window=300, severity="warning",
           summary="Served p99 latency above its objective",
@@ -119,8 +120,8 @@ ALERTS = [
                       "or timed out waiting for the predictor (504) over 10 minutes: capacity is short or the "
                       "predictor is slow."),
     Alert("LookalikeNotAnsweringWhileReady",
-          f'sum(rate(lookalike_errors_total{{{SERVED},kind="timeout"}}[$window])) '
-          f"/ sum(rate(lookalike_requests_total{{{SERVED}}}[$window])) > {TIMEOUT_SHARE:g}",
+          f'sum by (namespace) (rate(lookalike_errors_total{{{SERVED},kind="timeout"}}[$window])) '
+          f"/ sum by (namespace) (rate(lookalike_requests_total{{{SERVED}}}[$window])) > {TIMEOUT_SHARE:g}",
           for_=60, window=60, severity="critical",
           summary="Requests time out while the serving pods report ready",
           description="{{ $value | humanizePercentage }} of the requests the transformer answered in the last "
@@ -129,19 +130,21 @@ ALERTS = [
     Alert("LookalikePredictorNotAnswering",
           f'(rate(lookalike_requests_total{{unit="predictor"}}[$window]) == 0 '
           f'or on() absent(rate(lookalike_requests_total{{unit="predictor"}}[$window]))) '
-          f"and on() sum(rate(lookalike_requests_total{{{SERVED}}}[$window])) > {MIN_REQUESTS_PER_SECOND:g}",
+          f"and on(namespace) sum by (namespace) (rate(lookalike_requests_total{{{SERVED}}}[$window])) "
+          f"> {MIN_REQUESTS_PER_SECOND:g}",
           for_=60, window=60, severity="critical",
           summary="A predictor answered nothing for a minute",
           description="Requests reach the transformer, but a predictor (or every predictor, when none can be "
                       "scraped) finished no request in the last minute."),
     Alert("LookalikeVersionSkew",
-          'count(count by (model_version, index_version) (lookalike_serving_info{unit="predictor"} == 1)) > 1',
+          "count by (namespace) (count by (namespace, model_version, index_version) "
+          '(lookalike_serving_info{unit="predictor"} == 1)) > 1',
           for_=SKEW_MAX_MINUTES * 60, window=0, severity="warning",
           summary="Replicas serve different model/index versions",
           description="{{ $value }} model/index pairs have been served side by side for an hour: a canary left "
                       "half-way, or replicas that did not swap to the new index."),
     Alert("LookalikeIndexStale",
-          f'(time() - min(lookalike_index_built_timestamp_seconds{{unit="predictor"}})) / 3600 '
+          f'(time() - min by (namespace) (lookalike_index_built_timestamp_seconds{{unit="predictor"}})) / 3600 '
           f"> {INDEX_MAX_AGE_HOURS}",
           for_=900, window=0, severity="warning",
           summary=f"The served index is older than {INDEX_MAX_AGE_HOURS} hours",
@@ -150,7 +153,7 @@ ALERTS = [
                       "updates did not land."),
     Alert("LookalikeCacheHitRateDropped",
           f"({_hit_rate()}) < {CACHE_HIT_RATE_DROP:g} * ({_hit_rate(' offset $day')}) "
-          f"and sum by (cache) (rate(lookalike_cache_lookups_total[$cache])) > {MIN_REQUESTS_PER_SECOND:g}",
+          f"and sum by (namespace, cache) (rate(lookalike_cache_lookups_total[$cache])) > {MIN_REQUESTS_PER_SECOND:g}",
           for_=1800, window=1800, severity="warning",
           summary="A cache's hit rate fell to under half of yesterday's",
           description="The {{ $labels.cache }} cache hits {{ $value | humanizePercentage }} of lookups, under half "

@@ -84,6 +84,12 @@ CASES = {
         _case("LookalikeNotAnsweringWhileReady", {f"lookalike_requests_total{{{T}}}": "0+60x10",
                                                   f'lookalike_errors_total{{{T},kind="bad_input"}}': "0+30x10"},
               "3m", []),
+        # Two deployments on one Prometheus: production's hang is not diluted by dev's healthy traffic.
+        _case("LookalikeNotAnsweringWhileReady", {
+            f'lookalike_requests_total{{{T},namespace="lookalike"}}': "0+60x10",
+            f'lookalike_errors_total{{{T},namespace="lookalike",kind="timeout"}}': "0+30x10",
+            f'lookalike_requests_total{{{T},namespace="lookalike-dev"}}': "0+600x10"},
+            "3m", [_fires("LookalikeNotAnsweringWhileReady", "50%", {"namespace": "lookalike"})]),
     ],
     # Replica b finished nothing while the transformer sent 2 requests a second; then no predictor at all.
     "LookalikePredictorNotAnswering": [
