@@ -11,6 +11,7 @@ exporter's, which tests/deploy/test_dashboard.py checks against the live prometh
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from grafanalib.core import (Dashboard, GridPos, RowPanel, Stat, Table, Target, Templating, Template, Threshold,
@@ -23,10 +24,20 @@ DATASOURCE = "${datasource}"
 # NVIDIA dcgm-exporter's gauges: the only metrics the dashboard reads that our servers do not export.
 DCGM_METRICS = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE"}
 W = 24  # Grafana's grid is 24 columns wide
+# Every selector of the servers' metrics is narrowed to the namespaces picked in the dashboard's variable.
+NAMESPACE = 'namespace=~"$namespace"'
+_SERVER_METRIC = re.compile(r"\b((?:lookalike|request)_[a-z_]+)(\{([^}]*)\})?")
+
+
+def _in_namespace(expr: str) -> str:
+    def narrow(m: re.Match) -> str:
+        inner = m.group(3)
+        return f"{m.group(1)}{{{inner + ',' if inner else ''}{NAMESPACE}}}"
+    return _SERVER_METRIC.sub(narrow, expr)
 
 
 def _target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> Target:
-    return Target(expr=expr, legendFormat=legend, refId=ref, datasource=DATASOURCE, instant=instant)
+    return Target(expr=_in_namespace(expr), legendFormat=legend, refId=ref, datasource=DATASOURCE, instant=instant)
 
 
 def _series(title: str, targets: list[Target], unit: str, x: int, y: int, w: int = 12, h: int = 8,
@@ -44,13 +55,13 @@ def _row(title: str, y: int) -> RowPanel:
 
 
 def _panels() -> list[Any]:
-    p99 = ("sum(histogram_quantile(0.99, sum by (le, stage) "
+    p99 = ("sum by (namespace) (histogram_quantile(0.99, sum by (namespace, le, stage) "
            '(rate(lookalike_stage_seconds_bucket{unit="transformer"}[5m]))))')
     per_stage = "histogram_quantile({q}, sum by (le, unit, stage) (rate(lookalike_stage_seconds_bucket[5m])))"
     return [
         _row("Latency", 0),
         _series("Served p99 (sum of the transformer's stage p99s) and its objective",
-                [_target(p99, "served p99")], "s", 0, 1, threshold=LATENCY_SLO_SECONDS,
+                [_target(p99, "{{namespace}} served p99")], "s", 0, 1, threshold=LATENCY_SLO_SECONDS,
                 description="What LookalikeLatencyP99AboveSLO compares with the objective (red line)."),
         _series("p99 per stage",
                 [_target(per_stage.format(q=0.99), "{{unit}} {{stage}}")], "s", 12, 1),
@@ -110,8 +121,13 @@ def _panels() -> list[Any]:
 def dashboard() -> Dashboard:
     datasource = Template(name="datasource", query="prometheus", type="datasource", label="Data source",
                           default="Prometheus")
+    # The deployment to look at (lookalike, lookalike-dev, ...); "All" also matches series with no namespace.
+    namespace = Template(name="namespace", label="Namespace", dataSource=DATASOURCE, includeAll=True,
+                         multi=True, allValue=".*", default="All", refresh=2,
+                         query="label_values(lookalike_requests_total, namespace)")
     return Dashboard(title="Lookalike serving", uid="lookalike-serving", tags=["lookalike"], timezone="utc",
-                     refresh="30s", templating=Templating(list=[datasource]), panels=_panels()).auto_panel_ids()
+                     refresh="30s", templating=Templating(list=[datasource, namespace]),
+                     panels=_panels()).auto_panel_ids()
 
 
 def render() -> str:

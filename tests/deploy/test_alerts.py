@@ -194,3 +194,16 @@ def test_time_scale_shrinks_windows_and_for_durations_only():
     assert "[5s]" in fast["LookalikeNotAnsweringWhileReady"]["expr"]
     assert fast["LookalikeServerErrors"]["expr"].replace("[25s]", "[5m]") == slow["LookalikeServerErrors"]["expr"]
     assert "offset 2h" in fast["LookalikeCacheHitRateDropped"]["expr"]
+
+
+def test_cli_writes_and_checks_the_generated_files(tmp_path, capsys):
+    from lookalike.cli.main import main
+
+    tree = tmp_path / "manifests"
+    shutil.copytree(MONITORING, tree / "monitoring")
+    assert main(["manifests", "alerts", "--check", "--manifests", str(tree)]) == 0
+    (tree / "monitoring/rules.yml").write_text("groups: []\n")
+    assert main(["manifests", "alerts", "--check", "--manifests", str(tree)]) == 1
+    assert "stale:" in capsys.readouterr().out
+    assert main(["manifests", "alerts", "--manifests", str(tree)]) == 0
+    assert (tree / "monitoring/rules.yml").read_text() == (MONITORING / "rules.yml").read_text()

@@ -4,9 +4,13 @@ current. The alerts are held to the same list."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lookalike.deploy import alerts, dashboard
 from lookalike.deploy.metric_names import promql_metric_names
@@ -85,6 +89,26 @@ def test_the_dashboard_shows_what_an_operator_needs():
     slo = next(p for p in data["panels"] if p["title"].startswith("Served p99"))
     assert slo["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == alerts.LATENCY_SLO_SECONDS
     assert len({p["id"] for p in data["panels"]}) == len(data["panels"])  # Grafana needs unique ids
+
+
+def test_every_server_metric_is_narrowed_to_the_chosen_namespaces():
+    data = json.loads(dashboard.render())
+    assert [v["name"] for v in data["templating"]["list"]] == ["datasource", "namespace"]
+    for expr in dashboard.queries():
+        for name in promql_metric_names(expr) - dashboard.DCGM_METRICS:
+            selectors = re.findall(rf"{name}\{{([^}}]*)\}}", expr)
+            assert selectors and all('namespace=~"$namespace"' in s for s in selectors), expr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's `prometheus`) is not installed")
+def test_every_dashboard_query_parses(tmp_path):
+    """promtool parses each query, as a recording rule (Grafana's $namespace filled with what "All" sends)."""
+    rules = [{"record": f"dashboard:query{i}", "expr": expr.replace("$namespace", ".*")}
+             for i, expr in enumerate(dashboard.queries())]
+    (tmp_path / "queries.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = subprocess.run([shutil.which("promtool"), "check", "rules", str(tmp_path / "queries.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_committed_dashboard_is_current():

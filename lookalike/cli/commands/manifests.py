@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "overlay with `kubectl kustomize` and checks every object: built-in kinds with "
                                    "kubernetes-validate --strict, KServe kinds against the KServe CRD schemas "
                                    "($LOOKALIKE_KSERVE_SCHEMAS, else manifests/schemas/kserve) plus KServe's "
-                                   "admission rules and the rollout annotations. No cluster needed.")
+                                   "admission rules and the rollout annotations, PrometheusRule against its CRD, "
+                                   "the autoscaling plan and least privilege (credentials, digests, "
+                                   "NetworkPolicies, RBAC). No cluster needed.")
     verbs = p.add_subparsers(dest="manifests_verb", metavar="ACTION")
     val = verbs.add_parser("validate", help="render and validate overlays (all of them by default)",
                            description="Exit status 1 when any overlay has an error; warnings (e.g. a Secret "
