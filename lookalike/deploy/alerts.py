@@ -35,7 +35,8 @@ ERROR_SHARE = 10 * (1 - AVAILABILITY_SLO)
 # Requests timing out while the transformer answers: one hung predictor among five replicas times out a
 # fifth of the requests Knative spreads evenly over them.
 TIMEOUT_SHARE = 0.2
-# "Answers nothing" only means something when requests arrive: at 1 request/s over the 8 predictor
+# "Answers nothing" only means something when requests are sent to it (the transformer's `predict` stage
+# counts each call, so a flood of bad photos refused before it is no such traffic): at 1 request/s over the 8 predictor
 # replicas of the production overlay, each replica sees about 7.5 a minute, so a replica with none in a
 # minute is silent by chance with probability e^-7.5 (0.06%).
 MIN_REQUESTS_PER_SECOND = 1.0
@@ -130,12 +131,12 @@ ALERTS = [
     Alert("LookalikePredictorNotAnswering",
           f'(rate(lookalike_requests_total{{unit="predictor"}}[$window]) == 0 '
           f'or on() absent(rate(lookalike_requests_total{{unit="predictor"}}[$window]))) '
-          f"and on(namespace) sum by (namespace) (rate(lookalike_requests_total{{{SERVED}}}[$window])) "
-          f"> {MIN_REQUESTS_PER_SECOND:g}",
+          f'and on(namespace) sum by (namespace) (rate(lookalike_stage_seconds_count{{{SERVED},stage="predict"}}'
+          f"[$window])) > {MIN_REQUESTS_PER_SECOND:g}",
           for_=60, window=60, severity="critical",
           summary="A predictor answered nothing for a minute",
-          description="Requests reach the transformer, but a predictor (or every predictor, when none can be "
-                      "scraped) finished no request in the last minute."),
+          description="The transformer sends the predictor requests, but a predictor (or every predictor, when "
+                      "none can be scraped) finished no request in the last minute."),
     Alert("LookalikeVersionSkew",
           "count by (namespace) (count by (namespace, model_version, index_version) "
           '(lookalike_serving_info{unit="predictor"} == 1)) > 1',

@@ -94,14 +94,15 @@ CASES = {
     # Replica b finished nothing while the transformer sent 2 requests a second; then no predictor at all.
     "LookalikePredictorNotAnswering": [
         _case("LookalikePredictorNotAnswering", {
-            f"lookalike_requests_total{{{T}}}": "0+120x10",
+            f'lookalike_stage_seconds_count{{{T},stage="predict"}}': "0+120x10",
             'lookalike_requests_total{unit="predictor",instance="a"}': "0+120x10",
             'lookalike_requests_total{unit="predictor",instance="b"}': "5x10"},
             "4m", [_fires("LookalikePredictorNotAnswering", "", {"unit": "predictor", "instance": "b"})]),
-        _case("LookalikePredictorNotAnswering", {f"lookalike_requests_total{{{T}}}": "0+120x10"},
+        _case("LookalikePredictorNotAnswering", {f'lookalike_stage_seconds_count{{{T},stage="predict"}}': "0+120x10"},
               "4m", [_fires("LookalikePredictorNotAnswering", "")]),
-        # No traffic: a silent predictor is not news.
-        _case("LookalikePredictorNotAnswering", {f"lookalike_requests_total{{{T}}}": "7x10",
+        # Nothing sent to it (the transformer refuses every request itself): a silent predictor is not news.
+        _case("LookalikePredictorNotAnswering", {f"lookalike_requests_total{{{T}}}": "0+120x10",
+                                                 f'lookalike_stage_seconds_count{{{T},stage="predict"}}': "7x10",
                                                  'lookalike_requests_total{unit="predictor",instance="b"}': "5x10"},
               "4m", []),
     ],
