@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from lookalike.deploy.policy_check import qualified
 from lookalike.deploy.problems import ManifestError
 
 _PINNED = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._/:-]*?)@(?P<digest>sha256:[0-9a-f]{64})$")
@@ -14,7 +15,7 @@ def pin_image(kustomization: Path, name: str, pinned: str) -> str:
     """Point image `name` (as the base names it, e.g. lookalike/predictor) at `pinned`, a fully qualified
     REGISTRY/NAME@sha256:DIGEST; return the entry's new text. Refuses a tag or a bare name."""
     match = _PINNED.match(pinned)
-    if not match or "/" not in match["name"] or "." not in match["name"].split("/", 1)[0] + ":" * (":" in pinned):
+    if not match or not qualified(match["name"]):
         raise ManifestError(f"{pinned!r} is not REGISTRY/NAME@sha256:<64 hex digits> (a digest, not a tag: the "
                             f"one `docker push` printed, or `docker buildx imagetools inspect IMAGE:TAG`)")
     lines = kustomization.read_text().splitlines(keepends=True)

@@ -154,7 +154,8 @@ def _serving_credentials(objects: list[dict[str, Any]]) -> list[Problem]:
 
 # ---- production -----------------------------------------------------------------------------------
 
-def _qualified(image: str) -> bool:
+def qualified(image: str) -> bool:
+    """Whether an image names its registry (a host with a dot or a port, or localhost) before its path."""
     first = image.split("/", 1)[0]
     return "/" in image and ("." in first or ":" in first or first == "localhost")
 
@@ -167,7 +168,7 @@ def _production(objects: list[dict[str, Any]]) -> list[Problem]:
                                                              "the repository; create it out of band"))
         for where, container in _containers(obj):
             image = str(container.get("image", ""))
-            if not _qualified(image):
+            if not qualified(image):
                 problems.append(Problem("error", _who(obj), f"{where}.image",
                                         f"{image!r} is not fully qualified (registry/name): which registry serves it "
                                         f"depends on the node's configuration"))
