@@ -23,6 +23,8 @@ DEBS=()
 # The try page's browser test runs Debian's chromium; Playwright (a dev dependency) only drives it:
 # `playwright install` and its browser downloads are never used.
 [ -x /usr/bin/chromium ] || DEBS+=(chromium)
+# The alerts' tests: `promtool test rules`, and the Prometheus server that evaluates them against a live stack.
+[ -x /usr/bin/promtool ] || DEBS+=(prometheus)
 if [ ${#DEBS[@]} -eq 0 ]; then
   echo "already installed"
 else

