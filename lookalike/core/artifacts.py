@@ -313,3 +313,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
+
+
+def sharded_index_repo(store: ObjectStore, model_version: str) -> ArtifactRepo:
+    """Sharded indexes built with one model: indexes-sharded/<model_version>/<index_version>/, one MANIFEST
+    over every shard's files (kept apart from `index_repo`, whose versions a one-index predictor loads)."""
+    return ArtifactRepo(store, f"indexes-sharded/{model_version}")
