@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "[env LOOKALIKE_MAX_WAITING]")
     parser.add_argument("--max_pixels", type=int, default=ImageLimits.max_pixels,
                         help="largest photo in pixels, read from its header before decoding (more: 413)")
+    parser.add_argument("--shard_hosts", default=env("LOOKALIKE_SHARD_HOSTS", ""),
+                        help="HOST:PORT,... the gRPC ports of the index shard predictors: the predictor is then the "
+                             "embedding predictor, and each query vector is searched on every shard and merged "
+                             "here (lookalike/transformer/shards.py) [env LOOKALIKE_SHARD_HOSTS]")
     return parser
 
 
@@ -74,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = TransformerSettings(model_ref=args.model_version, model_dir=args.model_dir, limits=limits,
                                    predictor_timeout_s=args.predictor_timeout, catalogs=catalogs,
                                    predictor_datatype=args.predictor_datatype, max_in_work=args.max_in_work,
-                                   max_waiting=args.max_waiting)
+                                   max_waiting=args.max_waiting,
+                                   shard_hosts=[h for h in args.shard_hosts.split(",") if h])
     model = LookalikeTransformer(args.model_name, args.predictor_host, settings)
     try:
         model.load()

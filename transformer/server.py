@@ -58,6 +58,7 @@ from lookalike.core.boxes import BOXES, crop_to_box
 from lookalike.transformer.answers import join, text
 from lookalike.transformer.localise import (AUTO_CROP_KEY, CROP, CROP_DECODE_SCALE, CROPPED_KEY, WHOLE, Searched,
                                             box_and_crop, locate, plan_crops)
+from lookalike.transformer.shards import MISSING, PARTIAL, ShardFanout, flag_partial
 from lookalike.transformer.predictor_requests import (content_keys, is_miss, listing_request,
                                                       predictor_error, predictor_tensor, probe_request, to_plain)
 from lookalike.serving.photo_cache import KEYS_PARAMETER, RecentKeys
@@ -99,6 +100,9 @@ class TransformerSettings:
     # Content keys of photos sent with their pixels, remembered to ask the predictor's caches first
     # (16 bytes each and ~200 of bookkeeping: 8 MiB remembers ~35,000 photos); 0: never ask.
     recent_keys_bytes: int = 8 * 1024 * 1024
+    # gRPC ports of the index shard predictors: the predictor is then the embedding predictor, and the
+    # query vectors fan out to every shard (lookalike/transformer/shards.py); empty: one predictor does all
+    shard_hosts: list[str] = field(default_factory=list)
 
 
 class _State:
@@ -133,7 +137,10 @@ class LookalikeTransformer(kserve.Model):
         self.metadata = ListingMetadata(store, ())
         self.photo_urls = PhotoUrls(store)
         self._seen_pairs: set[tuple[str, str]] = set()
-        self.recent = RecentKeys(self.settings.recent_keys_bytes)
+        # A sharded stack has no predictor cache to probe (the embedder keeps none): never probe it.
+        self.recent = RecentKeys(0 if self.settings.shard_hosts else self.settings.recent_keys_bytes)
+        self.fanout = (ShardFanout(self.settings.shard_hosts, self.settings.predictor_timeout_s, name)
+                       if self.settings.shard_hosts else None)
         self._channel: grpc.aio.Channel | None = None
         self._stub = None
         # Pixel work (decode, preprocess) is CPU-bound: one thread per core, since more would only
@@ -226,6 +233,8 @@ class LookalikeTransformer(kserve.Model):
             forwarded = {k: v for k, v in params.items() if v is not None and k not in (BOX, CROP)}
             query = listing_query(payload, self.settings.limits.max_images)
             if query is not None:
+                if self.fanout is not None:
+                    raise BadInput("search by listing is not served by a sharded index yet: search with a photo")
                 if params.get(BOX) is not None:
                     raise BadInput("parameter 'box' cuts a photo; a search by listing has none")
                 state.by_listing, state.count = True, len(query[0])
@@ -348,6 +357,8 @@ class LookalikeTransformer(kserve.Model):
                 request.to_grpc(), timeout=timeout, metadata=((REQUEST_ID_HEADER, str(request.id)),))
         except grpc.aio.AioRpcError as exc:
             raise predictor_error(exc, self.predictor_host, timeout, by_listing) from None
+        if self.fanout is not None:  # the predictor embedded the photos: search every shard with them
+            return await self.fanout.search(InferResponse.from_grpc(reply), request)
         return InferResponse.from_grpc(reply)
 
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
@@ -488,14 +499,18 @@ class LookalikeTransformer(kserve.Model):
         for t in tasks:
             out.append(output(f"label_{t}", np.array([s.encode() for s in labels[t]], dtype=object), "BYTES", binary))
             out.append(output(f"prob_{t}", probs[t], "FP32", binary))
-        out.append(output("matches", joined.documents, "BYTES", binary))
+        missing = params.get(MISSING)
+        documents = joined.documents if missing is None else flag_partial(joined.documents, str(missing))
+        out.append(output("matches", documents, "BYTES", binary))
         out.append(output(BOXES, np.array([s.row() for s in searched], np.float32).reshape(-1, 5), "FP32", binary))
         out = requested(out, state.client_request)
         request = result.lookalike_request
         client_request = state.client_request
         return InferResponse(response_id=str(request.id), model_name=self.name, infer_outputs=out,
                              model_version=model_version or None,
-                             parameters={"model_version": model_version, "index_version": index_version},
+                             parameters={"model_version": model_version, "index_version": index_version,
+                                         **({PARTIAL: bool(params.get(PARTIAL)), MISSING: str(missing)}
+                                            if missing is not None else {})},
                              use_binary_outputs=getattr(client_request, "use_binary_outputs", False),
                              requested_outputs=getattr(client_request, "request_outputs", None))
 

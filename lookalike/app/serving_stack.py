@@ -2,6 +2,10 @@
 server processes on loopback ports (REST and gRPC each), started and stopped together, exactly as the two
 containers of the InferenceService. `lookalike serve`, `lookalike demo`, the tests and
 benchmarks/serving.py all run this one stack.
+
+With `shards=K` (a sharded index version, `lookalike.predictor.index.shards`) the predictor is split as on a
+cluster: an embedding predictor on the predictor's ports, K shard predictors on ports of their own, and the
+transformer fanning each query vector out to the shards and merging their answers.
 """
 from __future__ import annotations
 
@@ -32,13 +36,15 @@ class ServingStack:
     def __init__(self, env: dict[str, str] | None = None, *, model_version: str = "production",
                  index_version: str = "latest", ports: dict[str, int] | None = None, log_dir: str | Path | None = None,
                  predictor_args: Sequence[str] = (), transformer_args: Sequence[str] = (), name: str = MODEL_NAME,
-                 predictor_timeout_s: float = 10.0, host: str = "127.0.0.1"):
+                 predictor_timeout_s: float = 10.0, host: str = "127.0.0.1", shards: int = 0):
         from lookalike.core.store_server import free_port
 
         self.env = dict(os.environ if env is None else env)
         self.name = name
         ports = dict(ports or {})
-        for key in ("predictor_http", "predictor_grpc", "transformer_http", "transformer_grpc"):
+        self.shards = int(shards)
+        shard_ports = [f"shard{i}_{kind}" for i in range(self.shards) for kind in ("http", "grpc")]
+        for key in ("predictor_http", "predictor_grpc", "transformer_http", "transformer_grpc", *shard_ports):
             ports.setdefault(key, free_port())
         self.ports = ports
         self.model_version, self.index_version = model_version, index_version
@@ -48,6 +54,7 @@ class ServingStack:
         self.predictor_timeout_s = predictor_timeout_s
         self.predictor: subprocess.Popen | None = None
         self.transformer: subprocess.Popen | None = None
+        self.shard_procs: list[subprocess.Popen | None] = [None] * self.shards
 
     # ---- endpoints ---------------------------------------------------------------------------
     @property
@@ -58,7 +65,9 @@ class ServingStack:
         return {"transformer_rest": f"http://{h}:{p['transformer_http']}",
                 "transformer_grpc": f"{h}:{p['transformer_grpc']}",
                 "predictor_rest": f"http://{h}:{p['predictor_http']}",
-                "predictor_grpc": f"{h}:{p['predictor_grpc']}"}
+                "predictor_grpc": f"{h}:{p['predictor_grpc']}",
+                **{f"shard{i}_grpc": f"{h}:{p[f'shard{i}_grpc']}" for i in range(self.shards)},
+                **{f"shard{i}_rest": f"http://{h}:{p[f'shard{i}_http']}" for i in range(self.shards)}}
 
     def check_ports(self) -> None:
         """Refuse to start when a port is taken (StackError naming it), before any server starts: a server
@@ -87,6 +96,9 @@ class ServingStack:
             log.close()
 
     def start_predictor(self, timeout_s: float = 180.0) -> None:
+        if self.shards:
+            self.start_parts(timeout_s)
+            return
         p = self.ports
         self.predictor = self._spawn("predictor", [
             "--model_name", self.name, "--http_port", str(p["predictor_http"]), "--grpc_port", str(p["predictor_grpc"]),
@@ -97,8 +109,28 @@ class ServingStack:
             "--enable_reload_route", *self.predictor_args], "predictor.log")
         self._wait_ready(self.predictor, self.endpoints["predictor_rest"], "predictor", timeout_s)
 
+    def start_parts(self, timeout_s: float = 180.0) -> None:
+        """The embedding predictor and every shard predictor (all started, then each waited for)."""
+        p = self.ports
+        common = ["--model_name", self.name, "--host", self.host, "--model_version", self.model_version,
+                  "--index_version", self.index_version, "--enable_latency_logging", "false"]
+        if self.predictor is None or self.predictor.poll() is not None:
+            self.predictor = self._spawn("predictor.parts", [
+                "embed", "--http_port", str(p["predictor_http"]), "--grpc_port", str(p["predictor_grpc"]), *common,
+                *self.predictor_args], "predictor.log")
+        for i in range(self.shards):
+            if self.shard_procs[i] is None or self.shard_procs[i].poll() is not None:
+                self.shard_procs[i] = self._spawn("predictor.parts", [
+                    "shard", "--shard", str(i), "--http_port", str(p[f"shard{i}_http"]),
+                    "--grpc_port", str(p[f"shard{i}_grpc"]), *common], f"shard{i}.log")
+        self._wait_ready(self.predictor, self.endpoints["predictor_rest"], "predictor", timeout_s)
+        for i, proc in enumerate(self.shard_procs):
+            self._wait_ready(proc, self.endpoints[f"shard{i}_rest"], f"shard{i}", timeout_s)
+
     def start_transformer(self, timeout_s: float = 120.0, predictor_host: str | None = None) -> None:
         p = self.ports
+        sharded = (["--shard_hosts", ",".join(self.endpoints[f"shard{i}_grpc"] for i in range(self.shards))]
+                   if self.shards else [])
         self.transformer = self._spawn("transformer", [
             "--model_name", self.name, "--http_port", str(p["transformer_http"]), "--host", self.host,
             "--grpc_port", str(p["transformer_grpc"]),
@@ -106,7 +138,7 @@ class ServingStack:
             "--model_version", self.model_version, "--predictor_timeout", str(self.predictor_timeout_s),
             "--enable_latency_logging", "false",
             # No Knative queue-proxy queues in front of a local stack: the transformer's own queue stands in.
-            "--max_waiting", str(LOCAL_WAITING), *self.transformer_args], "transformer.log")
+            "--max_waiting", str(LOCAL_WAITING), *sharded, *self.transformer_args], "transformer.log")
         self._wait_ready(self.transformer, self.endpoints["transformer_rest"], "transformer", timeout_s)
 
     def start(self) -> ServingStack:
@@ -145,27 +177,25 @@ class ServingStack:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        """Transformer first (no new requests reach the predictor), then the predictor."""
+        """Transformer first (no new requests reach the predictor), then the predictor, then the shards."""
         for attr in ("transformer", "predictor"):
-            proc = getattr(self, attr)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            _stop(getattr(self, attr))
             setattr(self, attr, None)
+        for i, proc in enumerate(self.shard_procs):
+            _stop(proc)
+            self.shard_procs[i] = None
 
     def pids(self) -> dict[str, int | None]:
         return {"predictor": self.predictor.pid if self.predictor else None,
-                "transformer": self.transformer.pid if self.transformer else None}
+                "transformer": self.transformer.pid if self.transformer else None,
+                **{f"shard{i}": p.pid if p else None for i, p in enumerate(self.shard_procs)}}
 
     def restart_dead(self) -> list[str]:
         """Start again whichever server has exited (the predictor first: the transformer needs it); return
         their names. What a pod's restart policy does in a cluster, for the local stack."""
         restarted = []
-        if self.predictor is not None and self.predictor.poll() is not None:
+        if (self.predictor is not None and self.predictor.poll() is not None) or \
+                any(p is not None and p.poll() is not None for p in self.shard_procs):
             self.start_predictor()
             restarted.append("predictor")
         if self.transformer is not None and self.transformer.poll() is not None:
@@ -174,10 +204,20 @@ class ServingStack:
         return restarted
 
     def alive(self) -> bool:
-        return all(p is not None and p.poll() is None for p in (self.predictor, self.transformer))
+        return all(p is not None and p.poll() is None for p in (self.predictor, self.transformer, *self.shard_procs))
 
     def __enter__(self) -> ServingStack:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

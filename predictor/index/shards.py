@@ -108,7 +108,7 @@ class ShardedIndex:
         card = {"model_version": full.model_version, "shards": len(parts), "assignment": "listing_key % shards",
                 "index_version": base.index_version, "factory": base.factory, "nlist": base.nlist,
                 "nprobe": base.nprobe, "dim": base.dim, "count": full.count, "listing_count": full.listing_count,
-                "recall_at_10": base.recall_at_10, "shard_counts": [p.count for p in parts],
+                "recall_at_10": base.recall_at_10, "catalogs": base.catalogs, "shard_counts": [p.count for p in parts],
                 "shard_listing_counts": [p.listing_count for p in parts],
                 "folders": [shard_folder(s) for s in range(len(parts))]}
         return cls(parts, card)
