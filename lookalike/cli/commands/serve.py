@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "to the network, the predictor's reload route included)")
     p.add_argument("--refresh-seconds", type=float, default=30.0,
                    help="how often the predictor checks whether the aliases moved, to swap (0: never; default 30)")
+    p.add_argument("--shards", type=int, default=0, metavar="K",
+                   help="serve a sharded index version (indexes-sharded/, made by `lookalike shard --shards K`): "
+                        "an embedding predictor, K shard predictors on ports PORT+10.., and the transformer "
+                        "merging their answers (default 0: one predictor holds the whole index)")
     p.set_defaults(func=_serve)
 
     q = sub.add_parser("query", help="search with photos (or by listing) through the running transformer",
@@ -108,10 +112,15 @@ def _serve(args: argparse.Namespace) -> int:
 
         store = connect()
         model_version = resolve_model(store, args.model_version)  # a clear error now, not in a child's log
+        if not 0 <= args.shards <= 64:
+            raise CommandError(f"--shards must be from 0 to 64, got {args.shards}")
         ports = {"transformer_http": args.port, "transformer_grpc": args.port + 1,
                  "predictor_http": args.port + 5, "predictor_grpc": args.port + 6}
+        for i in range(args.shards):
+            ports[f"shard{i}_http"], ports[f"shard{i}_grpc"] = args.port + 10 + 2 * i, args.port + 11 + 2 * i
         stack = ServingStack(model_version=args.model_version, index_version=args.index_version, ports=ports,
-                             predictor_args=["--refresh_seconds", str(args.refresh_seconds)], host=args.host)
+                             predictor_args=["--refresh_seconds", str(args.refresh_seconds)], host=args.host,
+                             shards=args.shards)
         stack.check_ports()  # a port taken: one line naming it, before anything starts
         print(f"starting the predictor (model {model_version}, index {args.index_version}) and the transformer; "
               f"logs in {stack.log_dir}", flush=True)
@@ -127,6 +136,8 @@ def _serve(args: argparse.Namespace) -> int:
               f"   gRPC {endpoints['transformer_grpc']}")
         print(f"  predictor    REST {endpoints['predictor_rest']}/v2/models/{MODEL_NAME}/infer"
               f"   gRPC {endpoints['predictor_grpc']}")
+        for i in range(args.shards):
+            print(f"  shard {i:<6} gRPC {endpoints[f'shard{i}_grpc']}")
         print(f"  metrics      {endpoints['transformer_rest']}/metrics  {endpoints['predictor_rest']}/metrics")
         from lookalike.app.try_page import TryPageServer
 
