@@ -221,12 +221,14 @@ def _network_policies(objects: list[dict[str, Any]]) -> list[Problem]:
         if serves and not any((p["spec"].get("podSelector") or {}) != {} for p in mine):
             problems.append(Problem("error", _who(obj), what, "no NetworkPolicy of their own says who may connect"))
         if labels.get("component") == "predictor":
-            transformer = {**labels, "component": "transformer"}
+            # its own InferenceService's transformer, or (an index shard's predictor) another's in the namespace
+            transformers = [{**labels, "component": "transformer"}] + [
+                t for _, t_ns, t in _pod_labels(objects) if t_ns == ns and t.get("component") == "transformer"]
             for p in mine:
                 for i, rule in enumerate(p["spec"].get("ingress") or []):
                     for j, peer in enumerate(rule.get("from") or [{}]):
                         if ("namespaceSelector" not in peer and "ipBlock" not in peer
-                                and not _selects(peer.get("podSelector"), transformer)):
+                                and not any(_selects(peer.get("podSelector"), t) for t in transformers)):
                             problems.append(Problem("error", _who(p), f"spec.ingress[{i}].from[{j}]",
                                                     "lets pods other than the transformer reach the predictor"))
     return problems
