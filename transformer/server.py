@@ -58,7 +58,7 @@ from lookalike.core.boxes import BOXES, crop_to_box
 from lookalike.transformer.answers import join, text
 from lookalike.transformer.localise import (AUTO_CROP_KEY, CROP, CROP_DECODE_SCALE, CROPPED_KEY, WHOLE, Searched,
                                             box_and_crop, locate, plan_crops)
-from lookalike.transformer.shards import MISSING, PARTIAL, ShardFanout, flag_partial
+from lookalike.transformer.shards import MISSING, PARTIAL, ShardFanout, flag_partial, sharded_card
 from lookalike.transformer.predictor_requests import (content_keys, is_miss, listing_request,
                                                       predictor_error, predictor_tensor, probe_request, to_plain)
 from lookalike.serving.photo_cache import KEYS_PARAMETER, RecentKeys
@@ -521,7 +521,9 @@ class LookalikeTransformer(kserve.Model):
         try:
             if model_version:
                 self.metadata.ensure_for(self.spec_for(model_version).to_dict())
-            if model_version and index_version:
+            if model_version and index_version and self.fanout is not None:  # a sharded version's card
+                self.metadata.ensure_for(sharded_card(self.store, model_version, index_version))
+            elif model_version and index_version:
                 card = index_repo(self.store, model_version).read_json(index_version, INDEX_CARD_FILE)
                 self.metadata.ensure_for(IndexCard.from_dict(card).to_dict())
         except Exception as exc:  # noqa: BLE001 - metadata is decoration; the ids still answer

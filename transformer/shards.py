@@ -38,6 +38,7 @@ PREDICTED = "predicted"
 SHARD_PARAMETERS = ("top_k", "nprobe")
 MISSING = "shards_missing"  # response parameter: the shards whose part of the answer is missing, "1,3"
 PARTIAL = "partial"
+SHARDS_CARD = "shards.json"  # the sharded version's card (lookalike.predictor.index.shards.SHARDS_FILE)
 
 
 def plain(params: Any) -> dict[str, Any]:
@@ -199,6 +200,13 @@ def _table(rows: list[list[str]], k: int) -> np.ndarray:
     for i, row in enumerate(rows):
         out[i, :] = [s.encode() for s in (list(row) + [""] * k)[:k]]
     return out
+
+
+def sharded_card(store: Any, model_version: str, index_version: str) -> dict[str, Any]:
+    """The card (shards.json) of a sharded index version: the catalogs its listings came from."""
+    from lookalike.core.artifacts import sharded_index_repo
+
+    return sharded_index_repo(store, model_version).read_json(index_version, SHARDS_CARD)
 
 
 def flag_partial(documents: np.ndarray, missing: str) -> np.ndarray:

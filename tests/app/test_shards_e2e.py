@@ -54,6 +54,11 @@ def test_two_shards_answer_what_one_index_answers(stacks, pair):  # noqa: F811
         got_params, got = _answer(two, photos, **params)
         assert got == want, params
         assert got_params["partial"] is False and got_params["shards_missing"] == ""
+    # the listings' metadata comes from the catalogs the sharded version's card names
+    titles = [[(m["listing_id"], m["title"]) for m in d["matches"]] for d in _matches(_rest_infer(
+        two.endpoints["transformer_rest"], photos[:2], parameters={"top_k": TOP_K}))]
+    rows = {r.listing_id: r for r in pair["catalog"].rows}
+    assert all(title == rows[lid].title for row in titles for lid, title in row)
     assert got_params["index_version"] == sharded_index_repo(pair["store"], pair["model_version"]).resolve("production")
     bad = _rest_infer(two.endpoints["transformer_rest"], photos[:1], parameters={"filter": "category=no-such"})
     assert bad.status_code == 400 and "no category" in bad.json()["error"]
