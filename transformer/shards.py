@@ -120,6 +120,8 @@ class ShardFanout:
             versions |= {m["index_version"] for m in meta if m}
             models |= {m["model_version"] for m in meta if m}
             search_us = max([search_us] + [int(m.get("search_us", 0)) for m in meta if m])
+            if all(a is None for a in answers):  # nothing to merge: refused below
+                continue
             merged = merge_answers(answers, top_k)
             for j, i in enumerate(rows):
                 ids[i], photos[i] = merged.listing_ids[j], merged.photo_ids[j]
