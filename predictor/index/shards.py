@@ -9,7 +9,9 @@
                                 whose `extra` names its shard), plus shards.json: the version's card
     publish → indexes-sharded/<model_version>/<index_version>/ under one MANIFEST (every shard, whole)
 
-A shard predictor loads one shard (`load_shard`); the transformer fans a query vector out to all and
+Updates (`add`, `remove`) go to the shards of the listings they name, found from the ids alone, and
+say which shards changed; `publish` then uploads the version whole, so no reader sees shards of two
+versions. A shard predictor loads one shard (`load_shard`); the transformer fans a query vector out to all and
 merges with `lookalike.serving.shard_merge.merge_answers`, which `ShardedIndex.search` uses in-process.
 
 Exactness: with IVF-Flat and one nprobe, each shard's top-k listings are the unsharded index's ranking
@@ -136,6 +138,52 @@ class ShardedIndex:
         merged = merge_answers(answers, top_k)
         return SearchResult(merged.listing_ids, merged.scores, np.full(merged.scores.shape, -1, np.int64),
                             nprobe or self.card["nprobe"], merged.photo_ids)
+
+    # ---- updates --------------------------------------------------------------------------------
+    def add(self, vectors: np.ndarray, listing_ids: Sequence[str],
+            labels: Mapping[str, Sequence[str | None]] | None = None, *,
+            photo_ids: Sequence[str] | None = None) -> list[int]:
+        """Add photos, each to its listing's shard (`VectorIndex.add` there, no retraining); return the
+        shards that changed. All checks run first: a bad batch changes no shard."""
+        x = np.asarray(vectors, np.float32)
+        ids = list(listing_ids)
+        photos = list(photo_ids) if photo_ids is not None else None
+        groups = self._by_shard(ids)
+        for s, rows in groups.items():  # refuse before touching anything (duplicates, known photos)
+            self.shards[s]._table.check_new([ids[r] for r in rows], None if photos is None else
+                                            [photos[r] for r in rows])
+        for s, rows in groups.items():
+            part_labels = None if labels is None else {t: [v[r] for r in rows] for t, v in labels.items()}
+            self.shards[s].add(x[rows], [ids[r] for r in rows], part_labels,
+                               photo_ids=None if photos is None else [photos[r] for r in rows])
+        self._recount()
+        return sorted(groups)
+
+    def remove(self, listing_ids: Sequence[str]) -> list[int]:
+        """Remove delisted listings from their shards; return the shards that changed. Unknown ids are
+        refused before any shard changes."""
+        ids = list(listing_ids)
+        groups = self._by_shard(ids)
+        for s, rows in groups.items():
+            self.shards[s]._table.check_known([ids[r] for r in rows])
+        for s, rows in groups.items():
+            self.shards[s].remove([ids[r] for r in rows])
+        self._recount()
+        return sorted(groups)
+
+    def _by_shard(self, ids: list[str]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for row, lid in enumerate(ids):
+            if not isinstance(lid, str) or not lid:
+                raise BadIndexInput(f"listing ids must be non-empty strings, got {lid!r}")
+            groups.setdefault(shard_of(lid, len(self.shards)), []).append(row)
+        return groups
+
+    def _recount(self) -> None:
+        self.card.update(count=sum(p.count for p in self.shards),
+                         listing_count=sum(p.listing_count for p in self.shards),
+                         shard_counts=[p.count for p in self.shards],
+                         shard_listing_counts=[p.listing_count for p in self.shards])
 
     # ---- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

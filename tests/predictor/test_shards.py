@@ -109,3 +109,30 @@ def test_bad_shard_counts_are_refused(full):
             ShardedIndex.from_index(full, bad)
     with pytest.raises(BadIndexInput):
         ShardedIndex.from_index(full, 2).search(np.zeros((1, D), np.float32) + 0.1, top_k=10**6)
+
+
+def test_updates_touch_only_the_listings_shards_and_keep_the_answer(catalog, queries):
+    x, ids, photos, labels = catalog
+    half = N // 2
+    new_x = clustered(40, seed=11)
+    new_ids = [f"new-{i:03d}" for i in range(20)] * 2
+    new_photos = ["0"] * 20 + ["1"] * 20
+    gone = [f"listing-{i:05d}" for i in range(0, half, 97)]
+    full = VectorIndex.build(x, ids, labels, model_version=MODEL, photo_ids=photos, factory="IVF16,Flat",
+                             seed=0, tune_queries=200)
+    sharded = ShardedIndex.from_index(full, 4)
+    new_labels = {"category": ["common"] * 40}
+    one_listing = sharded.add(new_x[:1], new_ids[:1], {"category": ["common"]}, photo_ids=new_photos[:1])
+    assert one_listing == [shard_of(new_ids[0], 4)]  # one listing: one shard changed
+    sharded.add(new_x[1:], new_ids[1:], {"category": new_labels["category"][1:]}, photo_ids=new_photos[1:])
+    full.add(new_x, new_ids, new_labels, photo_ids=new_photos)
+    assert sorted(sharded.remove(gone)) == sorted({shard_of(g, 4) for g in gone})
+    full.remove(gone)
+    assert sharded.card["count"] == full.count and sharded.card["listing_count"] == full.listing_count
+    assert sharded.search(queries, 10).listing_ids == full.search(queries, 10).listing_ids
+    before = [p.count for p in sharded.shards]
+    with pytest.raises(BadIndexInput):  # one known listing in the batch: nothing changes anywhere
+        sharded.add(new_x[:2], ["brand-new", new_ids[0]])
+    with pytest.raises(BadIndexInput):
+        sharded.remove(["listing-00001", "no-such-listing"])
+    assert [p.count for p in sharded.shards] == before
