@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lookalike.core.boxes import Localisation, box_from_objectness, context_box, crop_to_box, from_input_box
+from lookalike.core.boxes import MARGIN, Localisation, box_from_objectness, context_box, crop_to_box, from_input_box
 from lookalike.core.preprocessing import crop_window, preprocess
 from lookalike.training.data import ImageBank
 from lookalike.training.evaluate import embed_images, listing_recall, listing_topk, run_batches
@@ -62,31 +62,37 @@ def _normalise(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def locate_photos(model: LookalikeModel, photos: list[Image.Image], *, device: torch.device
-                  ) -> tuple[list[Localisation | None], list[Localisation | None]]:
-    """The locator's box and the untrained saliency box of each photo, as fractions of the photo."""
+def objectness_maps(model: LookalikeModel, photos: list[Image.Image], *, device: torch.device
+                    ) -> dict[str, np.ndarray]:
+    """Per photo and way of finding the product, a map of how likely each feature-map cell shows it:
+    `locator` (the learnt head), `saliency` (the feature map's channel energy, min-max scaled: no
+    training, the class-activation idea) and `mixed` (their geometric mean)."""
     spec = model.config.preprocessing
 
     def one_pass(x: torch.Tensor) -> list:
         fmap = model.feature_map(x)
-        objectness = torch.sigmoid(model.locator(fmap).squeeze(1)).float().cpu().numpy()
+        objectness = torch.sigmoid(model.locator(fmap).squeeze(1)).float()
         energy = fmap.float().norm(dim=1)
         lo = energy.amin(dim=(1, 2), keepdim=True)
         hi = energy.amax(dim=(1, 2), keepdim=True)
-        saliency = ((energy - lo) / (hi - lo).clamp_min(1e-6)).cpu().numpy()
-        return [objectness, saliency]
+        saliency = (energy - lo) / (hi - lo).clamp_min(1e-6)
+        return [objectness.cpu().numpy(), saliency.cpu().numpy()]
 
     outs = run_batches(one_pass, photos, spec, batch_size=32, device=device, progress=False)
-    objectness = np.concatenate([o[0] for o in outs])
+    locator = np.concatenate([o[0] for o in outs])
     saliency = np.concatenate([o[1] for o in outs])
-    found, salient = [], []
-    for photo, obj, sal in zip(photos, objectness, saliency):
-        window = crop_window(*photo.size, spec)
-        for prob, out in ((obj, found), (sal, salient)):
-            loc = box_from_objectness(prob)
-            out.append(None if loc is None else Localisation(from_input_box(loc.box, *photo.size, window),
-                                                             loc.confidence))
-    return found, salient
+    return {"locator": locator, "saliency": saliency, "mixed": np.sqrt(locator * saliency)}
+
+
+def boxes_on_photos(maps: np.ndarray, photos: list[Image.Image], spec) -> list[Localisation | None]:
+    """Each map's box (`box_from_objectness`) as fractions of its photo."""
+    out: list[Localisation | None] = []
+    for photo, prob in zip(photos, maps):
+        loc = box_from_objectness(prob)
+        out.append(None if loc is None else Localisation(from_input_box(loc.box, *photo.size,
+                                                                        crop_window(*photo.size, spec)),
+                                                         loc.confidence))
+    return out
 
 
 def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBank, rows: np.ndarray, *, queries: int,
@@ -103,24 +109,30 @@ def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBan
     for kind, cutout in (("placed", False), ("cutout", True)):
         photos, truth_ids, true_boxes = phone_queries_with_boxes(bank, rows, queries, seed, cutout=cutout)
         truth = np.array([listing_of[t] for t in truth_ids])
-        found, salient = locate_photos(model, photos, device=device)
-        crops = {
-            "crop": [crop_to_box(p, loc.crop_box(*p.size)) if loc is not None and loc.usable else p
-                     for p, loc in zip(photos, found)],
-            "saliency": [crop_to_box(p, loc.crop_box(*p.size)) if loc is not None and loc.usable else p
-                         for p, loc in zip(photos, salient)],
-            "oracle": [crop_to_box(p, context_box(b, *p.size)) for p, b in zip(photos, true_boxes)],
-        }
+        maps = objectness_maps(model, photos, device=device)
+        located = {name: boxes_on_photos(m, photos, model.config.preprocessing) for name, m in maps.items()}
+
+        def crops(found: list, margin: float, photos: list[Image.Image] = photos) -> list[Image.Image]:
+            return [crop_to_box(p, loc.crop_box(*p.size, margin)) if loc is not None and loc.usable else p
+                    for p, loc in zip(photos, found)]
+
+        variants = {"crop": crops(located["locator"], MARGIN),
+                    **{f"{name} m={margin:g}": crops(located[name], margin)
+                       for name in located for margin in (0.0, MARGIN) if (name, margin) != ("locator", MARGIN)},
+                    "oracle": [crop_to_box(p, context_box(b, *p.size)) for p, b in zip(photos, true_boxes)]}
         whole = embed_images(model, baseline, photos, device=device, progress=False)
         embedded = {name: embed_images(model, baseline, imgs, device=device, progress=False)
-                    for name, imgs in crops.items()}
+                    for name, imgs in variants.items()}
+        found = located["locator"]
         used = np.array([loc is not None and loc.usable for loc in found])
         fused = _normalise(whole.finetuned + np.where(used[:, None], embedded["crop"].finetuned, whole.finetuned))
         finetuned = {"whole": whole.finetuned, "crop": embedded["crop"].finetuned, "fused": fused,
-                     "saliency": embedded["saliency"].finetuned, "oracle": embedded["oracle"].finetuned}
+                     **{name: e.finetuned for name, e in embedded.items() if name != "crop"}}
         pretrained = {"whole": whole.baseline, "crop": embedded["crop"].baseline, "oracle": embedded["oracle"].baseline}
         result[kind] = {
             "queries": len(photos), "cropped": float(used.mean()),
+            "cropped_by": {name: float(np.mean([loc is not None and loc.usable for loc in found_by]))
+                           for name, found_by in located.items()},
             "mean_iou": float(np.mean([_iou(loc.box, b) if loc is not None else 0.0
                                        for loc, b in zip(found, true_boxes)])),
             "finetuned": {m: listing_recall(listing_topk(q, gal.finetuned, g_listing, 10), truth)
@@ -183,7 +195,8 @@ def detail_lines(result: dict[str, Any]) -> list[str]:
     for kind in ("placed", "cutout"):
         m = result[kind]
         lines.append(f"{kind} ({m['queries']} SIMULATED queries, {m['cropped']:.0%} cropped, locator box IoU "
-                     f"{m['mean_iou']:.2f}):")
+                     f"{m['mean_iou']:.2f}; cropped by " + ", ".join(f"{k} {v:.0%}" for k, v in m["cropped_by"].items())
+                     + "):")
         for who in ("finetuned", "pretrained"):
             lines.append(f"  {who:10s} " + ", ".join(f"{mode} {v['recall@1']:.3f}/{v['recall@10']:.3f}"
                                                       for mode, v in m[who].items()) + "  (recall@1/@10)")
