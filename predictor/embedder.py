@@ -247,7 +247,7 @@ def _torch_runner(card: ModelCard):
             out = model(x)
             emb = torch.nn.functional.normalize(out["embedding"].float(), dim=-1)
             probs = {t: out["logits"][t].float().softmax(-1).cpu().numpy() for t in tasks}
-            located = torch.sigmoid(out["objectness"].float()).cpu().numpy() if "objectness" in out else None
+            located = out["objectness"].float().cpu().numpy() if "objectness" in out else None
             return emb.cpu().numpy(), probs, located
 
     return run, name, str(device)

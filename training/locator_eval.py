@@ -6,14 +6,16 @@ Two kinds of query, both SIMULATED with the EVALUATION recipe (scenes the locato
   an object on a table).
 
 Each query is searched several ways against the same gallery, with the same model:
-- `whole`: the whole photo, as the service did before it had a locator;
-- `crop`: the served path: the locator's box (with its context margin) when it is usable
-  (`Localisation.usable`), else the whole photo;
+- `whole`: the whole photo, as the service did before it could find the product;
+- `crop`: the served path: the box read off the model's served map (`ModelConfig.locator_map`) at the
+  served margin (`lookalike.core.boxes.MARGIN`) when it is usable (`Localisation.usable`), else the whole
+  photo;
 - `fused`: the whole photo's and the crop's embeddings averaged (both searched as one);
-- `saliency`: a crop chosen without any training, from the feature map's channel energy (the
-  class-activation idea), to show what the learnt locator adds;
-- `oracle`: the true box the simulator drew: the most any crop can give.
-The pretrained ImageNet model is measured on the same queries, whole and with the locator's crop.
+- `<map> m=<margin>`: the box of each map at each margin: `learnt` (the locator head, trained on the
+  simulator's free boxes), `saliency` (the feature map's channel energy: no training, the
+  class-activation idea), `mixed` (their geometric mean);
+- `oracle`: the true box the simulator drew (with the served margin): what a perfect box gives.
+The pretrained ImageNet model is measured on the same queries, whole and with the served crop.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from lookalike.training.model import LookalikeModel
 from lookalike.training.phone_photos import EVALUATION, simulate
 from lookalike.training.queries import PHONE_SIZE, gallery_of
 
-MODES = ("whole", "crop", "fused", "saliency", "oracle")
+WIDER_MARGIN = 0.12  # a crop with more context around the box, measured beside the served margin
 
 
 def phone_queries_with_boxes(bank: ImageBank, rows: np.ndarray, n: int, seed: int, *, cutout: bool
@@ -71,17 +73,12 @@ def objectness_maps(model: LookalikeModel, photos: list[Image.Image], *, device:
 
     def one_pass(x: torch.Tensor) -> list:
         fmap = model.feature_map(x)
-        objectness = torch.sigmoid(model.locator(fmap).squeeze(1)).float()
-        energy = fmap.float().norm(dim=1)
-        lo = energy.amin(dim=(1, 2), keepdim=True)
-        hi = energy.amax(dim=(1, 2), keepdim=True)
-        saliency = (energy - lo) / (hi - lo).clamp_min(1e-6)
-        return [objectness.cpu().numpy(), saliency.cpu().numpy()]
+        return [model.objectness(fmap, "learnt").cpu().numpy(), model.objectness(fmap, "saliency").cpu().numpy()]
 
     outs = run_batches(one_pass, photos, spec, batch_size=32, device=device, progress=False)
     locator = np.concatenate([o[0] for o in outs])
     saliency = np.concatenate([o[1] for o in outs])
-    return {"locator": locator, "saliency": saliency, "mixed": np.sqrt(locator * saliency)}
+    return {"learnt": locator, "saliency": saliency, "mixed": np.sqrt(locator * saliency)}
 
 
 def boxes_on_photos(maps: np.ndarray, photos: list[Image.Image], spec) -> list[Localisation | None]:
@@ -116,14 +113,15 @@ def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBan
             return [crop_to_box(p, loc.crop_box(*p.size, margin)) if loc is not None and loc.usable else p
                     for p, loc in zip(photos, found)]
 
-        variants = {"crop": crops(located["locator"], MARGIN),
+        served = located[model.config.locator_map]
+        variants = {"crop": crops(served, MARGIN),
                     **{f"{name} m={margin:g}": crops(located[name], margin)
-                       for name in located for margin in (0.0, MARGIN) if (name, margin) != ("locator", MARGIN)},
+                       for name in located for margin in sorted({MARGIN, WIDER_MARGIN})},
                     "oracle": [crop_to_box(p, context_box(b, *p.size)) for p, b in zip(photos, true_boxes)]}
         whole = embed_images(model, baseline, photos, device=device, progress=False)
         embedded = {name: embed_images(model, baseline, imgs, device=device, progress=False)
                     for name, imgs in variants.items()}
-        found = located["locator"]
+        found = served
         used = np.array([loc is not None and loc.usable for loc in found])
         fused = _normalise(whole.finetuned + np.where(used[:, None], embedded["crop"].finetuned, whole.finetuned))
         finetuned = {"whole": whole.finetuned, "crop": embedded["crop"].finetuned, "fused": fused,
@@ -168,7 +166,7 @@ def _served_path_latency(model: LookalikeModel, photos: list[Image.Image], devic
         times["whole"].append(time.perf_counter() - start)
         start = time.perf_counter()
         out = run(photo)
-        loc = box_from_objectness(torch.sigmoid(out["objectness"][0].float()).cpu().numpy())
+        loc = box_from_objectness(out["objectness"][0].float().cpu().numpy())
         if loc is not None:
             box = from_input_box(loc.box, *photo.size, crop_window(*photo.size, spec))
             loc = Localisation(box, loc.confidence)
