@@ -277,32 +277,38 @@ def rest_call(url: str, fresh: bool = True):
     return call
 
 
-def grpc_call(url: str, fresh: bool = True):
-    """A one-photo gRPC client; `fresh`: every upload as new bytes (`unique`), so the cache never answers."""
-    import tritonclient.grpc as grpcclient
+def _grpc_bytes_call(url: str, name: str):
+    """call(value): one BYTES element in input `name`, top_k 10, over gRPC v2 with the v2 protos kserve ships
+    (tritonclient.grpc registers the same protos and cannot share a process with the in-process baseline,
+    which imports kserve), a plain synchronous stub, as a client application would hold one."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
-    client = grpcclient.InferenceServerClient(url)
+    channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", -1),
+                                                  ("grpc.max_receive_message_length", -1)])
+    stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+    top_k = pb.InferParameter(int64_param=10)
 
-    def call(photo: bytes):
-        tensor = grpcclient.InferInput("image", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([unique(photo) if fresh else photo], dtype=object))
-        return client.infer(MODEL, [tensor], parameters={"top_k": 10}, client_timeout=30)
+    def call(value: bytes):
+        tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype="BYTES", shape=[1],
+                                                       contents=pb.InferTensorContents(bytes_contents=[value]))
+        return stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL, inputs=[tensor], parameters={"top_k": top_k}),
+                               timeout=30)
 
     return call
+
+
+def grpc_call(url: str, fresh: bool = True):
+    """A one-photo gRPC client; `fresh`: every upload as new bytes (`unique`), so the cache never answers."""
+    send = _grpc_bytes_call(url, "image")
+    return lambda photo: send(unique(photo) if fresh else photo)
 
 
 def grpc_listing_call(url: str):
     """A search-by-listing gRPC client: call(listing_id)."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-
-    def call(listing_id: str):
-        tensor = grpcclient.InferInput("listing_id", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([listing_id.encode()], dtype=object))
-        return client.infer(MODEL, [tensor], parameters={"top_k": 10}, client_timeout=30)
-
-    return call
+    send = _grpc_bytes_call(url, "listing_id")
+    return lambda listing_id: send(listing_id.encode())
 
 
 def cache_hits(predictor_rest: str) -> tuple[float, float]:
