@@ -41,10 +41,11 @@ import numpy as np
 
 from lookalike.predictor.index import drift as index_drift
 from lookalike.predictor.index import tuning as tuning
-from lookalike.predictor.index.build import now, train_index
+from lookalike.predictor.index.build import graph_widened, now, train_index
 from lookalike.predictor.index.checks import check_int, check_vectors
 from lookalike.predictor.index.errors import BadIndexInput, CorruptIndex, IndexMismatch, VectorIndexError
-from lookalike.predictor.index.factory import (DEFAULT_FACTORY, PQ_FACTORY, REFINE_K_FACTOR, choose_factory,
+from lookalike.predictor.index.factory import (DEFAULT_FACTORY, MAX_REFINE_K_FACTOR, PQ_FACTORY, REFINE_K_FACTOR,
+                                               choose_factory,
                                                flat_bytes_per_vector, parse_bytes, plan)
 from lookalike.predictor.index.files import IndexFolder, read_folder, write_folder
 from lookalike.predictor.index.gpu import GPU_MAX_K, add_chunks, gpu_count, make_replica, want_gpu
@@ -224,9 +225,19 @@ class VectorIndex:
         # listing has several photos
         table = self._table
         owners_of = None if table.one_photo_each else table.owners_of
-        nprobe, curve, reached = tuning.tune_held_out(search, x, table.keys, nq, rng, self.nlist, target,
-                                                      progress, owners_of=owners_of,
-                                                      per_listing=oversample(n, table.listing_count, table.max_photos))
+        per_listing = oversample(n, table.listing_count, table.max_photos)
+        seed = int(rng.integers(2**63))  # the same held-out queries for every short list tried
+        while True:
+            nprobe, curve, reached = tuning.tune_held_out(search, x, table.keys, nq, np.random.default_rng(seed),
+                                                          self.nlist, target, progress, owners_of=owners_of,
+                                                          per_listing=per_listing)
+            # A re-ranked index starts with a short list of REFINE_K_FACTOR·top_k (each candidate costs the
+            # query an id lookup and a re-scoring); where that cannot reach the target, it doubles.
+            refine = self._refine
+            if reached or refine is None or refine.k_factor * 2 > MAX_REFINE_K_FACTOR:
+                break
+            refine.k_factor *= 2
+            self._card.refine = refine.describe
         card = self._card
         card.nprobe, card.recall_curve, card.target_reached, card.tune_queries = nprobe, curve, reached, nq
         card.recall_at_10 = next(c["recall_at_10"] for c in curve if c["nprobe"] == nprobe)
@@ -393,7 +404,8 @@ class VectorIndex:
         refine_codes = self._refine.encode(x) if self._refine is not None else None
         if self._ivf is not None:  # how well the new vectors fit the trained clusters (drift)
             index_drift.record_added_fit(self._card, self._ivf, x)
-        add_chunks(self._index, x, keys, progress, "adding")
+        with graph_widened(self._index):
+            add_chunks(self._index, x, keys, progress, "adding")
         self._table.append(keys, ids, vocab, codes, photos)
         if refine_codes is not None:
             self._refine.append(refine_codes)

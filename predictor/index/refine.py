@@ -91,9 +91,10 @@ class RefineCopy:
     # ---- following the table ------------------------------------------------------------------
     def encode(self, x: np.ndarray) -> np.ndarray:
         """The codes of x, in chunks of `ADD_CHUNK` vectors (encode before changing anything)."""
-        if not len(x):
-            return np.zeros((0, self.codec.sa_code_size()), np.uint8)
-        return np.concatenate([self.codec.sa_encode(x[i:i + ADD_CHUNK]) for i in range(0, len(x), ADD_CHUNK)])
+        codes = np.empty((len(x), self.codec.sa_code_size()), np.uint8)  # filled in place: no second copy
+        for i in range(0, len(x), ADD_CHUNK):
+            codes[i:i + ADD_CHUNK] = self.codec.sa_encode(x[i:i + ADD_CHUNK])
+        return codes
 
     def append(self, codes: np.ndarray) -> None:
         self.codes = np.concatenate([self.codes, codes])
