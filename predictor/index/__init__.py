@@ -24,6 +24,9 @@ lives beside it, one concern per module, imported only from here downwards (neve
 - `index_checks`, `index_lock`, `index_errors`: input checks, the read-write lock, the errors;
 - `lookalike.core.index_card.IndexCard`: index.json, which the transformer reads too.
 
+Why this file is long: build, search, update and persist share the object's FAISS index, table and lock;
+tuning (which variants of the built index a query should use) measures them through the same search.
+
 Thread safety: searches on one object run concurrently (FAISS CPU search is read-only); add, remove
 and replace take a write lock, so a search never sees a half-applied update. The predictor swaps whole
 VectorIndex objects, which needs nothing from this class.
@@ -41,7 +44,7 @@ import numpy as np
 
 from lookalike.predictor.index import drift as index_drift
 from lookalike.predictor.index import tuning as tuning
-from lookalike.predictor.index.build import graph_widened, now, train_index
+from lookalike.predictor.index.build import QUERY_DEPTHS, graph_of, graph_widened, now, train_index
 from lookalike.predictor.index.checks import check_int, check_vectors
 from lookalike.predictor.index.errors import BadIndexInput, CorruptIndex, IndexMismatch, VectorIndexError
 from lookalike.predictor.index.factory import (DEFAULT_FACTORY, MAX_REFINE_K_FACTOR, PQ_FACTORY, REFINE_K_FACTOR,
@@ -63,6 +66,8 @@ __all__ = ["VectorIndex", "SearchResult", "listing_key", "listing_keys", "photo_
 recall_at_k = tuning.recall_at_k
 
 log = logging.getLogger(__name__)
+
+TIMED_QUERIES = 200  # held-out queries timed per variant the tuning tries
 
 
 class VectorIndex:
@@ -226,17 +231,43 @@ class VectorIndex:
         table = self._table
         owners_of = None if table.one_photo_each else table.owners_of
         per_listing = oversample(n, table.listing_count, table.max_photos)
-        seed = int(rng.integers(2**63))  # the same held-out queries for every short list tried
-        while True:
-            nprobe, curve, reached = tuning.tune_held_out(search, x, table.keys, nq, np.random.default_rng(seed),
-                                                          self.nlist, target, progress, owners_of=owners_of,
-                                                          per_listing=per_listing)
-            # A re-ranked index starts with a short list of REFINE_K_FACTOR·top_k (each candidate costs the
-            # query an id lookup and a re-scoring); where that cannot reach the target, it doubles.
-            refine = self._refine
-            if reached or refine is None or refine.k_factor * 2 > MAX_REFINE_K_FACTOR:
-                break
-            refine.k_factor *= 2
+        seed = int(rng.integers(2**63))  # every variant tried is measured on the same held-out queries
+        truth: dict = {}
+        graph = graph_of(self._index)
+        refine = self._refine
+        first_k = refine.k_factor if refine is not None else 0
+        tried = []  # (reached, seconds per query, depth, k_factor, nprobe, curve)
+        for depth in (QUERY_DEPTHS if graph is not None else (None,)):
+            if graph is not None:
+                graph.hnsw.efSearch = depth
+            if refine is not None:
+                refine.k_factor = first_k
+            best_before = -1.0
+            while True:
+                nprobe, curve, reached = tuning.tune_held_out(search, x, table.keys, nq, np.random.default_rng(seed),
+                                                              self.nlist, target, progress, owners_of=owners_of,
+                                                              per_listing=per_listing, truth_cache=truth)
+                best = max(c["recall_at_10"] for c in curve)
+                sample = x[np.random.default_rng(seed).choice(n, min(n, TIMED_QUERIES), replace=False)]
+                took = tuning.seconds_per_query(lambda q, p=nprobe: self._search_keys(q, tuning.RECALL_K, p, None, n),
+                                                sample)
+                tried.append((reached, took, depth, refine.k_factor if refine is not None else None, nprobe, curve))
+                # A re-ranked index starts with a short list of REFINE_K_FACTOR·top_k (each candidate costs the
+                # query an id lookup and a re-scoring); where that cannot reach the target and a longer one
+                # helped, it doubles.
+                if (reached or refine is None or refine.k_factor * 2 > MAX_REFINE_K_FACTOR
+                        or best <= best_before + 0.005):
+                    break
+                best_before = best
+                refine.k_factor *= 2
+        # the fastest variant that reaches the target, else the one closest to it
+        reached, _, depth, k_factor, nprobe, curve = min(
+            tried, key=lambda t: (not t[0], t[1] if t[0] else -max(c["recall_at_10"] for c in t[5])))
+        if graph is not None:
+            graph.hnsw.efSearch = depth
+            log.info("index for model %s: queries search the coarse graph %d deep", self.model_version, depth)
+        if refine is not None:
+            refine.k_factor = k_factor
             self._card.refine = refine.describe
         card = self._card
         card.nprobe, card.recall_curve, card.target_reached, card.tune_queries = nprobe, curve, reached, nq

@@ -39,7 +39,7 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _graph_of(index):
+def graph_of(index):
     """The HNSW coarse quantizer of an IVF index, or None (a flat quantizer, exact search)."""
     import faiss
 
@@ -54,7 +54,7 @@ def _graph_of(index):
 def graph_widened(index) -> Iterator[None]:
     """While vectors are added: an HNSW coarse quantizer searches `HNSW_QUANTIZER_EF` deep (each vector stays
     in the list it is assigned to), then goes back to the depth its queries use (see index_factory)."""
-    graph = _graph_of(index)
+    graph = graph_of(index)
     if graph is None:
         yield
         return
@@ -69,15 +69,19 @@ def graph_widened(index) -> Iterator[None]:
 def deepen_graph_build(index) -> None:
     """Before the centroids go into an HNSW coarse quantizer: build its graph `HNSW_QUANTIZER_EF_CONSTRUCTION`
     deep (see index_factory)."""
-    graph = _graph_of(index)
+    graph = graph_of(index)
     if graph is not None:
         graph.hnsw.efConstruction = HNSW_QUANTIZER_EF_CONSTRUCTION
+
+
+# The depths the nprobe tuning tries for queries: it keeps the fastest that reaches the target recall.
+QUERY_DEPTHS = (HNSW_QUANTIZER_SEARCH_EF, 2 * HNSW_QUANTIZER_SEARCH_EF, HNSW_QUANTIZER_EF)
 
 
 def set_query_depth(index) -> None:
     """A new index's HNSW coarse quantizer searches `HNSW_QUANTIZER_SEARCH_EF` deep for queries: the depth
     the index file keeps and the nprobe tuning measures. (k-means trains at FAISS's default.)"""
-    graph = _graph_of(index)
+    graph = graph_of(index)
     if graph is not None:
         graph.hnsw.efSearch = HNSW_QUANTIZER_SEARCH_EF
 

@@ -26,10 +26,11 @@ Factories (the `factory` setting, FAISS index_factory strings with placeholders)
   and the vector stays in that list: adds search at `HNSW_QUANTIZER_EF` (at FAISS's default, 16, the graph
   found it for 0.91 of yardstick vectors, at 64 for 0.98, and 10M vectors went to the wrong list often
   enough to cap IVF-Flat's recall@10 near 0.95). A query asks for nprobe lists, and FAISS's graph search
-  looks at least nprobe deep anyway: queries search at `HNSW_QUANTIZER_SEARCH_EF` (or nprobe if larger),
-  which the nprobe tuning then measures. On the 1M yardstick (8,192 lists), depth 16 with nprobe 8
-  reached recall@10 0.954 in 150 us, depth 24 with nprobe 6 0.955 in 164 us: a deeper graph search costs
-  more than the lists it saves. The index file keeps the query depth; adds widen it while they run
+  looks at least nprobe deep anyway: the nprobe tuning tries queries at depths 16, 32 and 64
+  (`lookalike.predictor.index.build.QUERY_DEPTHS`) and keeps the fastest that reaches the target recall,
+  timed on its held-out queries. A shallow search misses some of a query's nearest lists, which more
+  probes make up for only in part; a deep one costs more comparisons than the lists it saves, which is
+  data-dependent, hence measured. The index file keeps the query depth; adds widen it while they run
   (`lookalike.predictor.index.build.graph_widened`). Indexes saved before keep the depth they were saved
   with (64).
 
@@ -61,7 +62,7 @@ HNSW_QUANTIZER_EF = 64         # graph search depth while vectors are added (see
 # a yardstick vector's nearest of 4,096 centroids for 0.94 of them at depth 64; at 200, 0.99 (0.94 at 16).
 # Building it costs seconds: the graph holds only the centroids.
 HNSW_QUANTIZER_EF_CONSTRUCTION = 200
-HNSW_QUANTIZER_SEARCH_EF = 16  # graph search depth of a query, max'ed with nprobe by FAISS (see the module doc)
+HNSW_QUANTIZER_SEARCH_EF = 16  # the shallowest graph search depth the tuning tries for queries (module doc)
 ADD_CHUNK = 65_536             # vectors per FAISS add/encode call: bounds the temporary memory of one call
 
 _REFINE_RE = re.compile(r",(?:Refine\((SQ8|SQfp16|Flat)\)|(RFlat))$")
