@@ -26,7 +26,7 @@ Factories (the `factory` setting, FAISS index_factory strings with placeholders)
   and the vector stays in that list: adds search at `HNSW_QUANTIZER_EF` (at FAISS's default, 16, the graph
   found it for 0.91 of yardstick vectors, at 64 for 0.98, and 10M vectors went to the wrong list often
   enough to cap IVF-Flat's recall@10 near 0.95). A query asks for nprobe lists, and FAISS's graph search
-  looks at least nprobe deep anyway: the nprobe tuning tries queries at depths 16, 32 and 64
+  looks at least nprobe deep anyway: the nprobe tuning tries queries at depths 32 and 64
   (`lookalike.predictor.index.build.QUERY_DEPTHS`) and keeps the fastest that reaches the target recall,
   timed on its held-out queries. A shallow search misses some of a query's nearest lists, which more
   probes make up for only in part; a deep one costs more comparisons than the lists it saves, which is
@@ -62,7 +62,7 @@ HNSW_QUANTIZER_EF = 64         # graph search depth while vectors are added (see
 # a yardstick vector's nearest of 4,096 centroids for 0.94 of them at depth 64; at 200, 0.99 (0.94 at 16).
 # Building it costs seconds: the graph holds only the centroids.
 HNSW_QUANTIZER_EF_CONSTRUCTION = 200
-HNSW_QUANTIZER_SEARCH_EF = 16  # the shallowest graph search depth the tuning tries for queries (module doc)
+HNSW_QUANTIZER_SEARCH_EF = 16  # FAISS's default query depth: the tuning tries twice this and HNSW_QUANTIZER_EF
 ADD_CHUNK = 65_536             # vectors per FAISS add/encode call: bounds the temporary memory of one call
 
 _REFINE_RE = re.compile(r",(?:Refine\((SQ8|SQfp16|Flat)\)|(RFlat))$")
