@@ -256,6 +256,11 @@ def test_ivf_pq_with_re_ranking(data, tmp_path):
     np.testing.assert_allclose(idx._refine.decode(codes), idx._refine.codec.sa_decode(codes), atol=1e-6)
     res = idx.search(data[:20], 1)
     assert [r[0] for r in res.listing_ids] == ids_for(20)  # re-ranking puts each vector first
+    batch = idx.search(data[:8], 10)   # one query at a time (the re-ranking's short path) ranks alike
+    for i in range(8):
+        one = idx.search(data[i], 10)
+        assert one.listing_ids[0] == batch.listing_ids[i]
+        np.testing.assert_allclose(one.scores[0], batch.scores[i], atol=1e-6)
     loaded = VectorIndex.load(idx.save(tmp_path / "pq"), model_version=MODEL)
     again = loaded.search(data[:20], 10)
     assert again.listing_ids == idx.search(data[:20], 10).listing_ids
