@@ -8,10 +8,12 @@ Data: DIR/base.npy, queries.npy, gt.npy as written by the project's yardstick ge
 --quick uses 100,000 vectors (about a minute of work).
 
 Measured in one run, on the same vectors and queries:
-- exact search (FAISS brute force, as IndexFlatIP runs it): the baseline every speed-up is relative to;
+- exact search (FAISS brute force, as IndexFlatIP runs it, one thread for single queries, on a base held in
+  memory: a --vectors base is read in before anything is timed): the baseline every speed-up is relative to;
 - IVF-Flat and IVF-PQ re-ranked from an 8-bit copy, both through the project's own search API
   (`lookalike.predictor.index.VectorIndex.search`: input checks, the filter path, ids mapped to listing ids),
-  at the nprobe the build tuned for recall@10 0.95; raw FAISS on the same IVF-Flat shows the API's cost;
+  at the nprobe the build tuned for recall@10 0.95; raw FAISS on the same IVF-Flat shows the API's cost,
+  and a line per index splits one query's time between the coarse quantizer, the list scan and the API;
 - incremental updates: an index trained on 90% of the vectors, the other 10% added without
   retraining, against the full build at the same nprobe;
 - peers where installed: hnswlib (HNSW) and Milvus Lite (IVF_FLAT); a missing peer is skipped with a note.
@@ -19,8 +21,9 @@ Measured in one run, on the same vectors and queries:
 Per method: build seconds, bytes per vector (the serialised index structures), and for one query at a
 time and for batches of 64: recall@10 and queries per second, with the speed-up over exact search.
 Timings stop after a few seconds per method (exact search is slow by design) and keep the best
-of three rounds, as the machine may be busy with other work. The last line
-reads `ann: recall@10=<r> speedup_vs_exact=<s>x (single query, IVF-Flat, N=<n>)`.
+of three rounds, as the machine may be busy with other work. One `ann:` line per index kind, IVF-Flat's
+first (unless --skip-flat), the compact index's last:
+`ann: recall@10=<r> speedup_vs_exact=<s>x (single query, <kind>, N=<n>) bytes_per_vector=<b>`.
 """
 from __future__ import annotations
 
