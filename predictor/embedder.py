@@ -168,7 +168,8 @@ class _OnnxRunner:
     narrow run that arrives behind it, and its two threads wait for each other: three threads on two cores.
     So after requests overlapped, the runner stays narrow until none has for `OVERLAP_MEMORY_S`. A lone
     caller, however fast it calls, never overlaps and keeps the wide session. (The index pipeline's embed
-    step, two lanes side by side on 2 cores, ran at 0.76 of the model alone and at 0.8x with this.)
+    step, two lanes side by side on 2 cores, ran at 0.76 of the model alone; with this, 0.80, the median of
+    rounds at 0.76, 0.80 and 0.80 on a busy machine: benchmarks/embed_throughput.py.)
     """
 
     def __init__(self, card: ModelCard, threads: int | None):
