@@ -24,7 +24,7 @@ lives beside it, one concern per module, imported only from here downwards (neve
 - `index_checks`, `index_lock`, `index_errors`: input checks, the read-write lock, the errors;
 - `lookalike.core.index_card.IndexCard`: index.json, which the transformer reads too.
 
-Why this file is long: build, search, update and persist share the object's FAISS index, table and lock;
+Why one file: build, search, update and persist share the object's FAISS index, table and lock;
 tuning (which variants of the built index a query should use) measures them through the same search.
 
 Thread safety: searches on one object run concurrently (FAISS CPU search is read-only); add, remove
