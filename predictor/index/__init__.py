@@ -1,5 +1,8 @@
 """The vector index: a FAISS index of one model's catalog embeddings, with its listing table and card.
 
+Why one file: build, search, update and persist share the object's FAISS index, table and lock;
+tuning (which variants of the built index a query should use) measures them through the same search.
+
     vectors [N, D] float32, L2-normalised (cosine = inner product), one per photo
       + listing ids and photo ids (+ labels)
       │ VectorIndex.build: nlist rule, k-means on a sample ≥ 39·nlist, add with 64-bit ids,
@@ -23,9 +26,6 @@ lives beside it, one concern per module, imported only from here downwards (neve
 - `index_files`: the folder save writes and load reads, checksums verified once;
 - `index_checks`, `index_lock`, `index_errors`: input checks, the read-write lock, the errors;
 - `lookalike.core.index_card.IndexCard`: index.json, which the transformer reads too.
-
-Why one file: build, search, update and persist share the object's FAISS index, table and lock;
-tuning (which variants of the built index a query should use) measures them through the same search.
 
 Thread safety: searches on one object run concurrently (FAISS CPU search is read-only); add, remove
 and replace take a write lock, so a search never sees a half-applied update. The predictor swaps whole
