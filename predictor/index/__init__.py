@@ -1,7 +1,8 @@
 """The vector index: a FAISS index of one model's catalog embeddings, with its listing table and card.
 
-Why one file: build, search, update and persist share the object's FAISS index, table and lock;
-tuning (which variants of the built index a query should use) measures them through the same search.
+Why this file is long: build, search, update and persist share the object's FAISS index, table and lock,
+and tuning (which variants of the built index a query should use) measures them through the same search.
+Why one file: split, each module would reach into the others' state on every call.
 
     vectors [N, D] float32, L2-normalised (cosine = inner product), one per photo
       + listing ids and photo ids (+ labels)
