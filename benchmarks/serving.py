@@ -318,34 +318,41 @@ def rest_call(url: str, fresh: bool = True):
     return call
 
 
+def _grpc_bytes_call(url: str, name: str, crop: str | None = None):
+    """call(value): one BYTES element in input `name`, top_k 10, over gRPC v2 with the v2 protos kserve ships
+    (tritonclient.grpc registers the same protos and cannot share a process with the in-process baseline,
+    which imports kserve), a plain synchronous stub, as a client application would hold one."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+    channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", -1),
+                                                  ("grpc.max_receive_message_length", -1)])
+    stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+    parameters = {"top_k": pb.InferParameter(int64_param=10)}
+    if crop:
+        parameters["crop"] = pb.InferParameter(string_param=crop)
+
+    def call(value: bytes):
+        tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype="BYTES", shape=[1],
+                                                       contents=pb.InferTensorContents(bytes_contents=[value]))
+        return stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL, inputs=[tensor], parameters=parameters),
+                               timeout=30)
+
+    return call
+
+
 def grpc_call(url: str, fresh: bool = True, crop: str | None = None):
     """A one-photo gRPC client; `fresh`: every upload as new bytes (`unique`), so the cache never answers;
     `crop`: the request's crop parameter (default: the service's, auto)."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    parameters = {"top_k": 10, **({"crop": crop} if crop else {})}
-
-    def call(photo: bytes):
-        tensor = grpcclient.InferInput("image", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([unique(photo) if fresh else photo], dtype=object))
-        return client.infer(MODEL, [tensor], parameters=parameters, client_timeout=30)
-
-    return call
+    send = _grpc_bytes_call(url, "image", crop)
+    return lambda photo: send(unique(photo) if fresh else photo)
 
 
 def grpc_listing_call(url: str):
     """A search-by-listing gRPC client: call(listing_id)."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-
-    def call(listing_id: str):
-        tensor = grpcclient.InferInput("listing_id", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([listing_id.encode()], dtype=object))
-        return client.infer(MODEL, [tensor], parameters={"top_k": 10}, client_timeout=30)
-
-    return call
+    send = _grpc_bytes_call(url, "listing_id")
+    return lambda listing_id: send(listing_id.encode())
 
 
 def cache_hits(predictor_rest: str) -> tuple[float, float]:

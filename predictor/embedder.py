@@ -28,6 +28,7 @@ from lookalike.core.preprocessing import PreprocessSpec
 log = logging.getLogger(__name__)
 
 HALF_MIN_COSINE = 0.999
+OVERLAP_MEMORY_S = 0.05  # after requests overlapped, ONNX Runtime stays single-threaded this long (_OnnxRunner)
 
 
 class ModelLoadError(ModelCardError):
@@ -170,6 +171,14 @@ class _OnnxRunner:
     thread per core: lowest latency), and requests that overlap run on the single-threaded `narrow`
     session, side by side, at most one per core (most images per second). Both sessions compute the
     same function; only the threads differ.
+
+    "Idle" means more than the moment: a wide run that starts between two overlapping ones (one lane of a
+    pipeline waiting for its next decoded batch while the other still runs) soon shares the cores with a
+    narrow run that arrives behind it, and its two threads wait for each other: three threads on two cores.
+    So after requests overlapped, the runner stays narrow until none has for `OVERLAP_MEMORY_S`. A lone
+    caller, however fast it calls, never overlaps and keeps the wide session. (The index pipeline's embed
+    step, two lanes side by side on 2 cores, ran at 0.76 of the model alone; with this, 0.80, the median of
+    rounds at 0.76, 0.80 and 0.80 on a busy machine: benchmarks/embed_throughput.py.)
     """
 
     def __init__(self, card: ModelCard, threads: int | None):
@@ -189,6 +198,7 @@ class _OnnxRunner:
         self._slots = threading.BoundedSemaphore(self.cores)  # runs at once; more would only time-slice
         self._lock = threading.Lock()
         self._demand = 0  # requests running or waiting for a slot
+        self._overlapped_at = -OVERLAP_MEMORY_S  # perf_counter() when requests last overlapped
         self.runs = {"wide": 0, "narrow": 0}  # how often each session ran (for tests and debugging)
 
     @staticmethod
@@ -206,12 +216,15 @@ class _OnnxRunner:
     def __call__(self, images: np.ndarray):
         with self._lock:
             self._demand += 1
+            if self._demand > 1:
+                self._overlapped_at = time.perf_counter()
         try:
             with self._slots:
                 with self._lock:
                     # Wide only when no other request is running or waiting: under load a slot that frees
                     # up goes to a waiting request, which must not take every core for itself.
-                    kind = "wide" if self._demand == 1 else "narrow"
+                    alone = self._demand == 1 and time.perf_counter() - self._overlapped_at > OVERLAP_MEMORY_S
+                    kind = "wide" if alone else "narrow"
                     self.runs[kind] += 1
                 session = self.wide if kind == "wide" else self.narrow
                 outs = session.run(self.names, {self.input_name: images})
@@ -247,7 +260,7 @@ def _torch_runner(card: ModelCard):
             out = model(x)
             emb = torch.nn.functional.normalize(out["embedding"].float(), dim=-1)
             probs = {t: out["logits"][t].float().softmax(-1).cpu().numpy() for t in tasks}
-            located = torch.sigmoid(out["objectness"].float()).cpu().numpy() if "objectness" in out else None
+            located = out["objectness"].float().cpu().numpy() if "objectness" in out else None
             return emb.cpu().numpy(), probs, located
 
     return run, name, str(device)

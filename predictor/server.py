@@ -4,6 +4,11 @@ Input (one tensor):   images   FP32 [N, 3, S, S]   preprocessed with the model's
                                                    FP16 is accepted too (the transformer sends FP16:
                                                    half the bytes, no pixel level lost); the embedder
                                                    widens it to FP32 (`Embedder.check_input`)
+  or:                 listing_id   BYTES [N]       search by listing: its stored vector (`predictor/by_listing.py`),
+                      (photo_id    BYTES [N])      the listing left out of its results; unknown: 404
+  or:                 photo_key    BYTES [N]       content keys of photos sent before: answered from the caches
+                                                   (`predictor/cache.py`), or a `cache_miss` response parameter
+                                                   and no outputs (then the pixels come, with `photo_keys`)
 Outputs:              listing_ids  BYTES [N, k]    top-k listings, each once, best first; "" pads a row
                                                    with fewer than k matches
                       photo_ids    BYTES [N, k]    beside each, the listing's photo that matched best

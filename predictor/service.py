@@ -189,9 +189,7 @@ class Matches:
     index_version: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     photo_ids: list[list[str]] = field(default_factory=list)  # beside listing_ids: the photo that matched
-    # [N, 5] x0, y0, x1, y1, confidence: where the locator sees the product, as fractions of the model's
-    # input (NaN where it sees none); None when the model has no locator
-    boxes: np.ndarray | None = None
+    boxes: np.ndarray | None = None  # [N, 5] the locator's boxes (lookalike.core.boxes.boxes_table)
     # what the answer was searched with, when it came from images: kept by the predictor's cache
     embeddings: np.ndarray | None = field(default=None, repr=False)
     head_probs: dict[str, np.ndarray] | None = field(default=None, repr=False)

@@ -46,7 +46,7 @@ class ServingGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(images)
-        located = (torch.sigmoid(out["objectness"].float()),) if "objectness" in out else ()
+        located = (out["objectness"].float(),) if "objectness" in out else ()
         return (out["embedding"], *(out["logits"][t].float().softmax(-1) for t in self.tasks), *located)
 
 

@@ -6,14 +6,16 @@ Two kinds of query, both SIMULATED with the EVALUATION recipe (scenes the locato
   an object on a table).
 
 Each query is searched several ways against the same gallery, with the same model:
-- `whole`: the whole photo, as the service did before it had a locator;
-- `crop`: the served path: the locator's box (with its context margin) when it is usable
-  (`Localisation.usable`), else the whole photo;
+- `whole`: the whole photo, as the service did before it could find the product;
+- `crop`: the served path: the box read off the model's served map (`ModelConfig.locator_map`) at the
+  served margin (`lookalike.core.boxes.MARGIN`) when it is usable (`Localisation.usable`), else the whole
+  photo;
 - `fused`: the whole photo's and the crop's embeddings averaged (both searched as one);
-- `saliency`: a crop chosen without any training, from the feature map's channel energy (the
-  class-activation idea), to show what the learnt locator adds;
-- `oracle`: the true box the simulator drew: the most any crop can give.
-The pretrained ImageNet model is measured on the same queries, whole and with the locator's crop.
+- `<map> m=<margin>`: the box of each map at each margin: `learnt` (the locator head, trained on the
+  simulator's free boxes), `saliency` (the feature map's channel energy: no training, the
+  class-activation idea), `mixed` (their geometric mean);
+- `oracle`: the true box the simulator drew (with the served margin): what a perfect box gives.
+The pretrained ImageNet model is measured on the same queries, whole and with the served crop.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lookalike.core.boxes import Localisation, box_from_objectness, context_box, crop_to_box, from_input_box
+from lookalike.core.boxes import MARGIN, Localisation, box_from_objectness, context_box, crop_to_box, from_input_box
 from lookalike.core.preprocessing import crop_window, preprocess
 from lookalike.training.data import ImageBank
 from lookalike.training.evaluate import embed_images, listing_recall, listing_topk, run_batches
@@ -33,7 +35,7 @@ from lookalike.training.model import LookalikeModel
 from lookalike.training.phone_photos import EVALUATION, simulate
 from lookalike.training.queries import PHONE_SIZE, gallery_of
 
-MODES = ("whole", "crop", "fused", "saliency", "oracle")
+WIDER_MARGIN = 0.12  # a crop with more context around the box, measured beside the served margin
 
 
 def phone_queries_with_boxes(bank: ImageBank, rows: np.ndarray, n: int, seed: int, *, cutout: bool
@@ -62,31 +64,32 @@ def _normalise(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def locate_photos(model: LookalikeModel, photos: list[Image.Image], *, device: torch.device
-                  ) -> tuple[list[Localisation | None], list[Localisation | None]]:
-    """The locator's box and the untrained saliency box of each photo, as fractions of the photo."""
+def objectness_maps(model: LookalikeModel, photos: list[Image.Image], *, device: torch.device
+                    ) -> dict[str, np.ndarray]:
+    """Per photo and way of finding the product, a map of how likely each feature-map cell shows it:
+    `locator` (the learnt head), `saliency` (the feature map's channel energy, min-max scaled: no
+    training, the class-activation idea) and `mixed` (their geometric mean)."""
     spec = model.config.preprocessing
 
     def one_pass(x: torch.Tensor) -> list:
         fmap = model.feature_map(x)
-        objectness = torch.sigmoid(model.locator(fmap).squeeze(1)).float().cpu().numpy()
-        energy = fmap.float().norm(dim=1)
-        lo = energy.amin(dim=(1, 2), keepdim=True)
-        hi = energy.amax(dim=(1, 2), keepdim=True)
-        saliency = ((energy - lo) / (hi - lo).clamp_min(1e-6)).cpu().numpy()
-        return [objectness, saliency]
+        return [model.objectness(fmap, "learnt").cpu().numpy(), model.objectness(fmap, "saliency").cpu().numpy()]
 
     outs = run_batches(one_pass, photos, spec, batch_size=32, device=device, progress=False)
-    objectness = np.concatenate([o[0] for o in outs])
+    locator = np.concatenate([o[0] for o in outs])
     saliency = np.concatenate([o[1] for o in outs])
-    found, salient = [], []
-    for photo, obj, sal in zip(photos, objectness, saliency):
-        window = crop_window(*photo.size, spec)
-        for prob, out in ((obj, found), (sal, salient)):
-            loc = box_from_objectness(prob)
-            out.append(None if loc is None else Localisation(from_input_box(loc.box, *photo.size, window),
-                                                             loc.confidence))
-    return found, salient
+    return {"learnt": locator, "saliency": saliency, "mixed": np.sqrt(locator * saliency)}
+
+
+def boxes_on_photos(maps: np.ndarray, photos: list[Image.Image], spec) -> list[Localisation | None]:
+    """Each map's box (`box_from_objectness`) as fractions of its photo."""
+    out: list[Localisation | None] = []
+    for photo, prob in zip(photos, maps):
+        loc = box_from_objectness(prob)
+        out.append(None if loc is None else Localisation(from_input_box(loc.box, *photo.size,
+                                                                        crop_window(*photo.size, spec)),
+                                                         loc.confidence))
+    return out
 
 
 def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBank, rows: np.ndarray, *, queries: int,
@@ -103,24 +106,31 @@ def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBan
     for kind, cutout in (("placed", False), ("cutout", True)):
         photos, truth_ids, true_boxes = phone_queries_with_boxes(bank, rows, queries, seed, cutout=cutout)
         truth = np.array([listing_of[t] for t in truth_ids])
-        found, salient = locate_photos(model, photos, device=device)
-        crops = {
-            "crop": [crop_to_box(p, loc.crop_box(*p.size)) if loc is not None and loc.usable else p
-                     for p, loc in zip(photos, found)],
-            "saliency": [crop_to_box(p, loc.crop_box(*p.size)) if loc is not None and loc.usable else p
-                         for p, loc in zip(photos, salient)],
-            "oracle": [crop_to_box(p, context_box(b, *p.size)) for p, b in zip(photos, true_boxes)],
-        }
+        maps = objectness_maps(model, photos, device=device)
+        located = {name: boxes_on_photos(m, photos, model.config.preprocessing) for name, m in maps.items()}
+
+        def crops(found: list, margin: float, photos: list[Image.Image] = photos) -> list[Image.Image]:
+            return [crop_to_box(p, loc.crop_box(*p.size, margin)) if loc is not None and loc.usable else p
+                    for p, loc in zip(photos, found)]
+
+        served = located[model.config.locator_map]
+        variants = {"crop": crops(served, MARGIN),
+                    **{f"{name} m={margin:g}": crops(located[name], margin)
+                       for name in located for margin in sorted({MARGIN, WIDER_MARGIN})},
+                    "oracle": [crop_to_box(p, context_box(b, *p.size)) for p, b in zip(photos, true_boxes)]}
         whole = embed_images(model, baseline, photos, device=device, progress=False)
         embedded = {name: embed_images(model, baseline, imgs, device=device, progress=False)
-                    for name, imgs in crops.items()}
+                    for name, imgs in variants.items()}
+        found = served
         used = np.array([loc is not None and loc.usable for loc in found])
         fused = _normalise(whole.finetuned + np.where(used[:, None], embedded["crop"].finetuned, whole.finetuned))
         finetuned = {"whole": whole.finetuned, "crop": embedded["crop"].finetuned, "fused": fused,
-                     "saliency": embedded["saliency"].finetuned, "oracle": embedded["oracle"].finetuned}
+                     **{name: e.finetuned for name, e in embedded.items() if name != "crop"}}
         pretrained = {"whole": whole.baseline, "crop": embedded["crop"].baseline, "oracle": embedded["oracle"].baseline}
         result[kind] = {
             "queries": len(photos), "cropped": float(used.mean()),
+            "cropped_by": {name: float(np.mean([loc is not None and loc.usable for loc in found_by]))
+                           for name, found_by in located.items()},
             "mean_iou": float(np.mean([_iou(loc.box, b) if loc is not None else 0.0
                                        for loc, b in zip(found, true_boxes)])),
             "finetuned": {m: listing_recall(listing_topk(q, gal.finetuned, g_listing, 10), truth)
@@ -156,7 +166,7 @@ def _served_path_latency(model: LookalikeModel, photos: list[Image.Image], devic
         times["whole"].append(time.perf_counter() - start)
         start = time.perf_counter()
         out = run(photo)
-        loc = box_from_objectness(torch.sigmoid(out["objectness"][0].float()).cpu().numpy())
+        loc = box_from_objectness(out["objectness"][0].float().cpu().numpy())
         if loc is not None:
             box = from_input_box(loc.box, *photo.size, crop_window(*photo.size, spec))
             loc = Localisation(box, loc.confidence)
@@ -183,7 +193,8 @@ def detail_lines(result: dict[str, Any]) -> list[str]:
     for kind in ("placed", "cutout"):
         m = result[kind]
         lines.append(f"{kind} ({m['queries']} SIMULATED queries, {m['cropped']:.0%} cropped, locator box IoU "
-                     f"{m['mean_iou']:.2f}):")
+                     f"{m['mean_iou']:.2f}; cropped by " + ", ".join(f"{k} {v:.0%}" for k, v in m["cropped_by"].items())
+                     + "):")
         for who in ("finetuned", "pretrained"):
             lines.append(f"  {who:10s} " + ", ".join(f"{mode} {v['recall@1']:.3f}/{v['recall@10']:.3f}"
                                                       for mode, v in m[who].items()) + "  (recall@1/@10)")

@@ -6,7 +6,9 @@
 
 With a locator (`ModelConfig.locator`), the same pass also reads the backbone's last feature map:
 
-          feature map [N, F, h, w] ─▶ locator ─▶ objectness logits [N, h, w]   (where the product is)
+          feature map [N, F, h, w] ─▶ objectness [N, h, w] in 0..1   (where the product is), from
+              "saliency": the map's channel energy, min-max scaled per photo (no training), or
+              "learnt": the locator head's probabilities (trained on the simulator's free boxes)
 
 The heads read the normalised embedding itself, not the raw projection: what the classifiers learn to
 separate is then exactly what cosine search sees, so every task's labels shape the retrieval space.
@@ -30,6 +32,10 @@ from lookalike.core.errors import InputError
 from lookalike.core.preprocessing import PreprocessSpec
 
 DEFAULT_ARCHITECTURE = "tf_efficientnet_lite0"
+# How the served objectness is read off the feature map (measured side by side in benchmarks/
+# retrieval_quality.py: on simulated phone photos the untrained saliency crop found listings at least as
+# well as the learnt head, see README "Finding the product in the photo").
+LOCATOR_MAPS = ("saliency", "learnt")
 
 
 @dataclass
@@ -42,6 +48,7 @@ class ModelConfig:
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
     logit_scale: float = 16.0
     locator: bool = False  # a head that finds the product in the photo (lookalike.training.locator)
+    locator_map: str = "saliency"  # which objectness the model serves, when it has a locator (LOCATOR_MAPS)
 
     def __post_init__(self):
         if self.embedding_dim <= 0:
@@ -53,6 +60,8 @@ class ModelConfig:
                 raise InputError(f"head {task!r} has {len(labels)} class(es); a head needs at least two")
             if len(set(labels)) != len(labels):
                 raise InputError(f"head {task!r} has duplicate labels")
+        if self.locator_map not in LOCATOR_MAPS:
+            raise InputError(f"locator_map must be one of {', '.join(LOCATOR_MAPS)}, got {self.locator_map!r}")
         if isinstance(self.preprocessing, dict):
             self.preprocessing = PreprocessSpec.from_dict(self.preprocessing)
 
@@ -66,12 +75,13 @@ class ModelConfig:
             "preprocessing": self.preprocessing.to_dict(),
             "logit_scale": self.logit_scale,
             "locator": self.locator,
+            "locator_map": self.locator_map,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {k: data[k] for k in ("architecture", "embedding_dim", "trainable_blocks", "pretrained",
-                                      "logit_scale", "locator") if k in data}
+                                      "logit_scale", "locator", "locator_map") if k in data}
         return cls(heads={t: list(v) for t, v in data.get("heads", {}).items()},
                    preprocessing=PreprocessSpec.from_dict(data.get("preprocessing", {})), **known)
 
@@ -159,7 +169,16 @@ class LookalikeModel(nn.Module):
         fmap = self.feature_map(x)  # one pass feeds the embedding and the locator
         embedding = self.embed_features(self.backbone.global_pool(fmap))
         return {"embedding": embedding, "logits": self.logits_from_embedding(embedding),
-                "objectness": self.locator(fmap).squeeze(1)}
+                "objectness": self.objectness(fmap)}
+
+    def objectness(self, fmap: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """How likely each cell of the feature map shows the product [N, h, w], 0..1 (`locator_map`)."""
+        if (kind or self.config.locator_map) == "learnt":
+            return torch.sigmoid(self.locator(fmap).squeeze(1).float())
+        energy = fmap.float().norm(dim=1)
+        low = energy.amin(dim=(1, 2), keepdim=True)
+        high = energy.amax(dim=(1, 2), keepdim=True)
+        return (energy - low) / (high - low).clamp_min(1e-6)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map [N, F, h, w], before pooling (`features` is its global pool)."""

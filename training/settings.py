@@ -21,7 +21,7 @@ from typing import Any
 from lookalike.core.errors import InputError
 from lookalike.core.preprocessing import PreprocessSpec
 from lookalike.training.losses import OBJECTIVES, LossConfig
-from lookalike.training.model import DEFAULT_ARCHITECTURE
+from lookalike.training.model import DEFAULT_ARCHITECTURE, LOCATOR_MAPS
 
 AUTO_BLOCKS = -2  # trainable_blocks: chosen from the catalog
 AUTO_L2SP = -1.0  # l2sp_weight: chosen from the catalog
@@ -104,8 +104,11 @@ class TrainConfig:
     crop_scale: float = setting(0.85, "smallest share of the photo a random crop keeps", group="augmentation")
     # localisation
     locator_views: int = setting(1000, "simulated views (training recipe) a locator head learns to find the "
-                                 "product from, after the embedding is trained; the predictor then searches the "
-                                 "product's box (0: no locator, the whole photo is searched)", group="localisation")
+                                 "product from, after the embedding is trained (0: no locator: the service "
+                                 "searches the whole photo)", group="localisation")
+    locator_map: str = setting("saliency", "how the served model finds the product: saliency (the feature map's "
+                               "energy, no training; measured best) or learnt (the locator head)",
+                               group="localisation", choices=LOCATOR_MAPS)
     # held out of training
     select_listings: int = setting(200, "listings giving up a photo to early stopping", group="held out")
     eval_every: int = setting(0, "steps between held-out evaluations for early stopping (0: about ten per run)",

@@ -137,7 +137,8 @@ def train(catalog: Catalog, config: TrainConfig | None = None, *, eval_catalog: 
     model_config = ModelConfig(architecture=config.architecture, embedding_dim=config.embedding_dim,
                                heads={t: tasks[t].labels for t in task_names},
                                trainable_blocks=config.trainable_blocks, pretrained=config.pretrained,
-                               preprocessing=spec, locator=config.locator_views > 0)
+                               preprocessing=spec, locator=config.locator_views > 0,
+                               locator_map=config.locator_map)
     model = create_model(model_config)
     baseline = pretrained_backbone_copy(model)
     model.to(device)

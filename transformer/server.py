@@ -3,10 +3,8 @@
 Input (one tensor):  image  BYTES [N] (or [N,1])  encoded JPEG, PNG, WebP, HEIC or AVIF photos; over REST JSON, as
                                                   base64 strings; over gRPC or REST's binary extension,
                                                   raw bytes
-  or, search by listing ("more like this"):
-                     listing_id BYTES [N]         listings already in the index: searched with their own
-                     (photo_id  BYTES [N])        stored vectors (first photo, or the one named), no photo
-                                                  sent, each left out of its own results; unknown: 404
+  or:                listing_id (photo_id) BYTES [N]: search by listing ("more like this"), no photo sent,
+                     the listing left out of its own results (predictor/by_listing.py); unknown: 404
 Parameters:          top_k, nprobe, filter / filter_<task> (passed on to the predictor, see predictor/server.py);
                      box "x0,y0,x1,y1" (fractions of the photo: search only the product inside it);
                      crop "auto" (default: search the product the model's locator finds) or "off"
@@ -19,9 +17,8 @@ Outputs:             listing_ids, photo_ids, scores, label_<task>, prob_<task> (
                      box searched per photo (x0, y0, x1, y1 fractions, the locator's confidence or NaN)
 
 preprocess: check limits (images per request, bytes, pixels), decode with EXIF orientation, apply the
-            model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S];
-            a photo whose content key this transformer sent before is first asked for by key alone, and
-            decoded only if the predictor's caches miss it (`lookalike.serving.photo_cache`)
+            model's own preprocessing spec (read from its model.json, never copied) -> [N,3,S,S]; a photo
+            sent before is asked for by content key first (`lookalike.serving.photo_cache`)
 predict:    send the tensor to the predictor over gRPC v2 (binary, no JSON lists) with a deadline, as FP16
             by default: half the bytes of FP32 and still exact to the pixel (see `predictor_tensor`); where
             the model's locator is sure where the product is, search that crop instead (one more call:
@@ -42,6 +39,8 @@ import asyncio
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +77,9 @@ from lookalike.serving.protocol import (LISTING_INPUT, MAX_NPROBE, MAX_TOP_K, RE
 
 log = logging.getLogger(__name__)
 
+# The slots a request holds until it is answered (see LookalikeTransformer.__call__).
+_held: ContextVar[AsyncExitStack | None] = ContextVar("lookalike_held", default=None)
+
 INPUT_NAME = "image"
 PREPROCESSED_FOR = "preprocessed_for"  # tells the predictor which model's preprocessing the tensor has
 FORWARDED_PARAMETERS = ("top_k", "nprobe", "filter")
@@ -97,8 +99,7 @@ class TransformerSettings:
     # worst case the manifest checks hold under the pod's memory limit).
     max_in_work: int = 0
     max_waiting: int = -1
-    # Content keys of photos sent with their pixels, remembered to ask the predictor's caches first
-    # (16 bytes each and ~200 of bookkeeping: 8 MiB remembers ~35,000 photos); 0: never ask.
+    # Content keys sent with pixels, to ask the predictor's caches first (8 MiB: ~35,000 photos); 0: never.
     recent_keys_bytes: int = 8 * 1024 * 1024
     # gRPC ports of the index shard predictors: the predictor is then the embedding predictor, and the
     # query vectors fan out to every shard (lookalike/transformer/shards.py); empty: one predictor does all
@@ -115,22 +116,20 @@ class _State:
         self.spec: ModelCard | None = None
         self.client_request: InferRequest | None = None
         self.searched: list[Searched] | None = None  # the box searched per photo, for the answer
-        self.count = 0  # photos or listings asked about
-        self.items: list[bytes] = []  # the encoded photos, kept while a probe may still need their pixels
-        self.keys: list[str] = []  # their content keys
-        self.probe = False  # asked the predictor by content key alone
-        self.by_listing = False
+        self.count, self.items, self.keys = 0, [], []  # photos (or listings), their bytes and content keys
+        self.probe = self.by_listing = False  # asked by content key alone; a search by listing
 
 
 class LookalikeTransformer(kserve.Model):
     def __init__(self, name: str, predictor_host: str, settings: TransformerSettings | None = None,
                  store: ObjectStore | None = None):
         super().__init__(name)
-        self.predictor_host = predictor_host
-        self.settings = settings or TransformerSettings()
+        self.predictor_host, self.settings = predictor_host, settings or TransformerSettings()
         plan = transformer_plan(cpu_limit(), self.settings.limits)
         self.gate = AdmissionGate(self.settings.max_in_work or plan.in_work,
                                   plan.waiting if self.settings.max_waiting < 0 else self.settings.max_waiting)
+        # requests that decode nothing hold only their encoded bytes (already received): four times as many
+        self.light_gate = AdmissionGate(4 * self.gate.limit, 4 * self.gate.queue)
         self._store = store
         self.spec: ModelCard | None = None
         self._specs: dict[str, ModelCard] = {}
@@ -212,12 +211,18 @@ class LookalikeTransformer(kserve.Model):
         return out
 
     async def __call__(self, body: Any, headers: dict[str, str] | None = None, verb: Any = None) -> Any:
-        """A whole request (preprocess, predict, postprocess) holds one of the gate's slots; over REST the
-        middleware took it before reading the body, over gRPC it is taken here."""
-        async with self.gate.admit():
-            if verb is None:
-                return await super().__call__(body, headers=headers)
-            return await super().__call__(body, headers=headers, verb=verb)
+        """A request that decodes holds a gate slot to its answer (REST: taken before the body is read;
+        gRPC: before the decode, `_pixel_request`); over gRPC one that decodes nothing (by listing, or by
+        content key) holds only a light-gate slot, so it never queues behind other requests' decodes."""
+        async with AsyncExitStack() as held:
+            token = _held.set(held)
+            try:
+                async with self.light_gate.admit():
+                    if verb is None:
+                        return await super().__call__(body, headers=headers)
+                    return await super().__call__(body, headers=headers, verb=verb)
+            finally:
+                _held.reset(token)
 
     # ---- preprocess --------------------------------------------------------------------------
     async def preprocess(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferRequest:
@@ -254,12 +259,10 @@ class LookalikeTransformer(kserve.Model):
         return request
 
     async def _photo_request(self, rid: str, state: _State, forwarded: dict[str, Any]) -> InferRequest:
-        """Photos seen before are asked for by content key alone (decoded only if that misses); the
-        others are decoded and preprocessed and sent as pixels, with their keys."""
+        """Photos sent before: asked for by content key alone; the others: pixels, with their keys."""
         loop = asyncio.get_running_loop()
         if self.settings.recent_keys_bytes > 0:
-            # hashing a few MB releases the GIL: off the event loop, but not queued behind other requests'
-            # decodes in the pixel pool (a repeat must not wait for them)
+            # off the event loop (hashing MBs releases the GIL), not queued behind decodes in the pixel pool
             state.keys = await loop.run_in_executor(None, content_keys, state.items, state.params.get(BOX))
             if self._may_crop(state):  # the answer depends on the crop: never shares a key with crop=off
                 state.keys = [key + AUTO_CROP_KEY for key in state.keys]
@@ -276,6 +279,8 @@ class LookalikeTransformer(kserve.Model):
         return await self._pixel_request(rid, state, forwarded)
 
     async def _pixel_request(self, rid: str, state: _State, forwarded: dict[str, Any]) -> InferRequest:
+        if (held := _held.get()) is not None:  # a gate slot, held to the end of the request (see __call__)
+            await held.enter_async_context(self.gate.admit())
         # Decoding and preprocessing share one trip to a worker thread (one hop, not two).
         batch = await asyncio.get_running_loop().run_in_executor(self._pixels, self._decode_and_preprocess,
                                                                  state.items, state)
@@ -372,8 +377,7 @@ class LookalikeTransformer(kserve.Model):
                     response.lookalike_state, response.lookalike_request = state, payload
                     return response
                 self.recent.forget(state.keys)  # evicted there, or another predictor: send the pixels
-                forwarded = {k: v for k, v in (payload.parameters or {}).items()}
-                payload = await self._pixel_request(str(payload.id), state, forwarded)
+                payload = await self._pixel_request(str(payload.id), state, dict(payload.parameters or {}))
                 payload.lookalike_state = state
             for attempt in range(2):  # a second try only after following the predictor to a new model
                 try:

@@ -100,12 +100,12 @@ def _hit_rate(offset: str = "") -> str:
 
 ALERTS = [
     Alert("LookalikeLatencyP99AboveSLO",
-          f"sum by (namespace) (histogram_quantile(0.99, sum by (namespace, le, stage) "
-          f"(rate(lookalike_stage_seconds_bucket{{{SERVED}}}[$window])))) > {LATENCY_SLO_SECONDS}",
+          f"histogram_quantile(0.99, sum by (namespace, le) "
+          f"(rate(lookalike_request_seconds_bucket{{{SERVED}}}[$window]))) > {LATENCY_SLO_SECONDS}",
           for_=600, window=300, severity="warning",
           summary="Served p99 latency above its objective",
-          description=f"The transformer's stages (decode, preprocess, the predictor round trip, postprocess) sum to "
-                      f"a p99 of {{{{ $value | humanizeDuration }}}}, above the {LATENCY_SLO_SECONDS * 1000:.0f} ms "
+          description=f"The transformer answered its requests (decode to answer, every status) with a p99 of "
+                      f"{{{{ $value | humanizeDuration }}}}, above the {LATENCY_SLO_SECONDS * 1000:.0f} ms "
                       f"objective, for 10 minutes."),
     Alert("LookalikeServerErrors",
           _share('status=~"5..",status!~"503|504"') + f" > {ERROR_SHARE:g}",

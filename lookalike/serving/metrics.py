@@ -9,6 +9,8 @@ Both servers expose these on kserve's `/metrics` (the default Prometheus registr
     lookalike_errors_total{unit,kind}              failed requests by kind: bad_input, too_large,
                                                    not_found, unavailable, timeout, internal
     lookalike_images_total{unit}                   images processed
+    lookalike_request_seconds{unit}                latency of a whole request, as its unit answered it (the
+                                                   served latency an SLO is about, any status)
     lookalike_stage_seconds{unit,stage}            latency per stage: decode, preprocess, predict (the
                                                    transformer's round trip), postprocess, embed, search
     lookalike_batch_images{unit}                   images per embedding batch (micro-batching)
@@ -52,6 +54,8 @@ SERVING = Gauge("lookalike_serving_info", "The model and index versions served (
                 ["unit", "model_version", "index_version"])
 ERRORS = Counter("lookalike_errors", "Failed inference requests by kind", ["unit", "kind"])
 IMAGES = Counter("lookalike_images", "Images processed", ["unit"])
+REQUEST_SECONDS = Histogram("lookalike_request_seconds", "Latency of whole requests, any status", ["unit"],
+                            buckets=_BUCKETS)
 STAGE_SECONDS = Histogram("lookalike_stage_seconds", "Latency per serving stage", ["unit", "stage"], buckets=_BUCKETS)
 CANCELLED = Counter("lookalike_cancelled", "Requests skipped because their caller gave up before their work began",
                     ["unit"])
@@ -87,6 +91,7 @@ class RequestTrace:
 
     def finish(self, error: BaseException | None = None, images: int = 0) -> None:
         REQUESTS.labels(self.unit).inc()
+        REQUEST_SECONDS.labels(self.unit).observe(time.perf_counter() - self.started)
         if images:
             IMAGES.labels(self.unit).inc(images)
         record: dict[str, Any] = {"event": "infer", "unit": self.unit, "request_id": self.request_id,

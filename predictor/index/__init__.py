@@ -1,5 +1,9 @@
 """The vector index: a FAISS index of one model's catalog embeddings, with its listing table and card.
 
+Why this file is long: build, search, update and persist share the object's FAISS index, table and lock,
+and tuning (which variants of the built index a query should use) measures them through the same search.
+Why one file: split, each module would reach into the others' state on every call.
+
     vectors [N, D] float32, L2-normalised (cosine = inner product), one per photo
       + listing ids and photo ids (+ labels)
       │ VectorIndex.build: nlist rule, k-means on a sample ≥ 39·nlist, add with 64-bit ids,
@@ -41,10 +45,11 @@ import numpy as np
 
 from lookalike.predictor.index import drift as index_drift
 from lookalike.predictor.index import tuning as tuning
-from lookalike.predictor.index.build import now, train_index
+from lookalike.predictor.index.build import QUERY_DEPTHS, graph_of, graph_widened, now, train_index
 from lookalike.predictor.index.checks import check_int, check_vectors
 from lookalike.predictor.index.errors import BadIndexInput, CorruptIndex, IndexMismatch, VectorIndexError
-from lookalike.predictor.index.factory import (DEFAULT_FACTORY, PQ_FACTORY, REFINE_K_FACTOR, choose_factory,
+from lookalike.predictor.index.factory import (DEFAULT_FACTORY, MAX_REFINE_K_FACTOR, PQ_FACTORY, REFINE_K_FACTOR,
+                                               choose_factory,
                                                flat_bytes_per_vector, parse_bytes, plan)
 from lookalike.predictor.index.files import IndexFolder, read_folder, write_folder
 from lookalike.predictor.index.gpu import GPU_MAX_K, add_chunks, gpu_count, make_replica, want_gpu
@@ -63,6 +68,8 @@ __all__ = ["VectorIndex", "SearchResult", "listing_key", "listing_keys", "photo_
 recall_at_k = tuning.recall_at_k
 
 log = logging.getLogger(__name__)
+
+TIMED_QUERIES = 200  # held-out queries timed per variant the tuning tries
 
 
 class VectorIndex:
@@ -233,9 +240,45 @@ class VectorIndex:
         # listing has several photos
         table = self._table
         owners_of = None if table.one_photo_each else table.owners_of
-        nprobe, curve, reached = tuning.tune_held_out(search, x, table.keys, nq, rng, self.nlist, target,
-                                                      progress, owners_of=owners_of,
-                                                      per_listing=oversample(n, table.listing_count, table.max_photos))
+        per_listing = oversample(n, table.listing_count, table.max_photos)
+        seed = int(rng.integers(2**63))  # every variant tried is measured on the same held-out queries
+        truth: dict = {}
+        graph = graph_of(self._index)
+        refine = self._refine
+        first_k = refine.k_factor if refine is not None else 0
+        tried = []  # (reached, seconds per query, depth, k_factor, nprobe, curve)
+        for depth in (QUERY_DEPTHS if graph is not None else (None,)):
+            if graph is not None:
+                graph.hnsw.efSearch = depth
+            if refine is not None:
+                refine.k_factor = first_k
+            best_before = -1.0
+            while True:
+                nprobe, curve, reached = tuning.tune_held_out(search, x, table.keys, nq, np.random.default_rng(seed),
+                                                              self.nlist, target, progress, owners_of=owners_of,
+                                                              per_listing=per_listing, truth_cache=truth)
+                best = max(c["recall_at_10"] for c in curve)
+                sample = x[np.random.default_rng(seed).choice(n, min(n, TIMED_QUERIES), replace=False)]
+                took = tuning.seconds_per_query(lambda q, p=nprobe: self._search_keys(q, tuning.RECALL_K, p, None, n),
+                                                sample)
+                tried.append((reached, took, depth, refine.k_factor if refine is not None else None, nprobe, curve))
+                # A re-ranked index starts with a short list of REFINE_K_FACTOR·top_k (each candidate costs the
+                # query an id lookup and a re-scoring); where that cannot reach the target and a longer one
+                # helped, it doubles.
+                if (reached or refine is None or refine.k_factor * 2 > MAX_REFINE_K_FACTOR
+                        or best <= best_before + 0.005):
+                    break
+                best_before = best
+                refine.k_factor *= 2
+        # the fastest variant that reaches the target, else the one closest to it
+        reached, _, depth, k_factor, nprobe, curve = min(
+            tried, key=lambda t: (not t[0], t[1] if t[0] else -max(c["recall_at_10"] for c in t[5])))
+        if graph is not None:
+            graph.hnsw.efSearch = depth
+            log.info("index for model %s: queries search the coarse graph %d deep", self.model_version, depth)
+        if refine is not None:
+            refine.k_factor = k_factor
+            self._card.refine = refine.describe
         card = self._card
         card.nprobe, card.recall_curve, card.target_reached, card.tune_queries = nprobe, curve, reached, nq
         card.recall_at_10 = next(c["recall_at_10"] for c in curve if c["nprobe"] == nprobe)
@@ -402,7 +445,8 @@ class VectorIndex:
         refine_codes = self._refine.encode(x) if self._refine is not None else None
         if self._ivf is not None:  # how well the new vectors fit the trained clusters (drift)
             index_drift.record_added_fit(self._card, self._ivf, x)
-        add_chunks(self._index, x, keys, progress, "adding")
+        with graph_widened(self._index):
+            add_chunks(self._index, x, keys, progress, "adding")
         self._table.append(keys, ids, vocab, codes, photos)
         if refine_codes is not None:
             self._refine.append(refine_codes)

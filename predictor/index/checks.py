@@ -39,6 +39,10 @@ def check_vectors(vectors: Any, dim: int | None, what: str = "vectors", allow_em
     if arr.shape[0] == 0:
         return arr
     # One pass serves both checks: NaN or inf in a row makes its squared norm non-finite too.
+    if arr.shape[0] == 1:  # one query, the common case: a dot product, no temporary arrays
+        one = float(np.dot(arr[0], arr[0]))
+        if abs(one - 1.0) <= 2 * NORM_TOLERANCE:
+            return arr
     sq = np.einsum("ij,ij->i", arr, arr)
     if not np.abs(sq - 1.0).max() <= 2 * NORM_TOLERANCE:   # |‖x‖² - 1| ≈ 2·|‖x‖ - 1|; NaN fails too
         bad = ~(np.abs(sq - 1.0) <= 2 * NORM_TOLERANCE)

@@ -4,7 +4,8 @@ Factories (the `factory` setting, FAISS index_factory strings with placeholders)
 
 - ``IVF{nlist},Flat`` (`DEFAULT_FACTORY`): exact vectors in the lists; recall limited only by nprobe.
 - ``IVF{nlist},PQ{m}x4fsr,Refine(SQ8)`` (`PQ_FACTORY`): 4-bit fast-scan PQ codes of the residuals
-  (D/4 bytes: D/2 sub-quantizers of 4 bits) find a short list of `refine_k_factor`·top_k candidates
+  (D/4 bytes: D/2 sub-quantizers of 4 bits) find a short list of `refine_k_factor`·top_k candidates (the
+  tuning doubles it where the target recall needs more)
   that are re-ranked from an 8-bit scalar-quantized copy (D bytes): about a third of IVF-Flat's memory.
   ``Refine(SQfp16)`` and ``Refine(Flat)`` (= ``RFlat``) re-rank from fp16 or exact copies instead. The
   refine step is ours rather than FAISS's IndexRefine so that it keeps working with ids, removals and
@@ -14,11 +15,24 @@ Factories (the `factory` setting, FAISS index_factory strings with placeholders)
   0.81, so a short list of 20·top_k reaches recall 0.95 that D/4 needed 40·top_k for). A catalog too small
   to train ``{nlist}`` lists falls back to exact search (the card's kind is "exact" and
   ``exact_fallback`` says why). ``Flat`` asks for exact search outright.
-- From `HNSW_QUANTIZER_MIN_NLIST` lists on (about 10M vectors), a chosen ``{nlist}`` gets an HNSW graph
-  over the centroids as its coarse quantizer (``IVF16384_HNSW32,...``): comparing every vector with
-  every centroid would cost 16,384·D multiply-adds per vector added and per query (84 TFLOP, about
-  25 minutes on 2 cores, to fill a 10M index), the graph a few hundred. Its lists are found
-  approximately, which the nprobe tuning absorbs. An explicit factory is built as written.
+- From `HNSW_QUANTIZER_MIN_NLIST` lists on (from about 130,000 vectors), a chosen ``{nlist}`` gets an HNSW graph
+  over the centroids as its coarse quantizer (``IVF8192_HNSW32,...``): comparing a query with every centroid
+  costs nlist·D multiply-adds, which at 4,096 lists of the 1M yardstick took 100 us of a 220 us query,
+  more than scanning the lists, and at 16,384 lists would cost 84 TFLOP to fill a 10M index. The graph
+  finds the nearest centroids in a few hundred comparisons. Its lists are found approximately, which the
+  nprobe tuning absorbs. Such centroids are trained in two levels (`lookalike.predictor.index.clustering`).
+  An explicit factory is built as written.
+- The graph's search depth differs by use. Adding a vector asks the graph for its one nearest centroid,
+  and the vector stays in that list: adds search at `HNSW_QUANTIZER_EF` (at FAISS's default, 16, the graph
+  found it for 0.91 of yardstick vectors, at 64 for 0.98, and 10M vectors went to the wrong list often
+  enough to cap IVF-Flat's recall@10 near 0.95). A query asks for nprobe lists, and FAISS's graph search
+  looks at least nprobe deep anyway: the nprobe tuning tries queries at depths 32 and 64
+  (`lookalike.predictor.index.build.QUERY_DEPTHS`) and keeps the fastest that reaches the target recall,
+  timed on its held-out queries. A shallow search misses some of a query's nearest lists, which more
+  probes make up for only in part; a deep one costs more comparisons than the lists it saves, which is
+  data-dependent, hence measured. The index file keeps the query depth; adds widen it while they run
+  (`lookalike.predictor.index.build.graph_widened`). Indexes saved before keep the depth they were saved
+  with (64).
 
 `plan` turns a setting into what to build; the re-ranking copy itself is `lookalike.predictor.index.refine`.
 Nothing here touches a built index.
@@ -35,14 +49,20 @@ METRIC = "inner_product"
 DEFAULT_FACTORY = "IVF{nlist},Flat"
 PQ_FACTORY = "IVF{nlist},PQ{m}x4fsr,Refine(SQ8)"
 EXACT_FACTORY = "Flat"
-REFINE_K_FACTOR = 20           # re-ranked short list: 20·top_k PQ candidates (1M yardstick: recall 0.97 vs 0.91 at 5)
-HNSW_QUANTIZER_MIN_NLIST = 16_384  # from here on the coarse quantizer is an HNSW graph (see the module doc)
+# Re-ranked short list: REFINE_K_FACTOR·top_k PQ candidates to start with, doubled by the nprobe tuning up to
+# MAX_REFINE_K_FACTOR where the target recall needs it. Each candidate costs a query an id lookup and a
+# re-scoring (200 of them were a large part of a 0.67 ms query at 10M); the D/2 codes hold 0.96 of the
+# true top 10 in a short list of 10·top_k on the 1M yardstick.
+REFINE_K_FACTOR = 10
+MAX_REFINE_K_FACTOR = 40
+HNSW_QUANTIZER_MIN_NLIST = 4_096   # from here on the coarse quantizer is an HNSW graph (see the module doc)
 HNSW_QUANTIZER_M = 32          # graph degree of that quantizer: FAISS's usual choice for IVF..._HNSW32
-# How far the quantizer's graph search looks when vectors are added and searched (FAISS's default, 16,
-# still trains k-means; a search uses max(this, nprobe)). Adding a vector asks the graph for its nearest
-# centroid: at 16 the graph found it for 0.91 of yardstick vectors (64: 0.98), and 10M vectors went to the
-# wrong list often enough to cap IVF-Flat's recall@10 near 0.95 however many lists were probed.
-HNSW_QUANTIZER_EF = 64
+HNSW_QUANTIZER_EF = 64         # graph search depth while vectors are added (see the module doc)
+# How far the graph looks while it is built over the centroids. FAISS's default (40) left a graph that found
+# a yardstick vector's nearest of 4,096 centroids for 0.94 of them at depth 64; at 200, 0.99 (0.94 at 16).
+# Building it costs seconds: the graph holds only the centroids.
+HNSW_QUANTIZER_EF_CONSTRUCTION = 200
+HNSW_QUANTIZER_SEARCH_EF = 16  # FAISS's default query depth: the tuning tries twice this and HNSW_QUANTIZER_EF
 ADD_CHUNK = 65_536             # vectors per FAISS add/encode call: bounds the temporary memory of one call
 
 _REFINE_RE = re.compile(r",(?:Refine\((SQ8|SQfp16|Flat)\)|(RFlat))$")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,9 +78,8 @@ def add_chunks(index: Any, x: np.ndarray, keys: np.ndarray, progress: bool, desc
 
 
 def train_and_add(index: Any, xt: np.ndarray, x: np.ndarray, keys: np.ndarray, gpu: bool,
-                  progress: bool, before_add: Callable[[Any], None] | None = None) -> tuple[Any, str]:
-    """Train on xt and fill with x; on a GPU when asked. Returns (the CPU index, where it was built).
-    `before_add(index)` runs between the two on the CPU index (a GPU copy keeps its own settings)."""
+                  progress: bool) -> tuple[Any, str]:
+    """Train on xt and fill with x; on a GPU when asked. Returns (the CPU index, where it was built)."""
     import faiss
 
     if gpu:
@@ -98,12 +96,8 @@ def train_and_add(index: Any, xt: np.ndarray, x: np.ndarray, keys: np.ndarray, g
             ivf.clustering_index = clustering
             index.train(xt)
             ivf.clustering_index = None
-            if before_add is not None:
-                before_add(index)
             add_chunks(index, x, keys, progress, "adding")
             return index, "gpu-kmeans"
     index.train(xt)
-    if before_add is not None:
-        before_add(index)
     add_chunks(index, x, keys, progress, "adding")
     return index, "cpu"

@@ -91,9 +91,10 @@ class RefineCopy:
     # ---- following the table ------------------------------------------------------------------
     def encode(self, x: np.ndarray) -> np.ndarray:
         """The codes of x, in chunks of `ADD_CHUNK` vectors (encode before changing anything)."""
-        if not len(x):
-            return np.zeros((0, self.codec.sa_code_size()), np.uint8)
-        return np.concatenate([self.codec.sa_encode(x[i:i + ADD_CHUNK]) for i in range(0, len(x), ADD_CHUNK)])
+        codes = np.empty((len(x), self.codec.sa_code_size()), np.uint8)  # filled in place: no second copy
+        for i in range(0, len(x), ADD_CHUNK):
+            codes[i:i + ADD_CHUNK] = self.codec.sa_encode(x[i:i + ADD_CHUNK])
+        return codes
 
     def append(self, codes: np.ndarray) -> None:
         self.codes = np.concatenate([self.codes, codes])
@@ -114,6 +115,11 @@ class RefineCopy:
                ) -> tuple[np.ndarray, np.ndarray]:
         """Re-score candidate ids [N, k'] (-1: none) from this copy; keep the best k. `rows_of` maps ids to
         table rows."""
+        if len(cand) == 1 and cand.shape[1] >= k and cand.min() >= 0:  # one query, a full short list: the
+            found = self._score(np.take(self.codes, rows_of(cand[0]), axis=0), q[0])  # common case, fewest calls
+            best = np.argpartition(-found, k - 1)[:k] if k < len(found) else np.arange(len(found))
+            best = best[np.argsort(-found[best], kind="stable")]
+            return found[best][None, :].astype(np.float32, copy=False), cand[0, best][None, :]
         valid = cand >= 0
         scores = np.full(cand.shape, -np.inf, np.float32)
         if valid.any():

@@ -2,11 +2,15 @@
 
 The nlist rule
 --------------
-`choose_nlist(n)` = the power of two nearest to 4·sqrt(n), capped so that the training sample holds
+`choose_nlist(n)` = the power of two nearest to 8·sqrt(n), capped so that the training sample holds
 at least `MIN_POINTS_PER_CENTROID` (FAISS's own floor, 39) vectors per list, and at most 65,536.
-4·sqrt(n) is the low end of FAISS's guideline (4..16·sqrt(n)): on 1M 256-d vectors it gives 4,096
-lists of ~244 vectors, where IVF-Flat reaches recall@10 0.95 at a handful of probes; larger nlist
-costs more in the coarse quantizer than it saves in list scans at this size. Below
+8·sqrt(n) is inside FAISS's guideline (4..16·sqrt(n)): on 1M 256-d vectors it gives 8,192 lists of
+~122 vectors. A query's time goes to the vectors it scans, and finer lists reach the same recall
+scanning fewer: on the 1M yardstick, 4,096 lists needed ~1,500 scanned vectors for recall@10 0.95
+(the lists nearest a query are its dense region's, 2.7 times the average), 8,192 lists ~1,100. What
+made finer lists expensive, comparing each query with every centroid and a k-means over all of them,
+is gone from 4,096 lists on: an HNSW graph finds the nearest centroids and the centroids are trained
+in two levels (`lookalike.predictor.index.factory`, `lookalike.predictor.index.clustering`). Below
 `MIN_NLIST` lists (fewer than 39 × 32 = 1,248 vectors) IVF is not worth training and the index falls
 back to exact search.
 
@@ -31,11 +35,13 @@ another measure: whether the photographed listing comes back.)
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
 
 MIN_POINTS_PER_CENTROID = 39   # FAISS warns below this many training points per centroid
+NLIST_PER_SQRT_N = 8           # nlist ~ 8·sqrt(n) (see the module doc)
 MIN_NLIST = 32
 MAX_NLIST = 65_536
 TRAIN_POINTS_PER_LIST = 50     # training sample per list: a little above FAISS's floor
@@ -52,7 +58,7 @@ def choose_nlist(n: int) -> int:
     """The number of IVF lists for n vectors (0: too few, use exact search). See the module doc."""
     if n < MIN_POINTS_PER_CENTROID * MIN_NLIST:
         return 0
-    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    nlist = 2 ** round(math.log2(NLIST_PER_SQRT_N * math.sqrt(n)))
     cap = 2 ** int(math.log2(n // MIN_POINTS_PER_CENTROID))
     return int(max(MIN_NLIST, min(nlist, cap, MAX_NLIST)))
 
@@ -97,19 +103,22 @@ def drop_self(neighbours: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarra
 
 def tune_held_out(search: Callable[[np.ndarray, int, int], np.ndarray], x: np.ndarray, keys: np.ndarray,
                   n_queries: int, rng: np.random.Generator, nlist: int, target: float, progress: bool = False, *,
-                  owners_of: Callable[[np.ndarray], np.ndarray] | None = None, per_listing: int = 1
-                  ) -> tuple[int, list[dict], bool]:
+                  owners_of: Callable[[np.ndarray], np.ndarray] | None = None, per_listing: int = 1,
+                  truth_cache: dict | None = None) -> tuple[int, list[dict], bool]:
     """Tune nprobe on `n_queries` of the indexed vectors x (row i has FAISS id keys[i]), leave-one-out
     against exact search (see the module doc); returns what `tune_nprobe` returns.
 
     `owners_of` maps photo ids to their listings' ids when listings have several photos: recall is then
-    measured on listings, each search asking for `per_listing` photos per listing wanted."""
+    measured on listings, each search asking for `per_listing` photos per listing wanted. Tunings that draw
+    the same held-out queries (the same rng state) may share one `truth_cache` dict: exact search runs once."""
     rows = np.sort(rng.choice(len(x), n_queries, replace=False))
     queries = x[rows]
+    cache = truth_cache if truth_cache is not None else {}
     if owners_of is None:
-        exact = exact_neighbours(queries, x, RECALL_K + 1)
-        truth = drop_self(np.where(exact >= 0, keys[exact.clip(0)], -1), keys[rows], RECALL_K)
-        return tune_nprobe(search, queries, keys[rows], truth, nlist, target, progress)
+        if "truth" not in cache:
+            exact = exact_neighbours(queries, x, RECALL_K + 1)
+            cache["truth"] = drop_self(np.where(exact >= 0, keys[exact.clip(0)], -1), keys[rows], RECALL_K)
+        return tune_nprobe(search, queries, keys[rows], cache["truth"], nlist, target, progress)
 
     def exact_search(q: np.ndarray, m: int, nprobe: int) -> np.ndarray:
         found = exact_neighbours(q, x, m)
@@ -132,7 +141,9 @@ def tune_held_out(search: Callable[[np.ndarray, int, int], np.ndarray], x: np.nd
         return out
 
     mine = keys[rows]
-    truth = listings(exact_search, queries, RECALL_K, 0, mine)
+    if "truth" not in cache:
+        cache["truth"] = listings(exact_search, queries, RECALL_K, 0, mine)
+    truth = cache["truth"]
 
     def listing_search(q: np.ndarray, k: int, nprobe: int) -> np.ndarray:  # tune_nprobe passes `queries` whole
         return listings(search, q, k, nprobe, mine)
@@ -183,3 +194,23 @@ def tune_nprobe(search: Callable[[np.ndarray, int, int], np.ndarray], queries: n
     best = max(c["recall_at_10"] for c in curve)
     chosen = next(c["nprobe"] for c in curve if c["recall_at_10"] >= best - 0.005)
     return int(chosen), curve, False
+
+
+def seconds_per_query(search: Callable[[np.ndarray], object], queries: np.ndarray, rounds: int = 2) -> float:
+    """Seconds one query takes, searched one at a time on one FAISS thread (as a server runs them): the
+    best of `rounds` passes over `queries`, so a burst of other work on the machine does not decide it."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        search(queries[:1])
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for i in range(len(queries)):
+                search(queries[i:i + 1])
+            best = min(best, (time.perf_counter() - start) / max(len(queries), 1))
+        return best
+    finally:
+        faiss.omp_set_num_threads(before)

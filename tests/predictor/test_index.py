@@ -107,8 +107,8 @@ def test_rows_of_finds_keys_through_buckets_and_falls_back_for_keys_that_are_not
 
 
 def test_nlist_rule_and_training_floor():
-    assert tuning.choose_nlist(1_000_000) == 4096
-    assert tuning.choose_nlist(100_000) == 1024
+    assert tuning.choose_nlist(1_000_000) == 8192
+    assert tuning.choose_nlist(100_000) == 2048
     assert tuning.choose_nlist(3000) == 64          # capped by the 39-per-list floor
     assert tuning.choose_nlist(1000) == 0           # too small: exact search
     for n in (1300, 3000, 50_000, 1_000_000):
@@ -178,25 +178,73 @@ def test_factory_setting():
 
 
 def test_large_nlist_gets_an_hnsw_coarse_quantizer(data, tmp_path, monkeypatch):
-    """From 16,384 lists on, the chosen nlist is found through an HNSW graph over the centroids (a flat
-    quantizer would cost 16,384·D per vector added); it trains, tunes, updates and saves like any IVF."""
-    from lookalike.predictor.index import factory as index_factory
-
-    assert index_factory.plan(None, 256, 10_000_000).base == "IVF16384_HNSW32,Flat"
-    assert index_factory.plan(index_factory.PQ_FACTORY, 256, 10_000_000).base == "IVF16384_HNSW32,PQ128x4fsr"
-    assert index_factory.plan(None, 256, 1_000_000).base == "IVF4096,Flat"   # below the threshold: flat
-    monkeypatch.setattr(index_factory, "HNSW_QUANTIZER_MIN_NLIST", 64)      # the same path at test size
-    idx = VectorIndex.build(data, ids_for(N), model_version=MODEL)
-    assert idx.info["factory"] == "IVF64_HNSW32,Flat" and idx.info["target_reached"]
-    res = idx.search(data[:20], 5)
-    assert [row[0] for row in res.listing_ids] == ids_for(N)[:20]   # each vector finds itself first
-    idx.add(clustered(10, seed=77), ids_for(10, prefix="new"))
-    loaded = VectorIndex.load(idx.save(tmp_path / "hnsw"), model_version=MODEL)
-    assert len(loaded) == N + 10 and loaded.search(data[:5], 5).listing_ids == idx.search(data[:5], 5).listing_ids
+    """From 4,096 lists on, the chosen nlist is found through an HNSW graph over the centroids (a flat
+    quantizer would cost nlist·D per query and per vector added), trained in two levels; it trains, tunes,
+    updates and saves like any IVF, and queries search the graph less deep than adds."""
     import faiss
 
-    graph = faiss.downcast_index(loaded._ivf.quantizer)   # adds and searches look further than FAISS's 16
-    assert isinstance(graph, faiss.IndexHNSW) and graph.hnsw.efSearch == index_factory.HNSW_QUANTIZER_EF
+    from lookalike.predictor.index import build as index_build
+    from lookalike.predictor.index import factory as index_factory
+
+    assert index_factory.plan(None, 256, 10_000_000).base == "IVF32768_HNSW32,Flat"
+    assert index_factory.plan(index_factory.PQ_FACTORY, 256, 10_000_000).base == "IVF32768_HNSW32,PQ128x4fsr"
+    assert index_factory.plan(None, 256, 1_000_000).base == "IVF8192_HNSW32,Flat"
+    assert index_factory.plan(None, 256, 100_000).base == "IVF2048,Flat"   # below the threshold: flat
+    monkeypatch.setattr(index_factory, "HNSW_QUANTIZER_MIN_NLIST", 64)      # the same path at test size
+    monkeypatch.setattr(index_build, "TWO_LEVEL_MIN_NLIST", 64)
+    idx = VectorIndex.build(data, ids_for(N), model_version=MODEL)
+    assert idx.info["factory"] == "IVF64_HNSW32,Flat" and idx.info["target_reached"]
+    graph = faiss.downcast_index(idx._ivf.quantizer)
+    assert graph.ntotal == 64 and graph.hnsw.efConstruction == index_factory.HNSW_QUANTIZER_EF_CONSTRUCTION
+    res = idx.search(data[:20], 5)
+    assert [row[0] for row in res.listing_ids] == ids_for(N)[:20]   # each vector finds itself first
+    depths = []
+    real_add = faiss.IndexIVF.add_with_ids
+    monkeypatch.setattr(faiss.IndexIVF, "add_with_ids",
+                        lambda self, *a: (depths.append(graph.hnsw.efSearch), real_add(self, *a))[1])
+    idx.add(clustered(10, seed=77), ids_for(10, prefix="new"))
+    assert depths and set(depths) == {index_factory.HNSW_QUANTIZER_EF}   # adds look deeper than queries
+    loaded = VectorIndex.load(idx.save(tmp_path / "hnsw"), model_version=MODEL)
+    assert len(loaded) == N + 10 and loaded.search(data[:5], 5).listing_ids == idx.search(data[:5], 5).listing_ids
+    graph = faiss.downcast_index(loaded._ivf.quantizer)   # the file keeps the query depth the tuning chose
+    assert isinstance(graph, faiss.IndexHNSW) and graph.hnsw.efSearch in index_build.QUERY_DEPTHS
+
+
+def test_index_saved_with_a_deeper_query_graph_keeps_it(data, tmp_path, monkeypatch):
+    """Indexes saved before queries searched the graph less deep than adds (at 64 for both) load and
+    search as they were saved; an add leaves their depth as it found it."""
+    import faiss
+
+    from lookalike.predictor.index import factory as index_factory
+
+    monkeypatch.setattr(index_factory, "HNSW_QUANTIZER_MIN_NLIST", 64)
+    idx = VectorIndex.build(data, ids_for(N), model_version=MODEL)
+    faiss.downcast_index(idx._ivf.quantizer).hnsw.efSearch = 64   # as the index file of an older build
+    loaded = VectorIndex.load(idx.save(tmp_path / "old"), model_version=MODEL)
+    loaded.add(clustered(10, seed=78), ids_for(10, prefix="new"))
+    assert faiss.downcast_index(loaded._ivf.quantizer).hnsw.efSearch == 64
+    assert [row[0] for row in loaded.search(data[:10], 5).listing_ids] == ids_for(N)[:10]
+
+
+def test_two_level_centroids_are_even_and_complete():
+    from lookalike.predictor.index.clustering import split_counts, two_level_centroids
+
+    counts = split_counts(np.array([500, 1, 0, 99]), 10)
+    assert counts.sum() == 10 and counts[1] == 1 and counts[2] == 0 and counts[0] > counts[3] >= 1
+    assert split_counts(np.array([3, 3]), 6).tolist() == [3, 3]
+    x = clustered(2000, seed=5)
+    centroids = two_level_centroids(x, 64, seed=0)
+    assert centroids.shape == (64, D) and centroids.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-4)   # on the sphere
+    _, assign = faiss_knn(x, centroids)
+    sizes = np.bincount(assign.ravel(), minlength=64)
+    assert sizes.max() <= 6 * len(x) / 64   # no list swallows a dense region
+
+
+def faiss_knn(x, centroids):
+    import faiss
+
+    return faiss.knn(x, centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def test_ivf_pq_with_re_ranking(data, tmp_path):
@@ -208,6 +256,11 @@ def test_ivf_pq_with_re_ranking(data, tmp_path):
     np.testing.assert_allclose(idx._refine.decode(codes), idx._refine.codec.sa_decode(codes), atol=1e-6)
     res = idx.search(data[:20], 1)
     assert [r[0] for r in res.listing_ids] == ids_for(20)  # re-ranking puts each vector first
+    batch = idx.search(data[:8], 10)   # one query at a time (the re-ranking's short path) ranks alike
+    for i in range(8):
+        one = idx.search(data[i], 10)
+        assert one.listing_ids[0] == batch.listing_ids[i]
+        np.testing.assert_allclose(one.scores[0], batch.scores[i], atol=1e-6)
     loaded = VectorIndex.load(idx.save(tmp_path / "pq"), model_version=MODEL)
     again = loaded.search(data[:20], 10)
     assert again.listing_ids == idx.search(data[:20], 10).listing_ids
