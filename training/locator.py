@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lookalike.core.boxes import box_from_objectness, from_input_box
+from lookalike.core.boxes import box_from_objectness
 from lookalike.core.preprocessing import PreprocessSpec, crop_window, preprocess_batch
 from lookalike.training.data import ImageBank
 from lookalike.training.model import LookalikeModel, locator_head
@@ -120,7 +120,7 @@ def train_locator(model: LookalikeModel, bank: ImageBank, spec: PreprocessSpec, 
         window = crop_window(VIEW_SIZE, VIEW_SIZE, spec)
         for prob, truth in zip(probs, boxes[:n_test]):
             found = box_from_objectness(prob)
-            box = from_input_box(found.box, VIEW_SIZE, VIEW_SIZE, window) if found is not None else None
+            box = found.on_photo(VIEW_SIZE, VIEW_SIZE, window).box if found is not None else None
             ious.append(box_iou(box, truth) if box is not None and truth is not None else 0.0)
         metrics["held_out"] = {"views": n_test, "mean_iou": round(float(np.mean(ious)), 3),
                                "iou@0.5": round(float(np.mean(np.array(ious) >= 0.5)), 3)}

@@ -27,9 +27,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lookalike.core.boxes import MARGIN, Localisation, box_from_objectness, context_box, crop_to_box, from_input_box
+from lookalike.core.boxes import MARGIN, Localisation, box_from_objectness, context_box, crop_to_box
 from lookalike.core.preprocessing import crop_window, preprocess
 from lookalike.training.data import ImageBank
+from lookalike.training.locator import box_iou
 from lookalike.training.evaluate import embed_images, listing_recall, listing_topk, run_batches
 from lookalike.training.model import LookalikeModel
 from lookalike.training.phone_photos import EVALUATION, simulate
@@ -86,9 +87,7 @@ def boxes_on_photos(maps: np.ndarray, photos: list[Image.Image], spec) -> list[L
     out: list[Localisation | None] = []
     for photo, prob in zip(photos, maps):
         loc = box_from_objectness(prob)
-        out.append(None if loc is None else Localisation(from_input_box(loc.box, *photo.size,
-                                                                        crop_window(*photo.size, spec)),
-                                                         loc.confidence))
+        out.append(None if loc is None else loc.on_photo(*photo.size, crop_window(*photo.size, spec)))
     return out
 
 
@@ -131,7 +130,7 @@ def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBan
             "queries": len(photos), "cropped": float(used.mean()),
             "cropped_by": {name: float(np.mean([loc is not None and loc.usable for loc in found_by]))
                            for name, found_by in located.items()},
-            "mean_iou": float(np.mean([_iou(loc.box, b) if loc is not None else 0.0
+            "mean_iou": float(np.mean([box_iou(loc.box, b) if loc is not None else 0.0
                                        for loc, b in zip(found, true_boxes)])),
             "finetuned": {m: listing_recall(listing_topk(q, gal.finetuned, g_listing, 10), truth)
                           for m, q in finetuned.items()},
@@ -140,12 +139,6 @@ def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBan
         }
     result["latency"] = _served_path_latency(model, photos[:timing_photos], device)
     return result
-
-
-def _iou(a: tuple, b: tuple) -> float:
-    from lookalike.training.locator import box_iou
-
-    return box_iou(a, b)
 
 
 @torch.no_grad()
@@ -168,8 +161,7 @@ def _served_path_latency(model: LookalikeModel, photos: list[Image.Image], devic
         out = run(photo)
         loc = box_from_objectness(out["objectness"][0].float().cpu().numpy())
         if loc is not None:
-            box = from_input_box(loc.box, *photo.size, crop_window(*photo.size, spec))
-            loc = Localisation(box, loc.confidence)
+            loc = loc.on_photo(*photo.size, crop_window(*photo.size, spec))
             if loc.usable:
                 run(crop_to_box(photo, loc.crop_box(*photo.size)))
         times["crop"].append(time.perf_counter() - start)

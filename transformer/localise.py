@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from lookalike.core.boxes import Box, Localisation, crop_to_box, from_input_box, parse_box
+from lookalike.core.boxes import Box, Localisation, crop_to_box, parse_box
 from lookalike.core.errors import InputError
 from lookalike.core.preprocessing import PreprocessSpec, crop_window
 from lookalike.serving.errors import BadInput
@@ -84,8 +84,8 @@ def locate(boxes: np.ndarray, images: list[Image.Image], spec: PreprocessSpec) -
         if not np.isfinite(row).all():
             out.append(None)
             continue
-        box = from_input_box(tuple(float(v) for v in row[:4]), *img.size, crop_window(*img.size, spec))
-        out.append(Localisation(box, float(row[4])))
+        found = Localisation(tuple(float(v) for v in row[:4]), float(row[4]))
+        out.append(found.on_photo(*img.size, crop_window(*img.size, spec)))
     return out
 
 

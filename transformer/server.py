@@ -490,7 +490,7 @@ class LookalikeTransformer(kserve.Model):
         probs = {t: outputs[f"prob_{t}"].as_numpy().reshape(-1).astype(np.float32) for t in tasks}
         # Off the event loop: signing a photo URL is an HMAC per photo (cached while young), and a page of
         # results may sign hundreds.
-        searched = state.searched or [Searched((0.0, 0.0, 1.0, 1.0), "whole") for _ in range(n)]
+        searched = state.searched or [Searched(WHOLE, "whole") for _ in range(n)]
         joined = await asyncio.get_running_loop().run_in_executor(
             None, join, ids, photo_ids, scores, labels, probs, self.metadata, self.photo_urls,
             [s.to_dict() for s in searched])

@@ -51,6 +51,10 @@ class Localisation:
         """Worth searching instead of the whole photo."""
         return self.confidence >= MIN_CONFIDENCE and self.area <= MAX_AREA
 
+    def on_photo(self, width: int, height: int, window: tuple[float, float, float, float]) -> Localisation:
+        """This box, found on the model's input, on the whole `width` x `height` photo (`from_input_box`)."""
+        return Localisation(from_input_box(self.box, width, height, window), self.confidence)
+
     def crop_box(self, width: int, height: int, margin: float = MARGIN) -> Box:
         return context_box(self.box, width, height, margin)
 
