@@ -70,7 +70,8 @@ def served(s3_server, tmp_path_factory):
         vectors, _ = Embedder.load(out).embed(preprocess_batch(photos, spec))
         VectorIndex.build(vectors, [r.listing_id for r in catalog.rows], model_version=model_version).publish(store)
         env = {**os.environ, **store.settings.to_env(), "LOOKALIKE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-        stack = ServingStack(env, log_dir=tmp_path_factory.mktemp("logs"))
+        # The micro-batching predictor (the GPU default) carries each request's slice of the boxes.
+        stack = ServingStack(env, log_dir=tmp_path_factory.mktemp("logs"), predictor_args=["--batching", "on"])
         try:
             stack.start()
             yield {"stack": stack, "catalog": catalog, "photos": photos, "settings": store.settings}
