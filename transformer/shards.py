@@ -5,8 +5,12 @@ predictor at once, and their answers are merged here, once (`lookalike.serving.s
                 ──embeddings──▶ shard 0 … shard k-1 (concurrently, one deadline) ──▶ merge ──▶ the answer
 
 What the answer promises:
-- every shard that answered serves the same index version (and the embedder's model): a mixed answer
-  is refused (503, retry: a swap is under way), never merged;
+- every shard that answered serves the same index version (and the embedder's model), never a mix.
+  A swap moves all shards together: each shard loads the new version beside the old and holds both
+  (`lookalike.predictor.parts.ShardPredictor.HELD`); requests name the version to answer from
+  (`shard_version`), and the fan-out moves to the new one only once every shard holds it. A shard that
+  answered from another version (it restarted holding only the newest) is asked again, with every
+  shard, for the newest version all hold; with no such version the request is refused (503, retry);
 - a shard that does not answer in time, or is down, is named: the response's parameters say
   `partial` and `shards_missing` (the transformer repeats both in every matches document), never a
   silently shorter list; when no shard answers, the request fails (504 / 503);
@@ -29,7 +33,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, to_http_parameters
 from lookalike.serving.errors import Timeout, Unavailable, V2Error, status_for
 from lookalike.serving.protocol import REQUEST_ID_HEADER, output
-from lookalike.serving.shard_merge import ShardAnswer, merge_answers
+from lookalike.serving.shard_merge import SHARD_VERSION, SHARD_VERSIONS, ShardAnswer, merge_answers
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,7 @@ class ShardFanout:
         self.timeout_s = float(timeout_s)
         self.model_name = model_name
         self._stubs: list[Any] = []
+        self.pinned: str | None = None  # the shard version requests are answered from ("model/index")
 
     def stubs(self) -> list[Any]:
         if not self._stubs:
@@ -106,7 +111,8 @@ class ShardFanout:
             groups = [([i], {**base, **concrete_filters(filters, labels, i)}) for i in range(len(vectors))]
         else:
             groups = [(list(range(len(vectors))), {**base, **filters})]
-        per_group = await asyncio.gather(*(self._fan_out(vectors[rows], p, rid) for rows, p in groups))
+        model_version = str(plain(embedded.parameters).get("model_version") or embedded.model_version or "")
+        per_group = await self._consistent(groups, vectors, rid, model_version)
         n = len(vectors)
         ids: list[list[str]] = [[] for _ in range(n)]
         photos: list[list[str]] = [[] for _ in range(n)]
@@ -129,7 +135,6 @@ class ShardFanout:
         if len(missing) == len(self.hosts):
             raise Timeout(f"no index shard answered within {self.timeout_s:g} s ({len(self.hosts)} shards); "
                           f"retry later")
-        model_version = str(plain(embedded.parameters).get("model_version") or embedded.model_version or "")
         if len(versions) > 1 or (models and models != {model_version}):
             raise Unavailable(f"the index shards answered from different versions (index {sorted(versions)}, "
                               f"model {sorted(models)} for embeddings of {model_version}): a swap is under way; "
@@ -148,6 +153,28 @@ class ShardFanout:
                                            "search_us": search_us, "shards": len(self.hosts),
                                            MISSING: ",".join(map(str, sorted(missing))), PARTIAL: bool(missing)})
         return InferResponse.from_grpc(answer.to_grpc())  # read back exactly as a predictor's reply would be
+
+    async def _consistent(self, groups: list[tuple[list[int], dict[str, Any]]], vectors: np.ndarray, rid: str,
+                          model_version: str) -> list[tuple[list[ShardAnswer | None], list[dict[str, Any] | None]]]:
+        """Every group's answers from one shard version: the pinned one; asked once more at the newest
+        version every answering shard holds when they answered from different ones (a shard restarted,
+        or the pin was never set). Moves the pin forward once every shard holds a newer version."""
+        pin = self.pinned
+        per_group = await asyncio.gather(*(self._fan_out(vectors[rows], {**p, **_pin(pin)}, rid)
+                                           for rows, p in groups))
+        metas = [m for _, meta in per_group for m in meta if m]
+        common = _newest_common(metas, model_version)
+        answered = {m.get(SHARD_VERSION) for m in metas}
+        if len(answered) > 1 and common is not None and answered != {common}:
+            per_group = await asyncio.gather(*(self._fan_out(vectors[rows], {**p, **_pin(common)}, rid)
+                                               for rows, p in groups))
+            metas = [m for _, meta in per_group for m in meta if m]
+            common = _newest_common(metas, model_version)
+        if common is not None and common != self.pinned:
+            if self.pinned is not None:
+                log.info("every shard holds %s: answering from it from now on (was %s)", common, self.pinned)
+            self.pinned = common
+        return per_group
 
     async def _fan_out(self, vectors: np.ndarray, params: dict[str, Any], rid: str
                        ) -> tuple[list[ShardAnswer | None], list[dict[str, Any] | None]]:
@@ -186,6 +213,21 @@ class ShardFanout:
 
     async def close(self) -> None:
         self._stubs = []
+
+
+def _pin(version: str | None) -> dict[str, str]:
+    return {SHARD_VERSION: version} if version else {}
+
+
+def _newest_common(metas: list[dict[str, Any]], model_version: str) -> str | None:
+    """The newest shard version every answering shard holds, of the embedder's model (None: none is).
+    Shards list what they hold oldest first and all load versions in the order the aliases moved."""
+    held = [[v for v in str(m.get(SHARD_VERSIONS) or m.get(SHARD_VERSION) or "").split(",") if v] for m in metas]
+    if not held:
+        return None
+    common = set(held[0]).intersection(*held[1:])
+    fits = [v for v in held[0] if v in common and (not model_version or v.split("/", 1)[0] == model_version)]
+    return fits[-1] if fits else None
 
 
 def _text(value: Any) -> str:

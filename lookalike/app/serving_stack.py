@@ -122,7 +122,8 @@ class ServingStack:
             if self.shard_procs[i] is None or self.shard_procs[i].poll() is not None:
                 self.shard_procs[i] = self._spawn("predictor.parts", [
                     "shard", "--shard", str(i), "--http_port", str(p[f"shard{i}_http"]),
-                    "--grpc_port", str(p[f"shard{i}_grpc"]), *common], f"shard{i}.log")
+                    "--grpc_port", str(p[f"shard{i}_grpc"]), *common,
+                    "--enable_reload_route"], f"shard{i}.log")  # swaps on request, as the whole predictor
         self._wait_ready(self.predictor, self.endpoints["predictor_rest"], "predictor", timeout_s)
         for i, proc in enumerate(self.shard_procs):
             self._wait_ready(proc, self.endpoints[f"shard{i}_rest"], f"shard{i}", timeout_s)

@@ -8,6 +8,10 @@ merge is a sort by score, ties broken by shard then rank so the answer is determ
 
 Used twice: in-process by `ShardedIndex.search`, and by the transformer after its fan-out to the shard
 predictors (`lookalike.transformer.shards`), which is why it lives here, importing nothing of the project.
+
+The version words both sides speak live here too: a shard holds versions named `model_version/index_version`
+(`shard_version`), answers the one a request names in `SHARD_VERSION` and lists those it holds in
+`SHARD_VERSIONS` (oldest first), so the transformer can move every shard to a new version together.
 """
 from __future__ import annotations
 
@@ -15,6 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+SHARD_VERSION = "shard_version"    # request: the version to answer from; response: the one answered from
+SHARD_VERSIONS = "shard_versions"  # response: every version the shard holds, oldest first, comma-separated
+
+
+def shard_version(model_version: str, index_version: str) -> str:
+    """What a shard serves, named whole: an index version only means something under its model."""
+    return f"{model_version}/{index_version}"
 
 
 @dataclass

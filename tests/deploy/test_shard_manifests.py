@@ -10,6 +10,7 @@ from tests.deploy.test_manifests import copy_tree, edit
 
 MODEL = "20261124T010203457Z-abcdef"
 SHARDED = "20261125T010203457Z-123456"
+PREVIOUS = "20261124T030203457Z-654321"
 
 
 def test_sharded_overlay_validates_and_moves_every_shard_with_the_rollout(tmp_path: Path):
@@ -18,6 +19,7 @@ def test_sharded_overlay_validates_and_moves_every_shard_with_the_rollout(tmp_pa
     edit(rollout, "lookalike.io/model-version: unset", f"lookalike.io/model-version: {MODEL}")
     edit(rollout, "lookalike.io/index-version: unset", "lookalike.io/index-version: 20261124T020203457Z-fedcba")
     edit(tree / "overlays/production-sharded/embedder.yaml", "  value: unset", f"  value: {SHARDED}")
+    edit(tree / "overlays/production-sharded/embedder.yaml", "  value: none", f"  value: {PREVIOUS}")
     report = mc.validate_overlay("production-sharded", tree)
     assert report.ok, "\n".join(report.lines())
     main = mc.find_object(report.objects, "InferenceService", "lookalike")
@@ -32,6 +34,7 @@ def test_sharded_overlay_validates_and_moves_every_shard_with_the_rollout(tmp_pa
         env = mc.container_env(container)
         assert container["args"][0] == "shard" and env["LOOKALIKE_SHARD"] == str(i)
         assert env["LOOKALIKE_MODEL_VERSION"] == MODEL and env["LOOKALIKE_INDEX_VERSION"] == SHARDED
+        assert env["LOOKALIKE_PREVIOUS_INDEX_VERSION"] == PREVIOUS  # held too while the swap rolls out
         assert shard["metadata"]["annotations"]["lookalike.io/index-version"] == SHARDED
         assert "@sha256:" in container["image"] and container["resources"]["requests"]["memory"] == "12Gi"
 

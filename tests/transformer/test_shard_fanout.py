@@ -103,3 +103,42 @@ def test_predicted_filters_are_made_concrete_per_photo():
     assert ids == [["a1", "b1"], ["a1", "b1"]]
     sent = sorted(str(r.parameters["filter"].string_param) for r in a.seen)
     assert sent == ["category=bag", "category=shoe"]  # one fan-out per photo, each with its own label
+
+
+class VersionedShard:
+    """A shard holding several versions (oldest first), answering the one asked for, else its newest."""
+
+    def __init__(self, held: dict[str, list[str]]):
+        self.held, self.asked = held, []
+
+    async def ModelInfer(self, message, timeout=None, metadata=None):  # noqa: N802 - the gRPC stub's name
+        params = InferRequest.from_grpc(message).parameters or {}
+        wanted = params["shard_version"].string_param if "shard_version" in params else None
+        self.asked.append(wanted)
+        version = wanted if wanted in self.held else list(self.held)[-1]
+        reply = InferResponse.from_grpc(_reply([self.held[version]] * 2, [[0.5]] * 2,
+                                               version=version.split("/")[1]))
+        reply.parameters = {**reply.parameters, "shard_version": version, "shard_versions": ",".join(self.held)}
+        return reply.to_grpc()
+
+
+def test_the_pin_moves_only_once_every_shard_holds_the_new_version():
+    a = VersionedShard({"m1/v1": ["a-old"]})
+    b = VersionedShard({"m1/v1": ["b-old"]})
+    fanout = _fanout(a, b)
+    assert _run(fanout)[2]["index_version"].string_param == "v1" and fanout.pinned == "m1/v1"
+    a.held["m1/v2"] = ["a-new"]  # shard 0 loaded v2, shard 1 not yet: still v1, never a mix
+    ids, _, params = _run(fanout)
+    assert ids[0] == ["a-old", "b-old"] and params["index_version"].string_param == "v1"
+    b.held["m1/v2"] = ["b-new"]  # both hold v2: this answer is v1 still, the next ones v2
+    _run(fanout)
+    assert fanout.pinned == "m1/v2"
+    assert _run(fanout)[0][0] == ["a-new", "b-new"]
+    # shard 1 restarts holding only v3 (the alias moved on): asked again at the newest version both hold
+    a.held["m1/v3"], b.held = ["a-v3"], {"m1/v3": ["b-v3"]}
+    ids, _, params = _run(fanout)
+    assert ids[0] == ["a-v3", "b-v3"] and params["index_version"].string_param == "v3"
+    # no version in common (shard 0 dropped v3): refused as a swap under way, never merged
+    a.held = {"m1/v2": ["a-new"]}
+    with pytest.raises(Unavailable, match="swap is under way"):
+        _run(fanout)
