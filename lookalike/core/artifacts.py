@@ -269,9 +269,14 @@ class ArtifactRepo:
                 self.store.get_file(self._key(version, rel), staging / rel)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
             verify_dir(staging, manifest)
-            if dest.exists():
-                shutil.rmtree(dest)
-            staging.rename(dest)
+            try:
+                staging.rename(dest)
+            except OSError:
+                # Another process fetched the same version into the same cache first (shard predictors
+                # starting side by side): keep its verified copy, which it may be reading already.
+                if not _verified(dest, manifest):
+                    shutil.rmtree(dest, ignore_errors=True)
+                    staging.rename(dest)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -285,6 +290,14 @@ class ArtifactRepo:
             if len(parts) >= 2 and parts[0] not in RESERVED:
                 seen.add(parts[0])
         return sorted(seen - complete, reverse=True)
+
+
+def _verified(folder: Path, manifest: dict) -> bool:
+    try:
+        verify_dir(folder, manifest)
+    except (ArtifactError, OSError):
+        return False
+    return True
 
 
 def model_repo(store: ObjectStore) -> ArtifactRepo:

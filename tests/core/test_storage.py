@@ -164,3 +164,24 @@ def test_latest_is_the_last_published_even_within_one_second(store, tmp_path):
     published = [repo.publish(_version_dir(tmp_path, f"v{i}")) for i in range(5)]
     assert repo.versions() == published[::-1]
     assert repo.resolve("latest") == published[-1]
+
+
+def test_processes_fetching_one_version_at_once_all_get_it(store, tmp_path):
+    """Shard predictors of one pod (or one machine) start together and fetch the same version into the same
+    cache: each gets the verified folder, none fails on another's rename, none deletes what another uses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    repo = model_repo(store)
+    version = repo.publish(_version_dir(tmp_path, files={f"part-{i}.bin": bytes([i]) * 50_000 for i in range(12)}))
+    dest = tmp_path / "cache" / version
+    for _ in range(3):  # the race is a matter of timing: three rounds from an empty cache
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
+        with ThreadPoolExecutor(6) as pool:
+            folders = list(pool.map(lambda _: repo.fetch(version, dest), range(6)))
+        assert folders == [dest] * 6
+        want = sorted(["MANIFEST.json", *(f"part-{i}.bin" for i in range(12))])
+        assert sorted(p.name for p in dest.iterdir()) == want
+        assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
