@@ -107,8 +107,9 @@ PARAMETERS: dict[str, Param] = {
                                   "none), for `lookalike serve --shards K`: under indexes-sharded/<model>/, after "
                                   "the index and under the same alias; listings go to shards by a hash of their "
                                   "id, every shard keeps the index's centroids. An update changes only the shards "
-                                  "of the listings it adds, replaces or delists (it re-splits when the sharded "
-                                  "version has another shard count, or none exists yet)."),
+                                  "of the listings it adds, replaces or delists; it splits the updated index "
+                                  "instead when the alias names no sharded version, one of another shard count, "
+                                  "or one made from another index version."),
     "min_index_recall": Param(float, 0.9, "gate: recall@10 of the IVF index against exact search must reach "
                                           "this (nprobe is tuned for it)."),
     # updating a published index

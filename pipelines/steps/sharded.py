@@ -60,9 +60,11 @@ def _next(store: Any, repo: Any, built: Any, alias: str, shards: int, changes: C
 
     if changes is None:
         return split("split from the index")
-    current = repo.alias_target(alias) if alias else None
+    if not alias:
+        return split("no alias names a sharded version to update: split the updated index")
+    current = repo.alias_target(alias)
     if current is None:
-        return split(f"no sharded version under alias {alias or '(none)'} to update yet: split the updated index")
+        return split(f"no sharded version under alias {alias} to update yet: split the updated index")
     folder = ShardedIndex.fetch_folder(store, built.model_version, current)
     card = read_card(folder, built.model_version)
     if card["shards"] != shards:

@@ -146,3 +146,14 @@ def test_a_bad_shard_count_is_refused_before_anything_is_published(store, tmp_pa
     with pytest.raises(StepError, match="index_shards must be 0 .* from 1 to 256"):
         publish_index(run, "production", "", index_shards=bad)
     assert index_repo(store, served).versions() == before and sharded_index_repo(store, served).versions() == []
+
+
+def test_without_an_alias_the_sharded_version_is_split_and_no_alias_moves(store, tmp_path, served, capsys):
+    version = publish_index(_update(tmp_path, "n", served, ["new-n"], ["l1"]), "", "", index_shards=2)
+    repo = sharded_index_repo(store, served)
+    (sharded_version,) = repo.versions()
+    assert repo.aliases() == {}
+    assert "no alias names a sharded version to update: split the updated index" in capsys.readouterr().out
+    sharded = _sharded(store, served, sharded_version)
+    assert sharded.card["parent_version"] == version
+    assert _photos(sharded) == _photos(VectorIndex.fetch(store, served, version))
