@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 K = 10
-MODEL = "bench"
 
 
 def rows_of(listing_ids: list[list[str]]) -> np.ndarray:
@@ -62,7 +61,7 @@ def overlap(a: np.ndarray, b: np.ndarray) -> float:
     return hit / max(total, 1)
 
 
-def served(hosts: list[str], queries: np.ndarray, nprobe: int) -> tuple[float, np.ndarray]:
+def served(hosts: list[str], queries: np.ndarray, nprobe: int, model_version: str) -> tuple[float, np.ndarray]:
     """p50 ms of one query at a time through the fan-out and merge, and the rows it returned."""
     from kserve.protocol.infer_type import InferRequest, InferResponse
     from lookalike.serving.protocol import output
@@ -71,7 +70,7 @@ def served(hosts: list[str], queries: np.ndarray, nprobe: int) -> tuple[float, n
     fanout = ShardFanout(hosts, timeout_s=30.0, model_name="lookalike")
     embedded = [InferResponse.from_grpc(InferResponse(
         response_id=str(i), model_name="lookalike", infer_outputs=[output("embeddings", q[None], "FP32", True)],
-        parameters={"model_version": MODEL}).to_grpc()) for i, q in enumerate(queries)]
+        parameters={"model_version": model_version}).to_grpc()) for i, q in enumerate(queries)]
     request = InferRequest(model_name="lookalike", infer_inputs=[], request_id="bench",
                            parameters={"top_k": K, "nprobe": nprobe})
 
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         fan = {}
         for k in ks:
             hosts = [stacks[k].endpoints[f"shard{i}_grpc"] for i in range(k)]
-            fan[k], served_rows = served(hosts, queries, nprobe)
+            fan[k], served_rows = served(hosts, queries, nprobe, model_version)
             served_same = float(np.mean([(a == b).all() for a, b in zip(served_rows, in_process[k])]))
             print(f"  k={k}: same order as unsharded {quality[k][2]:.3f} of queries; served answers equal the "
                   f"in-process merge for {served_same:.3f}; recall@10 of the unsharded index {r_one:.4f}", flush=True)

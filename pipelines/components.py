@@ -167,14 +167,17 @@ def check_index_gates(build_metrics: Input[Metrics], search_metrics: Input[Metri
 
 
 @component
-def publish_index(index: Input[Model], alias: str, model_alias: str) -> str:
+def publish_index(index: Input[Model], alias: str, model_alias: str, index_shards: int) -> str:
     """Publish the index as a new version under the model version it was built with; point `alias` at it
-    (under a lease; an update whose alias moved meanwhile is applied again on the new target), then the
-    model's `model_alias` at its model ("" for none): a model alias never moves before its index exists."""
+    (under a lease; an update whose alias moved meanwhile is applied again on the new target); with
+    `index_shards` > 0 publish its sharded version too (an update changes only its listings' shards); then
+    point the model's `model_alias` at its model ("" for none): a model alias never moves before its index
+    exists."""
     from lookalike.pipelines.steps import index as work
     from lookalike.pipelines.steps.runner import run_step
 
-    return run_step("publish index", work.publish_index, index=index, alias=alias, model_alias=model_alias)
+    return run_step("publish index", work.publish_index, index=index, alias=alias, model_alias=model_alias,
+                    index_shards=index_shards)
 
 
 @component

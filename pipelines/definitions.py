@@ -7,12 +7,13 @@ machine with `kfp.local` (`lookalike.pipelines.local`).
 
     train             prepare → train (GPU) → evaluate (+ a confusion matrix per head) → model gates → publish model
     index             fetch model, prepare → embed (GPU, `embed_shards` tasks in parallel) → build (GPU) →
-                      evaluate → index gates → publish index
+                      evaluate → index gates → publish index (and, with `index_shards` K, its K-shard version)
     update            fetch model, prepare new listings → embed (GPU) → add new listings, replace changed
                       ones (all their photos), remove delisted ones in the published index without
                       re-clustering (drift is reported; the new catalog joins the ones the index card
-                      names) → evaluate → index gates → publish index; schedule `index` too (e.g. weekly)
-                      for the full rebuild that re-clusters
+                      names) → evaluate → index gates → publish index (with `index_shards`, the sharded
+                      version too: only the shards of the listings changed); schedule `index` too (e.g.
+                      weekly) for the full rebuild that re-clusters
     train-and-index   train and index in one run; the model and its index are published together at
                       the end, only when both pass their gates
 
@@ -102,6 +103,13 @@ PARAMETERS: dict[str, Param] = {
     "index_memory_budget": Param(str, "", 'memory a predictor may give the index, e.g. "8GiB": without an '
                                           'index_factory, IVF-Flat when it fits, else the compact IVF-PQ re-ranked '
                                           'from an 8-bit copy ("": no budget, IVF-Flat).'),
+    "index_shards": Param(int, 0, "also publish the index as a sharded version of this many shards (1-256; 0: "
+                                  "none), for `lookalike serve --shards K`: under indexes-sharded/<model>/, after "
+                                  "the index and under the same alias; listings go to shards by a hash of their "
+                                  "id, every shard keeps the index's centroids. An update changes only the shards "
+                                  "of the listings it adds, replaces or delists; it splits the updated index "
+                                  "instead when the alias names no sharded version, one of another shard count, "
+                                  "or one made from another index version."),
     "min_index_recall": Param(float, 0.9, "gate: recall@10 of the IVF index against exact search must reach "
                                           "this (nprobe is tuned for it)."),
     # updating a published index
@@ -129,7 +137,8 @@ CATALOG = ("catalog_uri", "holdout_fraction", "seed", "check_images")
 TRAINING = tuple(name for name in pipeline_parameters() if name not in ("phone_queries", "device"))
 MODEL_GATES = ("phone_queries", "min_recall_at_10", "min_head_accuracy", "max_regression", "compare_to",
                "pretrained_margin")
-INDEXING = ("embed_batch_size", "embed_shards", "index_factory", "index_memory_budget", "min_index_recall")
+INDEXING = ("embed_batch_size", "embed_shards", "index_factory", "index_memory_budget", "index_shards",
+            "min_index_recall")
 RUNNING = ("publish_alias", "device", "gpu_node_selector", "gpu_toleration", "s3_secret")
 
 
@@ -259,8 +268,9 @@ def _publish_model(pool: _Pool, model, evaluation, alias, after):
     return transient(impure(pool.cpu(task, "publish model")))
 
 
-def _publish_index(pool: _Pool, index, alias, after, model_alias=""):
-    task = c.publish_index(index=index, alias=alias, model_alias=model_alias).after(*after)
+def _publish_index(pool: _Pool, index, p, after, model_alias=""):
+    task = c.publish_index(index=index, alias=p.publish_alias, model_alias=model_alias,
+                           index_shards=p.index_shards).after(*after)
     return transient(impure(pool.cpu(task, "publish index")))
 
 
@@ -291,13 +301,14 @@ def index_pipeline(p) -> str:
     prepared = _prepare(pool, p.catalog_uri, 0.0, p.seed, p.check_images, for_training=False)
     build, gates = _index_and_gate(pool, model.outputs["model"], prepared.outputs["catalog"],
                                    prepared.outputs["catalog"], p)
-    return _publish_index(pool, build.outputs["index"], p.publish_alias, [gates]).output
+    return _publish_index(pool, build.outputs["index"], p, [gates]).output
 
 
 @_pipeline("update", "Add new and changed listings to the published index (and drop delisted ones) without "
                      "retraining; publish a new index version.",
            ("new_listings_uri", "delisted_uri", "model_ref", "index_ref", "check_images", "seed"),
-           ("phone_queries", "min_recall_at_10", "embed_batch_size", "embed_shards", "min_index_recall"), RUNNING,
+           ("phone_queries", "min_recall_at_10", "embed_batch_size", "embed_shards", "index_shards",
+            "min_index_recall"), RUNNING,
            changes={"phone_queries": {"default": 200}})
 def update_pipeline(p) -> str:
     """Update the published index with new and delisted listings; returns the new index version."""
@@ -314,7 +325,7 @@ def update_pipeline(p) -> str:
                                 queries=prepared.outputs["catalog"], phone_queries=p.phone_queries, seed=p.seed)
     evaluate = pure(pool.cpu(evaluate, "evaluate index"))
     gates = _index_gates(pool, update, evaluate, p)
-    return _publish_index(pool, update.outputs["index"], p.publish_alias, [gates]).output
+    return _publish_index(pool, update.outputs["index"], p, [gates]).output
 
 
 class TrainAndIndexOutputs(NamedTuple):
@@ -339,8 +350,7 @@ def train_and_index_pipeline(p) -> TrainAndIndexOutputs:
     # The model is published without its alias; the index step moves the index's alias, then the model's:
     # a crash between the two leaves the aliases on the previous complete pair, never a model without index.
     publish_model = _publish_model(pool, model, evaluate, "", [model_gates, index_gates])
-    publish_index = _publish_index(pool, build.outputs["index"], p.publish_alias, [publish_model],
-                                   model_alias=p.publish_alias)
+    publish_index = _publish_index(pool, build.outputs["index"], p, [publish_model], model_alias=p.publish_alias)
     return TrainAndIndexOutputs(model_version=publish_model.output, index_version=publish_index.output)
 
 

@@ -13,6 +13,8 @@ metrics artifacts also have `log_metric` / `log_confusion_matrix`.
     gates.py        the model and index gates: pass, or fail saying what to do
     embed.py        embed catalog images through the serving preprocessing
     index.py        build, evaluate, update and publish the FAISS index
+    changes.py      an update's change set, applied again when another run published first
+    sharded.py      the sharded version published beside the index (`index_shards`)
 
 Every failure a user can fix raises an error of the `lookalike.core.errors` family (`StepError`, a catalog,
 store or artifact error) with a message that says what to do; `run_step` prints it on one marked line,

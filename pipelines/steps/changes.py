@@ -45,21 +45,33 @@ class ChangeSet:
         return cls(doc["parent"], np.load(folder / "vectors.npy"), doc["listing_ids"], doc["photo_ids"],
                    doc["labels"], doc["delisted"], doc.get("catalog"), doc.get("ref", ""))
 
+    def _rows(self, index: Any) -> tuple[list[str], list[str], list[int], list[int]]:
+        """What the change does to `index`: (delisted ids it holds, delisted ids it does not, rows replacing
+        listings it keeps, rows of listings new to it). Delistings go first, so a listing delisted and
+        listed again in one run is added back whole."""
+        gone = [lid for lid in self.delisted if lid in index]
+        absent = [lid for lid in self.delisted if lid not in index]
+        kept = {lid for lid in self.listing_ids if lid in index} - set(gone)
+        present = [i for i, lid in enumerate(self.listing_ids) if lid in kept]
+        fresh = [i for i, lid in enumerate(self.listing_ids) if lid not in kept]
+        return gone, absent, present, fresh
+
+    def _batch(self, rows: list[int]) -> tuple[np.ndarray, list[str], dict[str, list[str | None]], dict[str, Any]]:
+        return (self.vectors[rows], [self.listing_ids[i] for i in rows],
+                {t: [v[i] for i in rows] for t, v in self.labels.items()},
+                {"photo_ids": [self.photo_ids[i] for i in rows]})
+
     def apply(self, index: Any) -> dict[str, Any]:
         """Apply to `index` (a VectorIndex): remove the delisted listings (every photo), replace the listings
         it already holds (all their photos), add the new ones, record the catalog. Returns what changed."""
-        gone = [lid for lid in self.delisted if lid in index]
-        absent = [lid for lid in self.delisted if lid not in index]
+        gone, absent, present, fresh = self._rows(index)
         removed = index.remove(gone) if gone else 0
-        present = [i for i, lid in enumerate(self.listing_ids) if lid in index]
-        fresh = [i for i, lid in enumerate(self.listing_ids) if lid not in index]
 
         def change(method, rows: list[int]) -> int:
             if not rows:
                 return 0
-            return method(self.vectors[rows], [self.listing_ids[i] for i in rows],
-                          {t: [v[i] for i in rows] for t, v in self.labels.items()},
-                          photo_ids=[self.photo_ids[i] for i in rows])
+            vectors, ids, labels, photos = self._batch(rows)
+            return method(vectors, ids, labels, **photos)
 
         replaced = change(index.replace, present)
         added = change(index.add, fresh)
@@ -68,3 +80,17 @@ class ChangeSet:
         return {"gone": gone, "absent": absent, "removed": removed, "replaced": replaced, "added": added,
                 "listings_added": len({self.listing_ids[i] for i in fresh}),
                 "listings_replaced": len({self.listing_ids[i] for i in present})}
+
+    def apply_sharded(self, sharded: Any) -> list[int]:
+        """Apply to a ShardedIndex the same way, each listing in its own shard only; return the shards that
+        changed. The catalog is named on the version's card and on the shards that got its rows."""
+        gone, _, present, fresh = self._rows(sharded)
+        changed = set(sharded.remove(gone)) if gone else set()
+        touched: set[int] = set()
+        for method, rows in ((sharded.replace, present), (sharded.add, fresh)):
+            if rows:
+                vectors, ids, labels, photos = self._batch(rows)
+                touched.update(method(vectors, ids, labels, **photos))
+        if self.catalog:
+            sharded.record_catalogs([self.catalog], shards=sorted(touched))
+        return sorted(changed | touched)

@@ -15,6 +15,7 @@ from lookalike.pipelines.steps.changes import ChangeSet
 from lookalike.pipelines.steps.embed import load_embedder, load_embeddings
 from lookalike.pipelines.steps.model import read_card
 from lookalike.pipelines.steps.runner import StepError, check_device, progress, write_metrics
+from lookalike.pipelines.steps.sharded import check_index_shards, publish_sharded
 
 
 def _labels_by_task(labels: list[dict[str, str]]) -> dict[str, list[str | None]]:
@@ -113,7 +114,7 @@ def evaluate_index(index, model, queries, phone_queries: int, seed: int, metrics
     return values
 
 
-def publish_index(index, alias: str, model_alias: str = "") -> str:
+def publish_index(index, alias: str, model_alias: str = "", index_shards: int = 0) -> str:
     """Publish the index folder as a new version under its model and point `alias` at it; then, when
     `model_alias` is set, point the model's alias at the index's model (a model alias never moves before
     an index for it exists: train-and-index publishes the pair this way).
@@ -122,11 +123,16 @@ def publish_index(index, alias: str, model_alias: str = "") -> str:
     An update read the index its alias pointed at when it began (`parent_version`); when the alias has
     moved since (another update published), this run's change set is applied again on the index the alias
     points at now, so neither run's additions nor its delistings are lost.
+
+    With `index_shards` > 0, a sharded version of the very index published follows it, under the same
+    alias name in the sharded repo (`lookalike.pipelines.steps.sharded`): an update applies its change set
+    to the sharded version the alias names, so only its listings' shards change.
     """
     from lookalike.core.artifacts import index_repo, model_repo
     from lookalike.core.s3 import connect
     from lookalike.predictor.index import VectorIndex
 
+    shards = check_index_shards(index_shards)  # before anything is published
     store = connect()
     built = VectorIndex.load(index.path)
     models = model_repo(store)
@@ -135,10 +141,17 @@ def publish_index(index, alias: str, model_alias: str = "") -> str:
                         f"the model first (the pipelines do)")
     repo = index_repo(store, built.model_version)
     changes = ChangeSet.read(Path(index.path)) if ChangeSet.present(Path(index.path)) else None
+    base = changes.parent if changes is not None else None  # the index version the update changed
     if not alias:
         version = built.publish(store)
         print(f"published index {version} of model {built.model_version} (no alias moved)", flush=True)
+        if shards:
+            publish_sharded(store, built, "", shards, changes, base)
         return version
+    # One lease, the index alias's, covers the index and its sharded version: the sharded version is made
+    # from the index just published, so the pair must move together. Under two leases an overlapping run
+    # could publish its pair between this run's index and its sharded version, whose alias would then
+    # name a sharded version without that run's changes.
     with repo.lease(alias):
         target = repo.alias_target(alias)
         # An update that read this alias, which has moved since: apply its changes on where it points now.
@@ -147,10 +160,13 @@ def publish_index(index, alias: str, model_alias: str = "") -> str:
                   f"run published): applying this run's changes again on {target}", flush=True)
             built = VectorIndex.fetch(store, built.model_version, target)
             changes.apply(built)
+            base = target
         version = built.publish(store)
         repo.set_alias(alias, version)
-    print(f"published index {version} of model {built.model_version} ({built.listing_count} listings, "
-          f"{built.count} photos){_alias_moved(alias, built.model_version, version)}", flush=True)
+        print(f"published index {version} of model {built.model_version} ({built.listing_count} listings, "
+              f"{built.count} photos){_alias_moved(alias, built.model_version, version)}", flush=True)
+        if shards:  # after the index: a sharded version's parent always exists
+            publish_sharded(store, built, alias, shards, changes, base)
     if model_alias:
         with models.lease(model_alias):
             models.set_alias(model_alias, built.model_version)

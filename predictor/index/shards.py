@@ -33,7 +33,7 @@ import numpy as np
 from lookalike.core.artifacts import MANIFEST, sharded_index_repo
 from lookalike.predictor.index import VectorIndex
 from lookalike.predictor.index.errors import BadIndexInput, CorruptIndex
-from lookalike.predictor.index.keys import listing_key
+from lookalike.predictor.index.keys import check_photo_ids, listing_key
 from lookalike.predictor.index.listings import SearchResult
 from lookalike.predictor.index.refine import RefineCopy
 from lookalike.predictor.index.table import ListingTable
@@ -170,6 +170,35 @@ class ShardedIndex:
             self.shards[s].remove([ids[r] for r in rows])
         self._recount()
         return sorted(groups)
+
+    def replace(self, vectors: np.ndarray, listing_ids: Sequence[str],
+                labels: Mapping[str, Sequence[str | None]] | None = None, *,
+                photo_ids: Sequence[str] | None = None) -> list[int]:
+        """New photos for listings already held, every photo of each replaced in its own shard
+        (`VectorIndex.replace` there); return the shards that changed. All checks run first."""
+        x = np.asarray(vectors, np.float32)
+        ids, photos = check_photo_ids(listing_ids, photo_ids, len(x))
+        groups = self._by_shard(ids)
+        for s, rows in groups.items():  # refuse before touching anything (unknown listings, key clashes)
+            self.shards[s]._table.check_replace([ids[r] for r in rows], [photos[r] for r in rows], None)
+        for s, rows in groups.items():
+            part_labels = None if labels is None else {t: [v[r] for r in rows] for t, v in labels.items()}
+            self.shards[s].replace(x[rows], [ids[r] for r in rows], part_labels, photo_ids=[photos[r] for r in rows])
+        self._recount()
+        return sorted(groups)
+
+    def __contains__(self, listing_id: object) -> bool:
+        """Whether a listing has a photo in its shard (the only shard that can hold it)."""
+        return isinstance(listing_id, str) and bool(listing_id) and listing_id in self.shards[
+            shard_of(listing_id, len(self.shards))]
+
+    def record_catalogs(self, uris: Sequence[str], shards: Collection[int] | None = None) -> None:
+        """Name more catalogs on the version's card (the transformer finds listings' metadata there) and
+        on the cards of `shards` (default: all), those holding rows from them."""
+        for s in range(len(self.shards)) if shards is None else shards:
+            self.shards[s].record_catalogs(uris)
+        known = list(self.card.get("catalogs") or [])
+        self.card["catalogs"] = known + [u for u in dict.fromkeys(uris) if u not in known]
 
     def _by_shard(self, ids: list[str]) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = {}

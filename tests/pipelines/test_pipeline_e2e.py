@@ -3,13 +3,14 @@ command line) into a real S3 server, then the two KServe servers serve what it p
 whose gate fails publishes nothing and leaves production where it was."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 from conftest import fresh_bucket
 
 from lookalike.pipelines.local import PipelineFailed, run_local
-from lookalike.core.artifacts import index_repo, model_repo
+from lookalike.core.artifacts import index_repo, model_repo, sharded_index_repo
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,9 @@ def published(s3_server, tmp_path_factory):
     with fresh_bucket(s3_server, "e2e", LOOKALIKE_CACHE=str(home / "cache"), LOOKALIKE_HOME=str(home)) as store:
         uri = import_fashion_mnist(store, split_names=("test",), limit=100, progress=False)["test"]
         # By name, as `lookalike train --catalog` takes it: catalogs/fashion-mnist-test/ in this bucket.
-        run = run_local("train-and-index", {"catalog_uri": "fashion-mnist-test", **TINY}, root=home / "runs")
+        # With a 2-shard version of the index beside it (`lookalike serve --shards 2` serves that).
+        run = run_local("train-and-index", {"catalog_uri": "fashion-mnist-test", **TINY, "index_shards": 2},
+                        root=home / "runs")
         yield store, uri, run, home
 
 
@@ -52,6 +55,12 @@ def test_train_and_index_publishes_model_and_index(published):
     info = indexes.read_json(index_version, "index.json")
     assert info["model_version"] == model_version and info["count"] == 100
     assert [name for name, _ in run.steps][-2:] == ["publish-model", "publish-index"]
+    sharded = sharded_index_repo(store, model_version)
+    (sharded_version,) = sharded.versions()
+    assert sharded.aliases() == {"production": sharded_version}
+    shards_card = sharded.read_json(sharded_version, "shards.json")
+    assert shards_card["parent_version"] == index_version and shards_card["shards"] == 2
+    assert sum(shards_card["shard_counts"]) == 100
     # One confusion matrix per head the model has, drawn by the KFP UI from a ClassificationMetrics artifact.
     sizes = []
     for path in run.run_dir.glob("for-loop-*-iteration-*/show-confusion-matrix/executor_output.json"):
@@ -101,6 +110,7 @@ def test_a_failing_gate_publishes_nothing_and_leaves_production(published):
 
 def test_update_adds_new_listings_and_removes_delisted_ones(published):
     from lookalike.predictor.index import VectorIndex
+    from lookalike.predictor.index.shards import ShardedIndex
     from lookalike.catalogs.rows import Catalog
     from lookalike.catalogs.importers import import_fashion_mnist
 
@@ -110,9 +120,10 @@ def test_update_adds_new_listings_and_removes_delisted_ones(published):
     new_ids = [r.listing_id for r in Catalog.open(new_uri, store).rows]
     gone = [r.listing_id for r in Catalog.open(uri, store).rows[:2]]
     store.put_bytes("delisted/today.txt", ("\n".join(gone) + "\n").encode())
+    log = io.StringIO()
     result = run_local("update", {"new_listings_uri": new_uri, "delisted_uri": store.uri("delisted/today.txt"),
                                   "phone_queries": 10, "min_recall_at_10": 0.0, "min_index_recall": 0.5,
-                                  "check_images": False}, root=home / "runs")
+                                  "check_images": False, "index_shards": 2}, root=home / "runs", out=log)
     after = result.outputs["Output"]
     indexes = index_repo(store, model_version)
     assert after != before and set(indexes.versions()) == {before, after}
@@ -121,6 +132,13 @@ def test_update_adds_new_listings_and_removes_delisted_ones(published):
     assert updated.count == 100 + 10 - 2
     assert all(lid in updated for lid in new_ids) and not any(lid in updated for lid in gone)
     assert VectorIndex.fetch(store, model_version, before).count == 100  # the old version is untouched
+    # The 2-shard version moved with it, updated shard by shard: the same photos as the index.
+    sharded = ShardedIndex.load(ShardedIndex.fetch_folder(store, model_version, "production"))
+    assert sharded.card["parent_version"] == after and len(sharded_index_repo(store, model_version).versions()) == 2
+    assert sorted((lid, ph) for part in sharded.shards for lid, ph in zip(part._table.listing_ids,
+                                                                          part._table.photo_ids)) == sorted(
+        zip(updated._table.listing_ids, updated._table.photo_ids))
+    assert "updated sharded version" in log.getvalue() and "shards changed:" in log.getvalue()
 
 
 def test_index_pipeline_with_a_failing_gate_keeps_the_production_index(published):

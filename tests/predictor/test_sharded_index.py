@@ -136,3 +136,25 @@ def test_updates_touch_only_the_listings_shards_and_keep_the_answer(catalog, que
     with pytest.raises(BadIndexInput):
         sharded.remove(["listing-00001", "no-such-listing"])
     assert [p.count for p in sharded.shards] == before
+
+
+def test_replace_changes_only_the_listings_shards_and_refuses_unknown_ones_first(full, queries, tmp_path):
+    sharded = ShardedIndex.from_index(full, 4)
+    one = VectorIndex.load(full.save(tmp_path / "copy"), model_version=MODEL)  # the module's index stays as built
+    target = ["listing-00003", "listing-00004"]
+    new_x = clustered(3, seed=21)
+    photos = ["0", "1", "0"]
+    ids = [target[0], target[0], target[1]]
+    assert all(lid in sharded for lid in target) and "nope" not in sharded and 7 not in sharded
+    before = [p.count for p in sharded.shards]
+    with pytest.raises(BadIndexInput):  # one unknown listing in the batch: nothing changes anywhere
+        sharded.replace(new_x, [target[0], target[0], "nope"], photo_ids=photos)
+    assert [p.count for p in sharded.shards] == before
+    changed = sharded.replace(new_x, ids, photo_ids=photos)
+    one.replace(new_x, ids, photo_ids=photos)
+    assert changed == sorted({shard_of(lid, 4) for lid in target})
+    assert sharded.card["count"] == one.count == full.count - 1  # listing-00004 had two photos, now one
+    assert sharded.search(queries, 10).listing_ids == one.search(queries, 10).listing_ids
+    sharded.record_catalogs(["s3://b/new.jsonl"], shards=changed)
+    assert sharded.card["catalogs"][-1] == "s3://b/new.jsonl"
+    assert [("s3://b/new.jsonl" in (p.card.catalogs or [])) for p in sharded.shards] == [s in changed for s in range(4)]
