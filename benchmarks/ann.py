@@ -1,6 +1,6 @@
 """Approximate nearest-neighbour search: the project's index against exact search and its peers.
 
-    python benchmarks/ann.py [--vectors DIR] [--quick] [--n N] [--skip-peers]
+    python benchmarks/ann.py [--vectors DIR] [--quick] [--n N] [--skip-peers] [--skip-incremental]
 
 Data: DIR/base.npy, queries.npy, gt.npy as written by the project's yardstick generator
 (embedding_like_vectors.py: 1,000,000 synthetic 256-d vectors shaped like image embeddings). Without
@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                              "per vector); at 10M vectors each build takes about ten minutes on 2 cores")
     parser.add_argument("--incremental", action="store_true",
                         help=f"also run the incremental-update build above {INCREMENTAL_MAX_N:,} vectors")
+    parser.add_argument("--skip-incremental", action="store_true",
+                        help="skip the incremental-update build (a third full build) at any size")
     parser.add_argument("--refine-k-factor", type=int, default=None,
                         help="IVF-PQ candidates re-ranked per result wanted (default: the index's own, "
                              "lookalike.predictor.index.factory.REFINE_K_FACTOR)")
@@ -439,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     r_inc = None
     if flat is None:
         print("incremental: skipped with IVF-Flat")
+    elif args.skip_incremental:
+        print("incremental: skipped (--skip-incremental)")
     elif n > INCREMENTAL_MAX_N and not args.incremental:
         print(f"incremental: skipped above {INCREMENTAL_MAX_N:,} vectors (a third full build; --incremental runs it)")
     else:

@@ -341,7 +341,9 @@ class VectorIndex:
             return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64)
         scores, ids = self._faiss_search(q, k, nprobe, sel, n_allowed)
         need = min(k, n_allowed)
-        if ids[:, :need].min() >= 0:  # the common case: every row complete
+        # The common case: every row complete. FAISS and the re-ranking put a row's missing results (-1) last, so
+        # one query is checked with one scalar read (a reduction's code is cold after the list scan: ~3 us).
+        if ids.item(need - 1) >= 0 if nq == 1 else ids[:, :need].min() >= 0:
             return scores, ids
         if self._ivf is not None:
             todo = np.flatnonzero((ids[:, :need] < 0).any(axis=1))

@@ -16,21 +16,24 @@ class ReadWriteLock:
     """Many readers or one writer; a waiting writer holds off new readers."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        # A plain Lock under the Condition: a reader enters and leaves through the lock's own (C) context
+        # manager, not the Condition's Python one, which a 0.1 ms search felt (~2 us a search).
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
 
     def acquire_read(self) -> None:
-        with self._cond:
+        with self._mutex:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
 
     def release_read(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._readers -= 1
-            if not self._readers:
+            if not self._readers and self._writers_waiting:
                 self._cond.notify_all()
 
     @contextmanager

@@ -295,6 +295,21 @@ def test_allowed_ids_and_fewer_matches_than_top_k(built, data):
         built.search(data[:1], 5, label_filter={"material": "cotton"})
 
 
+
+def test_one_query_answers_as_its_row_of_a_batch_does(built, data, listings_index):
+    """One query takes a shorter path after the list scan (fewest numpy calls): the same listings, photos and ids
+    as its row of a batch, also when fewer than top_k pass a filter and when photos are not each listing's "0"."""
+    multi, x, _, _ = listings_index
+    cases = [(built, data[:3], {}), (built, data[:3], {"allowed_ids": ids_for(N)[:4]}), (multi, x[:6:2], {})]
+    for index, queries, kwargs in cases:
+        batch = index.search(queries, 10, **kwargs)
+        for i, q in enumerate(queries):
+            one = index.search(q, 10, **kwargs)
+            assert one.listing_ids == batch.listing_ids[i:i + 1] and one.photo_ids == batch.photo_ids[i:i + 1]
+            np.testing.assert_array_equal(one.ids, batch.ids[i:i + 1])
+    assert built.search(data[0], 10, allowed_ids=ids_for(N)[:4]).photo_ids == [["0"] * 4]
+    assert {p for row in multi.search(x[:6:2], 10).photo_ids for p in row} > {"0"}
+
 # ---- incremental updates, drift ------------------------------------------------------------------
 
 def test_add_without_retraining(data):
