@@ -18,7 +18,8 @@ Each query is searched several ways against the same gallery, with the same mode
   at 224 px, from the same pass), `saliency32x16` (the geometric mean of the last map, upsampled, and
   that finer one), and the served map's box read by another rule (`saliency+otsu`, `saliency+peak`,
   `saliency+mass`: `lookalike.core.boxes.BOX_RULES`);
-- `oracle`: the true box the simulator drew (with the served margin): what a perfect box gives.
+- `oracle`: the true box the simulator drew (with the served margin, and with the wider one): what a
+  perfect box gives.
 The pretrained ImageNet model is measured on the same queries, whole and with the served crop.
 """
 from __future__ import annotations
@@ -139,7 +140,9 @@ def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBan
                     **{f"{name} m={margin:g}": crops(located[name], margin)
                        for name in located for margin in sorted({MARGIN, WIDER_MARGIN})},
                     **{f"{name} m={MARGIN:g}": crops(found_by, MARGIN) for name, found_by in tried.items()},
-                    "oracle": [crop_to_box(p, context_box(b, *p.size)) for p, b in zip(photos, true_boxes)]}
+                    "oracle": [crop_to_box(p, context_box(b, *p.size)) for p, b in zip(photos, true_boxes)],
+                    f"oracle m={WIDER_MARGIN:g}": [crop_to_box(p, context_box(b, *p.size, WIDER_MARGIN))
+                                                   for p, b in zip(photos, true_boxes)]}
         whole = embed_images(model, baseline, photos, device=device, progress=False)
         embedded = {name: embed_images(model, baseline, imgs, device=device, progress=False)
                     for name, imgs in variants.items()}

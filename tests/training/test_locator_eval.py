@@ -25,7 +25,7 @@ def test_every_map_and_rule_is_measured_on_both_query_kinds():
     result = localisation_eval(model, baseline, bank, np.arange(12), queries=4, seed=0, device=torch.device("cpu"),
                                timing_photos=2)
     expected = {"whole", "crop", "fused", "oracle", "saliency m=0", "saliency16 m=0", "saliency32x16 m=0",
-                "saliency+otsu m=0", "saliency+peak m=0", "saliency+mass m=0"}
+                "saliency+otsu m=0", "saliency+peak m=0", "saliency+mass m=0", "oracle m=0.12"}
     for kind in ("placed", "cutout"):
         measured = result[kind]
         assert expected <= set(measured["finetuned"]), sorted(measured["finetuned"])
