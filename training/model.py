@@ -10,6 +10,10 @@ With a locator (`ModelConfig.locator`), the same pass also reads the backbone's 
               "saliency": the map's channel energy, min-max scaled per photo (no training), or
               "learnt": the locator head's probabilities (trained on the simulator's free boxes)
 
+`feature_maps` also returns, from the same pass, the last stride-16 stage's output (cells twice as fine);
+the localisation benchmark measures its saliency beside the served map (it found fewer listings: the
+frozen early stage lights up on the scene's own texture, see README "Finding the product in the photo").
+
 The heads read the normalised embedding itself, not the raw projection: what the classifiers learn to
 separate is then exactly what cosine search sees, so every task's labels shape the retrieval space.
 `logit_scale` (a constant, not learned) lets a unit-length vector still produce confident logits.
