@@ -10,6 +10,10 @@ With a locator (`ModelConfig.locator`), the same pass also reads the backbone's 
               "saliency": the map's channel energy, min-max scaled per photo (no training), or
               "learnt": the locator head's probabilities (trained on the simulator's free boxes)
 
+`feature_maps` also returns, from the same pass, the last stride-16 stage's output (cells twice as fine);
+the localisation benchmark measures its saliency beside the served map (it found fewer listings: the
+frozen early stage lights up on the scene's own texture, see README "Finding the product in the photo").
+
 The heads read the normalised embedding itself, not the raw projection: what the classifiers learn to
 separate is then exactly what cosine search sees, so every task's labels shape the retrieval space.
 `logit_scale` (a constant, not learned) lets a unit-length vector still produce confident logits.
@@ -175,14 +179,25 @@ class LookalikeModel(nn.Module):
         """How likely each cell of the feature map shows the product [N, h, w], 0..1 (`locator_map`)."""
         if (kind or self.config.locator_map) == "learnt":
             return torch.sigmoid(self.locator(fmap).squeeze(1).float())
-        energy = fmap.float().norm(dim=1)
-        low = energy.amin(dim=(1, 2), keepdim=True)
-        high = energy.amax(dim=(1, 2), keepdim=True)
-        return (energy - low) / (high - low).clamp_min(1e-6)
+        return saliency(fmap)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map [N, F, h, w], before pooling (`features` is its global pool)."""
         return self.backbone.forward_features(x)
+
+    def feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last feature map and, from the same pass, the output of the backbone's last stride-16 stage
+        [N, C, 2h, 2w] (cells of 16 px: twice as fine; None when the backbone has no such stage)."""
+        stage = _stride16_stage(self.backbone)
+        if stage is None:
+            return self.feature_map(x), None
+        b = self.backbone
+        t, finer = b.bn1(b.conv_stem(x)), None
+        for i, block in enumerate(b.blocks):
+            t = block(t)
+            if i == stage:
+                finer = t
+        return b.bn2(b.conv_head(t)), finer
 
     def forward_from_trunk(self, t: torch.Tensor) -> dict[str, Any]:
         """`forward` from the trunk's output (training and evaluation run the frozen trunk once)."""
@@ -214,6 +229,26 @@ class LookalikeModel(nn.Module):
         self.projection.weight.copy_(weight)
         self.projection.bias.copy_(-(weight @ mean))
         return True
+
+
+def saliency(fmap: torch.Tensor) -> torch.Tensor:
+    """A feature map's channel energy per cell, min-max scaled per photo [N, h, w] in 0..1: where the
+    backbone sees most (no training; the class-activation idea)."""
+    energy = fmap.float().norm(dim=1)
+    low = energy.amin(dim=(1, 2), keepdim=True)
+    high = energy.amax(dim=(1, 2), keepdim=True)
+    return (energy - low) / (high - low).clamp_min(1e-6)
+
+
+def _stride16_stage(backbone: nn.Module) -> int | None:
+    """Index in `backbone.blocks` of the last stage at 1/16 of the input (timm's feature_info), or None."""
+    if not all(hasattr(backbone, a) for a in _SPLIT_LAYOUT):
+        return None
+    for info in getattr(backbone, "feature_info", []):
+        module = str(info.get("module", ""))
+        if info.get("reduction") == 16 and module.startswith("blocks."):
+            return int(module.split(".")[1])
+    return None
 
 
 def locator_head(channels: int, hidden: int = 64) -> nn.Module:

@@ -34,6 +34,11 @@ MAX_AREA = 0.8
 # box read off the map already reaches past the product's edge (cells are 32 px).
 MARGIN = 0.0
 _UPSAMPLE = 8  # objectness cells are 32 px at 224 px input: boxes are read off an 8x finer map
+# Ways to read a box off a map (benchmarks/retrieval_quality.py measures each beside the served "cells"):
+# "cells": every pixel above the threshold; "otsu": above the map's own Otsu level; "peak": the connected
+# region above the threshold around the peak; "mass": mean ± sqrt(3)·std of the map's mass above its
+# median. Each is free of parameters tuned to a catalog.
+BOX_RULES = ("cells", "otsu", "peak", "mass")
 
 
 @dataclass(frozen=True)
@@ -62,25 +67,92 @@ class Localisation:
         return {"box": [round(v, 4) for v in self.box], "confidence": round(self.confidence, 3)}
 
 
-def box_from_objectness(prob: np.ndarray, threshold: float = 0.5) -> Localisation | None:
-    """The box of the cells (upsampled) where the product is more likely than not; None if there are none."""
+def box_from_objectness(prob: np.ndarray, threshold: float = 0.5, rule: str = "cells") -> Localisation | None:
+    """The box read off an objectness map (upsampled) by `rule` (BOX_RULES; the served one is "cells": the
+    box of every pixel where the product is more likely than not); None if there is none."""
     prob = np.asarray(prob, dtype=np.float32)
     if prob.ndim != 2 or prob.size == 0 or not np.isfinite(prob).all():
         return None
+    if rule not in BOX_RULES:
+        raise ValueError(f"box rule must be one of {', '.join(BOX_RULES)}, got {rule!r}")
     h, w = prob.shape
     fine = np.asarray(Image.fromarray(prob, mode="F").resize((w * _UPSAMPLE, h * _UPSAMPLE),
                                                              Image.Resampling.BILINEAR))
-    inside = fine >= threshold
-    if not inside.any():
+    if rule == "mass":
+        pixels = _mass_box(fine)
+    else:
+        inside = fine >= (otsu_threshold(fine) if rule == "otsu" else threshold)
+        if rule == "peak":
+            inside = peak_region(fine, inside)
+        if not inside.any():
+            return None
+        ys, xs = np.nonzero(inside)
+        pixels = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    if pixels is None:
         return None
-    ys, xs = np.nonzero(inside)
     fh, fw = fine.shape
-    box = (float(xs.min() / fw), float(ys.min() / fh), float((xs.max() + 1) / fw), float((ys.max() + 1) / fh))
-    in_box = np.zeros_like(inside)
-    in_box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+    px0, py0, px1, py1 = pixels
+    box = (px0 / fw, py0 / fh, px1 / fw, py1 / fh)
+    in_box = np.zeros(fine.shape, bool)
+    in_box[py0:py1, px0:px1] = True
     outside = float(fine[~in_box].mean()) if (~in_box).any() else 0.0
     confidence = float(np.clip(fine[in_box].mean() - outside, 0.0, 1.0))
     return Localisation(box, confidence)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
+    """The level that splits `values` into two classes of least spread within (Otsu's): a threshold read
+    off the map's own distribution, so a map with a dim product or a bright background is cut where it
+    separates, not at a fixed level. Infinite for a flat map: no level separates anything."""
+    v = np.asarray(values, np.float64).ravel()
+    low, high = float(v.min()), float(v.max())
+    if high - low < 1e-6:
+        return float("inf")
+    hist, edges = np.histogram(v, bins=bins, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(hist)
+    above = below[-1] - below
+    mass_below = np.cumsum(hist * centres)
+    mean_below = mass_below / np.maximum(below, 1)
+    mean_above = (mass_below[-1] - mass_below) / np.maximum(above, 1)
+    return float(edges[1:][int(np.argmax(below * above * (mean_below - mean_above) ** 2))])
+
+
+def peak_region(fine: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """The connected part of `inside` (4-neighbours) that holds the map's peak: one object, not the box of
+    every hot patch (a second bright thing elsewhere in the scene would stretch that box over both)."""
+    region = np.zeros_like(inside)
+    if not inside.any():
+        return region
+    region[np.unravel_index(int(np.argmax(np.where(inside, fine, -np.inf))), fine.shape)] = True
+    while True:  # grow by one pixel a round: at most the region's diameter rounds (a few hundred at most)
+        grown = region.copy()
+        grown[1:] |= region[:-1]
+        grown[:-1] |= region[1:]
+        grown[:, 1:] |= region[:, :-1]
+        grown[:, :-1] |= region[:, 1:]
+        grown &= inside
+        if np.array_equal(grown, region):
+            return region
+        region = grown
+
+
+def _mass_box(fine: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The box fitted to the map's mass above its median: mean ± sqrt(3) standard deviations on each axis,
+    the extent of a uniformly bright box of that spread (no threshold to choose)."""
+    weight = np.clip(fine - np.median(fine), 0, None).astype(np.float64)
+    total = weight.sum()
+    if total <= 0:
+        return None
+    spans = []
+    for axis_weight in (weight.sum(0), weight.sum(1)):  # x, then y
+        at = np.arange(len(axis_weight)) + 0.5
+        mean = float((axis_weight * at).sum() / total)
+        std = float(np.sqrt((axis_weight * (at - mean) ** 2).sum() / total))
+        spans.append((max(0, int(np.floor(mean - np.sqrt(3) * std))),
+                      min(len(axis_weight), int(np.ceil(mean + np.sqrt(3) * std)))))
+    (x0, x1), (y0, y1) = spans
+    return (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))
 
 
 def boxes_table(objectness: np.ndarray | None) -> np.ndarray | None:

@@ -64,3 +64,44 @@ def test_app_boxes_are_parsed_and_refused_with_what_to_send():
         with pytest.raises(InputError, match="box"):
             parse_box(bad)
     assert crop_to_box(Image.new("RGB", (100, 50)), (0.5, 0.0, 1.0, 1.0)).size == (50, 50)
+
+
+def _two_objects() -> np.ndarray:
+    """A bright product top left (the peak) and a dimmer second thing bottom right."""
+    prob = np.zeros((14, 14), np.float32)
+    prob[1:6, 1:6] = 1.0
+    prob[10:13, 10:13] = 0.7
+    return prob
+
+
+def test_the_peak_rule_boxes_one_object_where_cells_box_both():
+    both = box_from_objectness(_two_objects())
+    one = box_from_objectness(_two_objects(), rule="peak")
+    assert both is not None and one is not None
+    assert both.box[2] > 0.85 and both.box[3] > 0.85  # the box of every hot cell reaches the second thing
+    assert one.box[2] < 0.5 and one.box[3] < 0.5 and one.box[0] < 0.15  # the peak's object alone
+    assert one.confidence > both.confidence
+
+
+def test_the_otsu_rule_cuts_where_the_map_separates_not_at_one_half():
+    prob = np.full((14, 14), 0.1, np.float32)
+    prob[4:10, 3:8] = 0.4  # a dim product: nothing reaches one half
+    assert box_from_objectness(prob) is None
+    found = box_from_objectness(prob, rule="otsu")
+    assert found is not None
+    assert found.box[0] == pytest.approx(3 / 14, abs=0.05) and found.box[2] == pytest.approx(8 / 14, abs=0.05)
+    assert found.box[1] == pytest.approx(4 / 14, abs=0.05) and found.box[3] == pytest.approx(10 / 14, abs=0.05)
+
+
+def test_the_mass_rule_fits_a_uniform_block_and_every_rule_refuses_a_bad_map():
+    prob = np.zeros((7, 7), np.float32)
+    prob[2:5, 1:4] = 1.0
+    found = box_from_objectness(prob, rule="mass")
+    assert found is not None  # mean ± sqrt(3) std of a uniform block is that block (blurred a little)
+    assert found.box[0] == pytest.approx(1 / 7, abs=0.06) and found.box[2] == pytest.approx(4 / 7, abs=0.06)
+    assert found.box[1] == pytest.approx(2 / 7, abs=0.06) and found.box[3] == pytest.approx(5 / 7, abs=0.06)
+    for rule in ("cells", "otsu", "peak", "mass"):
+        assert box_from_objectness(np.full((7, 7), np.nan, np.float32), rule=rule) is None
+        assert box_from_objectness(np.zeros((7, 7), np.float32), rule=rule) is None
+    with pytest.raises(ValueError, match="box rule"):
+        box_from_objectness(prob, rule="guess")

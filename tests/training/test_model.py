@@ -60,6 +60,23 @@ def test_forward_shapes_normalised_embedding_and_frozen_batchnorm(model_and_conf
     assert torch.equal(before, model.backbone.bn1.running_mean)
 
 
+def test_the_finer_map_comes_from_the_same_pass_at_twice_the_resolution(model_and_config):
+    """`feature_maps` gives the last map unchanged and, beside it, the stride-16 stage's output (timm's
+    feature_info names it), whose saliency lies in 0..1 like the served map's."""
+    from lookalike.training.model import saliency
+
+    model, _ = model_and_config
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        last, finer = model.feature_maps(x)
+        assert torch.equal(last, model.feature_map(x))
+    assert last.shape[-2:] == (2, 2) and finer.shape[-2:] == (4, 4)  # 64 px: cells of 32 and 16 px
+    assert finer.shape[1] == model.backbone.feature_info[3]["num_chs"] == 112  # the last stride-16 stage (blocks.4)
+    fine = saliency(finer)
+    assert fine.shape == (2, 4, 4) and float(fine.min()) == 0.0 and float(fine.amax(dim=(1, 2)).min()) == 1.0
+
+
 def test_export_reload_identical_and_onnx_matches(model_and_config, tmp_path):
     import onnxruntime as ort
 
