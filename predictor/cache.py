@@ -84,6 +84,12 @@ class SearchCache:
         boxes = np.stack([f[2] for f in found]) if all(f[2] is not None for f in found) else None
         return emb, probs, boxes
 
+    def embeddings_of(self, pair: ServingPair, keys: list[str]) -> np.ndarray | None:
+        """The photos' embeddings [N, D] when every one is cached (not counted: asked beside an answer hit,
+        for an automatic crop to fuse with), else None."""
+        found = [self.embeddings.get((pair.model_version, key)) for key in keys]
+        return None if any(f is None for f in found) else np.stack([f[0] for f in found])
+
     def keep(self, pair: ServingPair, keys: list[str], request: tuple, matches: Matches,
              emb: np.ndarray | None = None, probs: dict[str, np.ndarray] | None = None) -> None:
         """Remember the answer of each photo (and its embedding, when given)."""

@@ -49,7 +49,7 @@ from lookalike.predictor.cache import SearchCache, request_key
 from lookalike.predictor.service import (DEFAULT_MODEL_REF, Matches, SearchService, ServingPair, parse_filters,
                                          resolve_model, search_pair)
 from lookalike.core.artifacts import index_repo
-from lookalike.core.boxes import BOXES
+from lookalike.core.boxes import BOXES, EMBEDDINGS, FUSE, WITH_EMBEDDINGS
 from lookalike.core.s3 import connect
 from lookalike.core.settings import cpu_limit
 from lookalike.serving.limits import AdmissionGate
@@ -222,6 +222,7 @@ class LookalikePredictor(kserve.Model):
                 return self._miss(rid, pair), 0
             return self._timed(trace, rid, payload, matches), len(keys)
         size = pair.embedder.size
+        fuse = _fuse_input(payload, pair.embedder.embedding_dim)  # an automatic crop's whole photos
         tensor = single_input(payload, INPUT_NAME, INPUT_DATATYPES, f"preprocessed images [N,3,{size},{size}]")
         images = tensor_as_numpy(tensor)
         if images.ndim != 4 or images.shape[1:] != (3, size, size):
@@ -235,6 +236,10 @@ class LookalikePredictor(kserve.Model):
             raise BadInput(f"input {INPUT_NAME!r} holds no images")
         if len(images) > self.settings.max_images:
             raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
+        if fuse is not None and len(fuse) != len(images):
+            raise BadInput(f"input {FUSE!r} holds {len(fuse)} embeddings for {len(images)} images")
+        if fuse is not None:  # a fused answer never shares a cache entry with the crop searched alone
+            wanted = (*wanted, FUSE)
         # Content keys name the photos only when the pixels were preprocessed for the model served here.
         keys = None
         if params.get(KEYS_PARAMETER) and str(params.get(PREPROCESSED_FOR) or "") == pair.model_version:
@@ -242,31 +247,32 @@ class LookalikePredictor(kserve.Model):
             if len(keys) != len(images):
                 raise BadInput(f"parameter {KEYS_PARAMETER!r} names {len(keys)} photos for {len(images)} images")
         if keys and self.cache.enabled:
-            matches = await self._from_cache(pair, keys, wanted, top_k, nprobe, filters)
+            matches = await self._from_cache(pair, keys, wanted, top_k, nprobe, filters, fuse)
             if matches is not None:
                 return self._timed(trace, rid, payload, matches), len(images)
         if self.service.batcher is not None:
-            future = self.service.submit(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair)
+            future = self.service.submit(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair, fuse=fuse)
             matches: Matches = await asyncio.wrap_future(future)
         else:  # concurrent requests run side by side in the executor's threads
             matches = await loop.run_in_executor(None, functools.partial(
-                self.service.search, images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair))
+                self.service.search, images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair, fuse=fuse))
         if keys:
             self.cache.keep(pair, keys, wanted, matches, matches.embeddings, matches.head_probs)
         return self._timed(trace, rid, payload, matches), len(images)
 
     async def _from_cache(self, pair: ServingPair, keys: list[str], wanted: tuple, top_k: int, nprobe: int | None,
-                          filters: dict[str, str]) -> Matches | None:
+                          filters: dict[str, str], fuse: np.ndarray | None = None) -> Matches | None:
         """The answer of photos seen before: cached whole, or searched with their cached embeddings."""
         matches = self.cache.answer(pair, keys, wanted)
         if matches is not None:
+            matches.embeddings = self.cache.embeddings_of(pair, keys)  # for a crop to fuse with, when asked
             return matches
         found = self.cache.embedding(pair, keys)
         if found is None:
             return None
         emb, probs, boxes = found
         matches = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-            search_pair, pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters, timings={}))
+            search_pair, pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters, timings={}, fuse=fuse))
         matches.boxes = boxes  # the locator's boxes, kept with the embeddings
         self.cache.keep(pair, keys, wanted, matches)
         return matches
@@ -299,6 +305,10 @@ class LookalikePredictor(kserve.Model):
             outputs.append(output(f"prob_{task}", m.probs[task], "FP32", binary))
         if m.boxes is not None:  # the locator's box per image: the transformer crops to it and answers it
             outputs.append(output(BOXES, m.boxes, "FP32", binary))
+            if m.embeddings is not None and parameters_of(request).get(WITH_EMBEDDINGS):
+                # what an automatic crop's call sends back to be fused with (cluster-internal: the transformer
+                # never passes it on to a client)
+                outputs.append(output(EMBEDDINGS, np.ascontiguousarray(m.embeddings, np.float32), "FP32", binary))
         outputs = requested(outputs, request)
         set_serving_versions("predictor", m.model_version, m.index_version)
         params = {"model_version": m.model_version, "index_version": m.index_version,
@@ -308,6 +318,21 @@ class LookalikePredictor(kserve.Model):
                              model_version=m.model_version, parameters=params,
                              use_binary_outputs=request.use_binary_outputs,
                              requested_outputs=request.request_outputs)
+
+
+def _fuse_input(payload: InferRequest, dim: int) -> np.ndarray | None:
+    """The optional second input of an automatic crop's call, removed from the request: the whole photos'
+    embeddings [N, D] FP32 to fuse the crops' with (`lookalike.core.boxes.fuse_embeddings`)."""
+    found = [i for i in payload.inputs if i.name == FUSE]
+    if not found:
+        return None
+    payload.inputs = [i for i in payload.inputs if i.name != FUSE]
+    if found[0].datatype != "FP32":
+        raise BadInput(f"input {FUSE!r} must be FP32 embeddings [N, {dim}], got {found[0].datatype}")
+    fuse = tensor_as_numpy(found[0])
+    if fuse.ndim != 2 or fuse.shape[1] != dim or not np.isfinite(fuse).all():
+        raise BadInput(f"input {FUSE!r} must be finite FP32 embeddings [N, {dim}], got shape {list(fuse.shape)}")
+    return np.ascontiguousarray(fuse, np.float32)
 
 
 class ReloadingRepository(ModelRepository):

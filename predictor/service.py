@@ -8,6 +8,9 @@ attribute; a request reads it once and uses that pair to the end, so `swap` (a s
 assignment) never disturbs a request in flight: old requests finish on the old pair, new ones start on
 the new pair, and nothing is locked on the request path.
 
+Why this file is long: the pair, its answers and the micro-batcher that embeds for them are one unit; the
+batcher's jobs finish with `search_pair`, and splitting them would split one request's path in two files.
+
 Micro-batching: concurrent requests queue for one worker thread that embeds whatever is waiting as one
 batch (up to `max_batch` images) and never waits for more - a lone request runs at once, and under load
 the per-call overhead is shared (benchmarks/serving.py measures the gain).
@@ -29,7 +32,7 @@ import numpy as np
 
 from lookalike.predictor.embedder import Embedder
 from lookalike.predictor.index import VectorIndex
-from lookalike.core.boxes import boxes_table
+from lookalike.core.boxes import boxes_table, fuse_embeddings
 from lookalike.core.artifacts import ArtifactError, VersionNotFound, model_repo
 from lookalike.core.errors import InputError
 from lookalike.core.s3 import ObjectStore
@@ -227,20 +230,23 @@ def _predicted(heads: dict[str, list[str]], probs: dict[str, np.ndarray]) -> tup
 
 def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.ndarray], *, top_k: int,
                 nprobe: int | None, filters: dict[str, str], timings: dict[str, float],
-                objectness: np.ndarray | None = None) -> Matches:
+                objectness: np.ndarray | None = None, fuse: np.ndarray | None = None) -> Matches:
+    """Search with `embeddings`, or, given `fuse` (the whole photos' embeddings of an automatic crop), with
+    both fused (`fuse_embeddings`); the answer keeps `embeddings` themselves, which the cache stores."""
     labels, best = _predicted(pair.heads, probs)
+    query = embeddings if fuse is None else fuse_embeddings(fuse, embeddings)
     start = time.perf_counter()
     per_image = any(v == PREDICTED for v in filters.values())
     if not per_image:
-        result = pair.index.search(embeddings, top_k=top_k, nprobe=nprobe, label_filter=filters or None)
+        result = pair.index.search(query, top_k=top_k, nprobe=nprobe, label_filter=filters or None)
         ids = [list(r) for r in result.listing_ids]
         photos = [list(r) for r in result.photo_ids]
         scores = [np.asarray(s, np.float32) for s in result.scores]
     else:  # each image is restricted to its own predicted label
         ids, photos, scores = [], [], []
-        for i in range(len(embeddings)):
+        for i in range(len(query)):
             wanted = {t: (labels[t][i] if v == PREDICTED else v) for t, v in filters.items()}
-            result = pair.index.search(embeddings[i:i + 1], top_k=top_k, nprobe=nprobe, label_filter=wanted)
+            result = pair.index.search(query[i:i + 1], top_k=top_k, nprobe=nprobe, label_filter=wanted)
             ids.append(list(result.listing_ids[0]))
             photos.append(list(result.photo_ids[0]))
             scores.append(np.asarray(result.scores[0], np.float32))
@@ -464,7 +470,8 @@ class SearchService:
             return True
 
     def search(self, images: np.ndarray, *, top_k: int = 10, nprobe: int | None = None,
-               filters: dict[str, str] | None = None, pair: ServingPair | None = None) -> Matches:
+               filters: dict[str, str] | None = None, pair: ServingPair | None = None,
+               fuse: np.ndarray | None = None) -> Matches:
         """Embed and search in the calling thread (no batching): the in-process path."""
         pair = pair or self._pair
         timings: dict[str, float] = {}
@@ -472,24 +479,26 @@ class SearchService:
         emb, probs, located = pair.embedder.embed_and_locate(images)
         timings["embed"] = time.perf_counter() - start
         return search_pair(pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters or {}, timings=timings,
-                           objectness=located)
+                           objectness=located, fuse=fuse)
 
     def submit(self, images: np.ndarray, *, top_k: int = 10, nprobe: int | None = None,
-               filters: dict[str, str] | None = None, pair: ServingPair | None = None) -> Future:
+               filters: dict[str, str] | None = None, pair: ServingPair | None = None,
+               fuse: np.ndarray | None = None) -> Future:
         """Queue a search for the micro-batcher; the future holds `Matches`. Without batching it runs now."""
         pair = pair or self._pair
         filters = filters or {}
         if self.batcher is None:
             future: Future = Future()
             try:
-                future.set_result(self.search(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair))
+                future.set_result(self.search(images, top_k=top_k, nprobe=nprobe, filters=filters, pair=pair,
+                                              fuse=fuse))
             except BaseException as exc:  # noqa: BLE001
                 future.set_exception(exc)
             return future
 
         def finish(emb, probs, embed_seconds, located):
             return search_pair(pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters,
-                               timings={"embed": embed_seconds}, objectness=located)
+                               timings={"embed": embed_seconds}, objectness=located, fuse=fuse)
 
         pair.embedder.check_input(images)  # a malformed batch fails alone, not the batch it would join
         return self.batcher.submit(pair, images, finish)

@@ -7,10 +7,11 @@ Two kinds of query, both SIMULATED with the EVALUATION recipe (scenes the locato
 
 Each query is searched several ways against the same gallery, with the same model:
 - `whole`: the whole photo, as the service did before it could find the product;
-- `crop`: the served path: the box read off the model's served map (`ModelConfig.locator_map`) at the
+- `crop`: the crop alone: the box read off the model's served map (`ModelConfig.locator_map`) at the
   served margin (`lookalike.core.boxes.MARGIN`) when it is usable (`Localisation.usable`), else the whole
   photo;
-- `fused`: the whole photo's and the crop's embeddings averaged (both searched as one);
+- `fused`: the served path: the whole photo's and that crop's embeddings averaged
+  (`lookalike.core.boxes.fuse_embeddings`, searched as one query);
 - `<map> m=<margin>`: the box of each map at each margin: `learnt` (the locator head, trained on the
   simulator's free boxes), `saliency` (the last feature map's channel energy: no training, the
   class-activation idea), `mixed` (their geometric mean);
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from lookalike.core.boxes import BOX_RULES, MARGIN, Localisation, box_from_objectness, context_box, crop_to_box
+from lookalike.core.boxes import (BOX_RULES, MARGIN, Localisation, box_from_objectness, context_box, crop_to_box,
+                                  fuse_embeddings)
 from lookalike.core.preprocessing import crop_window, preprocess
 from lookalike.training.data import ImageBank
 from lookalike.training.locator import box_iou
@@ -148,7 +150,7 @@ def localisation_eval(model: LookalikeModel, baseline: nn.Module, bank: ImageBan
                     for name, imgs in variants.items()}
         found = served
         used = np.array([loc is not None and loc.usable for loc in found])
-        fused = _normalise(whole.finetuned + np.where(used[:, None], embedded["crop"].finetuned, whole.finetuned))
+        fused = fuse_embeddings(whole.finetuned, np.where(used[:, None], embedded["crop"].finetuned, whole.finetuned))
         finetuned = {"whole": whole.finetuned, "crop": embedded["crop"].finetuned, "fused": fused,
                      **{name: e.finetuned for name, e in embedded.items() if name != "crop"}}
         pretrained = {"whole": whole.baseline, "crop": embedded["crop"].baseline, "oracle": embedded["oracle"].baseline}
@@ -198,13 +200,17 @@ def _served_path_latency(model: LookalikeModel, photos: list[Image.Image], devic
     return {"whole_p50_ms": p50["whole"], "crop_p50_ms": p50["crop"], "ratio": p50["crop"] / max(p50["whole"], 1e-9)}
 
 
+SERVED = "fused"  # what the service searches when it crops (transformer/server.py, _search_crops)
+
+
 def localise_line(catalog: str, result: dict[str, Any]) -> str:
-    """`localise: <catalog> cutout_recall@10 crop=<a> whole=<b>; placed_recall@10 crop=<c> whole=<d>; p50_ratio=<r>`"""
+    """`localise: <catalog> cutout_recall@10 crop=<a> whole=<b>; placed_recall@10 crop=<c> whole=<d>; p50_ratio=<r>`
+    where crop is the served path (`SERVED`)."""
     def r(kind: str, mode: str) -> float:
         return result[kind]["finetuned"][mode]["recall@10"]
 
-    return (f"localise: {catalog} cutout_recall@10 crop={r('cutout', 'crop'):.3f} whole={r('cutout', 'whole'):.3f}; "
-            f"placed_recall@10 crop={r('placed', 'crop'):.3f} whole={r('placed', 'whole'):.3f}; "
+    return (f"localise: {catalog} cutout_recall@10 crop={r('cutout', SERVED):.3f} whole={r('cutout', 'whole'):.3f}; "
+            f"placed_recall@10 crop={r('placed', SERVED):.3f} whole={r('placed', 'whole'):.3f}; "
             f"p50_ratio={result['latency']['ratio']:.2f}")
 
 

@@ -53,7 +53,7 @@ from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from lookalike.core.artifacts import index_repo, model_repo
 from lookalike.core.s3 import ObjectStore, connect
 from lookalike.core.decoding import ImageLimits, decode_images
-from lookalike.core.boxes import BOXES, crop_to_box
+from lookalike.core.boxes import BOXES, EMBEDDINGS, FUSE, WITH_EMBEDDINGS, crop_to_box
 from lookalike.transformer.answers import join, text
 from lookalike.transformer.localise import (AUTO_CROP_KEY, CROP, CROP_DECODE_SCALE, CROPPED_KEY, WHOLE, Searched,
                                             box_and_crop, locate, plan_crops)
@@ -285,6 +285,8 @@ class LookalikeTransformer(kserve.Model):
         batch = await asyncio.get_running_loop().run_in_executor(self._pixels, self._decode_and_preprocess,
                                                                  state.items, state)
         parameters = {**forwarded, PREPROCESSED_FOR: state.spec.model_version}
+        if self._may_crop(state):  # the whole photos' embeddings, for the crop's search to fuse with
+            parameters[WITH_EMBEDDINGS] = True
         if state.keys:
             parameters[KEYS_PARAMETER] = ",".join(state.keys)
         tensor_out = predictor_tensor(batch, self.settings.predictor_datatype)
@@ -357,13 +359,17 @@ class LookalikeTransformer(kserve.Model):
     async def _call_predictor(self, request: InferRequest) -> InferResponse:
         timeout = self.settings.predictor_timeout_s
         by_listing = request.lookalike_state.by_listing if hasattr(request, "lookalike_state") else False
+        fuse = None
+        if self.fanout is not None:  # the embedder takes the images alone; the fan-out fuses the vectors
+            fuse = next((i.as_numpy() for i in request.inputs if i.name == FUSE), None)
+            request.inputs = [i for i in request.inputs if i.name != FUSE]
         try:
             reply = await self._predictor_stub().ModelInfer(
                 request.to_grpc(), timeout=timeout, metadata=((REQUEST_ID_HEADER, str(request.id)),))
         except grpc.aio.AioRpcError as exc:
             raise predictor_error(exc, self.predictor_host, timeout, by_listing) from None
         if self.fanout is not None:  # the predictor embedded the photos: search every shard with them
-            return await self.fanout.search(InferResponse.from_grpc(reply), request)
+            return await self.fanout.search(InferResponse.from_grpc(reply), request, fuse)
         return InferResponse.from_grpc(reply)
 
     async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
@@ -427,9 +433,15 @@ class LookalikeTransformer(kserve.Model):
             if all(s.source != "crop" for s in state.searched):
                 return response
             batch = await loop.run_in_executor(self._pixels, preprocess_batch, photos, state.spec.preprocessing)
-        request.inputs[0] = predictor_tensor(batch, self.settings.predictor_datatype)
+        request.inputs = [predictor_tensor(batch, self.settings.predictor_datatype)]
+        whole = next((o for o in response.outputs if o.name == EMBEDDINGS), None)
+        if whole is not None:  # searched fused with the whole photo (lookalike.core.boxes.fuse_embeddings)
+            fuse = InferInput(FUSE, list(whole.shape), "FP32")
+            fuse.set_data_from_numpy(np.ascontiguousarray(whole.as_numpy(), np.float32), binary_data=True)
+            request.inputs.append(fuse)
+        request.parameters = {k: v for k, v in (request.parameters or {}).items() if k != WITH_EMBEDDINGS}
         if state.keys:  # the crops' answers are kept under their own keys (the whole photos' stay)
-            request.parameters = {**(request.parameters or {}),
+            request.parameters = {**request.parameters,
                                   KEYS_PARAMETER: ",".join(key + CROPPED_KEY for key in state.keys)}
         with state.trace.stage("predict"):
             return await self._call_predictor(request)

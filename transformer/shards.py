@@ -31,6 +31,7 @@ import numpy as np
 
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, to_http_parameters
+from lookalike.core.boxes import WITH_EMBEDDINGS, fuse_embeddings
 from lookalike.serving.errors import Timeout, Unavailable, V2Error, status_for
 from lookalike.serving.protocol import REQUEST_ID_HEADER, output
 from lookalike.serving.shard_merge import SHARD_VERSION, SHARD_VERSIONS, ShardAnswer, merge_answers
@@ -93,13 +94,16 @@ class ShardFanout:
                 grpc.aio.insecure_channel(h, options=options)) for h in self.hosts]
         return self._stubs
 
-    async def search(self, embedded: InferResponse, request: InferRequest) -> InferResponse:
-        """The embedder's answer (vectors, labels) turned into the whole predictor's answer, from every shard."""
+    async def search(self, embedded: InferResponse, request: InferRequest,
+                     fuse: np.ndarray | None = None) -> InferResponse:
+        """The embedder's answer (vectors, labels) turned into the whole predictor's answer, from every shard;
+        `fuse`: an automatic crop's whole photos, searched fused with the crops (as the whole predictor does)."""
         outputs = {o.name: o for o in embedded.outputs}
         if EMBEDDINGS not in outputs:
             raise Unavailable("the predictor answered without query vectors: is it an embedding predictor "
                               "(python -m lookalike.predictor.parts embed)?")
-        vectors = np.ascontiguousarray(outputs[EMBEDDINGS].as_numpy(), np.float32)
+        embeddings = np.ascontiguousarray(outputs[EMBEDDINGS].as_numpy(), np.float32)
+        vectors = embeddings if fuse is None else fuse_embeddings(fuse, embeddings)
         tasks = [n[len("label_"):] for n in outputs if n.startswith("label_")]
         labels = {t: [_text(v) for v in outputs[f"label_{t}"].as_numpy().reshape(-1)] for t in tasks}
         params = plain(request.parameters)
@@ -146,6 +150,8 @@ class ShardFanout:
                output("photo_ids", _table(photos, k), "BYTES", True),
                output("scores", np.ascontiguousarray(scores[:, :k]), "FP32", True)]
         out += [output(name, o.as_numpy(), o.datatype, True) for name, o in outputs.items() if name != EMBEDDINGS]
+        if params.get(WITH_EMBEDDINGS):  # the whole photos' vectors, for an automatic crop to fuse with
+            out.append(output(EMBEDDINGS, embeddings, "FP32", True))
         answer = InferResponse(response_id=rid, model_name=embedded.model_name, infer_outputs=out,
                                model_version=model_version or None,
                                parameters={"model_version": model_version, "index_version": next(iter(versions), ""),

@@ -23,6 +23,11 @@ from lookalike.core.errors import InputError
 
 Box = tuple[float, float, float, float]
 BOXES = "boxes"  # the predictor's output: the locator's box per image [N, 5] (x0, y0, x1, y1, confidence)
+# An automatic crop searches fused (`fuse_embeddings`): the first call asks for the whole photos' embeddings
+# (parameter WITH_EMBEDDINGS, output EMBEDDINGS), the crop's call sends them back (input FUSE [N, D] FP32).
+WITH_EMBEDDINGS = "with_embeddings"
+EMBEDDINGS = "embeddings"
+FUSE = "fuse"
 
 MIN_BOX_SIDE = 0.02  # a box narrower or lower than this share of the photo holds too few pixels to search
 # A found box is searched only when the locator is this sure of it and it leaves out enough of the photo
@@ -153,6 +158,16 @@ def _mass_box(fine: np.ndarray) -> tuple[int, int, int, int] | None:
                       min(len(axis_weight), int(np.ceil(mean + np.sqrt(3) * std)))))
     (x0, x1), (y0, y1) = spans
     return (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))
+
+
+def fuse_embeddings(whole: np.ndarray, crop: np.ndarray) -> np.ndarray:
+    """The query an automatic crop searches with: the whole photo's and the crop's embeddings averaged and
+    L2-normalised again (rows of unit vectors in, rows of unit vectors out). Measured better than the crop
+    alone on cut-out products (training/locator_eval.py, `fused`): the crop brings the product's detail,
+    the whole photo keeps what a tight or wrong box cut away. A row searched whole fuses with itself."""
+    fused = np.asarray(whole, np.float32) + np.asarray(crop, np.float32)
+    norms = np.linalg.norm(fused, axis=1, keepdims=True)
+    return (fused / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def boxes_table(objectness: np.ndarray | None) -> np.ndarray | None:

@@ -142,3 +142,21 @@ def test_the_pin_moves_only_once_every_shard_holds_the_new_version():
     a.held = {"m1/v2": ["a-new"]}
     with pytest.raises(Unavailable, match="swap is under way"):
         _run(fanout)
+
+
+def test_an_automatic_crop_is_fanned_out_fused_and_the_whole_photos_vectors_answered_when_asked():
+    from lookalike.core.boxes import fuse_embeddings
+
+    a = Shard(_reply([["a1"], ["a2"]], [[0.9], [0.2]]))
+    fanout = _fanout(a)
+    whole = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32)
+    request = InferRequest(model_name="lookalike", infer_inputs=[], request_id="q",
+                           parameters={"top_k": 3, "with_embeddings": True})
+    answer = asyncio.run(fanout.search(_embedded(2), request, fuse=whole))
+    sent = a.seen[-1].inputs[0].as_numpy()
+    assert np.allclose(sent, fuse_embeddings(whole, np.ones((2, 4), np.float32)))
+    out = {o.name: o for o in answer.outputs}
+    assert np.allclose(out["embeddings"].as_numpy(), np.ones((2, 4)))  # the embedder's own vectors, unfused
+    plain = asyncio.run(fanout.search(_embedded(2), InferRequest(model_name="lookalike", infer_inputs=[],
+                                                                 request_id="q", parameters={"top_k": 3})))
+    assert "embeddings" not in {o.name for o in plain.outputs}
