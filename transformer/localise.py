@@ -1,10 +1,12 @@
-"""The automatic crop: search the product the predictor's locator found, not the whole photo.
+"""The automatic crop: search the product the predictor's locator found, with the whole photo around it.
 
     photo ─▶ decode ─▶ preprocess ─▶ predictor (embedding, search and the locator's box, one pass)
                                         │ box usable (sure enough, and it leaves part of the photo out)?
                                         ├─ no: the whole photo's answer stands
                                         └─ yes: crop the decoded photo to the box with some context,
-                                           preprocess, ask the predictor again: the crop's answer
+                                           preprocess, ask the predictor again with the whole photo's
+                                           embedding: the crop's and the whole photo's embeddings fused
+                                           (`lookalike.core.boxes.fuse_embeddings`) are searched
 
 At most one extra model pass, only for photos the locator is sure of. An app's own `box` wins (no
 locator box is used), and `crop=off` searches the whole photo. The answer always says which box was

@@ -21,8 +21,8 @@ preprocess: check limits (images per request, bytes, pixels), decode with EXIF o
             sent before is asked for by content key first (`lookalike.serving.photo_cache`)
 predict:    send the tensor to the predictor over gRPC v2 (binary, no JSON lists) with a deadline, as FP16
             by default: half the bytes of FP32 and still exact to the pixel (see `predictor_tensor`); where
-            the model's locator is sure where the product is, search that crop instead (one more call:
-            `lookalike.transformer.localise`)
+            the model's locator is sure where the product is, search that crop fused with the whole photo
+            (one more call: `lookalike.transformer.localise`)
 postprocess: join listing metadata from every catalog the served index names, photos as fetchable URLs
 
 Failures are v2 errors with the status a client can act on: 400 bad input, 413 too large, 404 unknown
