@@ -49,7 +49,7 @@ from lookalike.core.s3 import connect
 from lookalike.predictor.embedder import Embedder
 from lookalike.predictor.index.shards import ShardedIndex, load_shard, read_card
 from lookalike.predictor.service import PREDICTED, parse_filters, resolve_model
-from lookalike.serving.errors import BadInput, TooLarge, Unavailable, as_v2_error
+from lookalike.serving.errors import BadInput, TooLarge, Unavailable
 from lookalike.serving.metrics import RequestTrace, configure_logging
 from lookalike.serving.protocol import (MAX_NPROBE, MAX_TOP_K, ModelServer, int_parameter, output, parameters_of,
                                         request_id, requested, single_input, tensor_as_numpy, wants_binary)
@@ -94,7 +94,7 @@ class EmbeddingPredictor(kserve.Model):
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         rid = request_id(payload, headers)
         trace = RequestTrace("predictor", rid, model=self.name)
-        try:
+        with trace.v2_errors():
             embedder = self.embedder
             if embedder is None:
                 raise Unavailable("the embedding predictor is still loading its model; retry shortly")
@@ -111,10 +111,6 @@ class EmbeddingPredictor(kserve.Model):
                 None, embedder.embed_and_locate, images)
             seconds = time.perf_counter() - start
             trace.add("embed", seconds)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a v2 error with a status
-            error = as_v2_error(exc, "predictor", rid)
-            trace.finish(error, images=0)
-            raise error from exc
         binary = wants_binary(payload)
         outputs = [output(EMBEDDINGS, np.ascontiguousarray(emb, np.float32), "FP32", binary)]
         for task, (names, best) in _labels(embedder.heads, probs).items():
@@ -226,7 +222,7 @@ class ShardPredictor(kserve.Model):
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         rid = request_id(payload, headers)
         trace = RequestTrace("predictor", rid, model=self.name)
-        try:
+        with trace.v2_errors():
             held = self.held
             if not held:
                 raise Unavailable(f"shard {self.shard} is still loading; retry shortly")
@@ -255,10 +251,6 @@ class ShardPredictor(kserve.Model):
                 label_filter=filters or None))
             seconds = time.perf_counter() - start
             trace.add("search", seconds)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a v2 error with a status
-            error = as_v2_error(exc, "predictor", rid)
-            trace.finish(error, images=0)
-            raise error from exc
         binary = wants_binary(payload)
         scores = np.asarray(result.scores, np.float32)
         outputs = [output("listing_ids", _table(result.listing_ids, k), "BYTES", binary),

@@ -54,7 +54,7 @@ from lookalike.core.s3 import connect
 from lookalike.core.settings import cpu_limit
 from lookalike.serving.limits import AdmissionGate
 from lookalike.serving.metrics import RequestTrace, observe_batch, observe_cancelled, set_serving_versions
-from lookalike.serving.errors import BadInput, ModelMoved, TooLarge, Unavailable, as_v2_error
+from lookalike.serving.errors import BadInput, ModelMoved, TooLarge, Unavailable
 from lookalike.serving.photo_cache import KEYS_INPUT, KEYS_PARAMETER, MISS_PARAMETER
 from lookalike.serving.protocol import (MAX_NPROBE, MAX_TOP_K, int_parameter, listing_query, output, parameters_of,
                                         request_id, requested, single_input, tensor_as_numpy, wants_binary)
@@ -186,15 +186,11 @@ class LookalikePredictor(kserve.Model):
                       response_headers: dict[str, str] | None = None) -> InferResponse:
         rid = request_id(payload, headers)
         trace = RequestTrace("predictor", rid, model=self.name)
-        try:
+        with trace.v2_errors():
             if self.service is None:
                 raise Unavailable(f"model {self.name!r} is still loading its model and index; retry shortly")
             async with self.gate.admit():
                 response, images = await self._predict(payload, rid, trace)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a v2 error with a status
-            error = as_v2_error(exc, "predictor", rid)
-            trace.finish(error, images=0)
-            raise error from exc
         trace.finish(images=images)
         return response
 

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from prometheus_client import Counter, Gauge, Histogram
 
 from lookalike.core.errors import status_of
-from lookalike.serving.errors import error_kind, to_v2
+from lookalike.serving.errors import as_v2_error, error_kind, to_v2
 
 
 
@@ -84,6 +84,17 @@ class RequestTrace:
             yield
         finally:
             self.add(name, time.perf_counter() - start)
+
+    @contextmanager
+    def v2_errors(self) -> Iterator[None]:
+        """Every failure inside becomes a v2 error with the status a client can act on (`as_v2_error`), and
+        ends this request's record with it."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a v2 error with a status
+            error = as_v2_error(exc, self.unit, self.request_id)
+            self.finish(error)
+            raise error from exc
 
     def add(self, name: str, seconds: float) -> None:
         STAGE_SECONDS.labels(self.unit, name).observe(seconds)
