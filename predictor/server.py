@@ -243,7 +243,8 @@ class LookalikePredictor(kserve.Model):
             if len(keys) != len(images):
                 raise BadInput(f"parameter {KEYS_PARAMETER!r} names {len(keys)} photos for {len(images)} images")
         if keys and self.cache.enabled:
-            matches = await self._from_cache(pair, keys, wanted, top_k, nprobe, filters, fuse)
+            matches = await self._from_cache(pair, keys, wanted, top_k, nprobe, filters, fuse,
+                                             with_embeddings=bool(params.get(WITH_EMBEDDINGS)))
             if matches is not None:
                 return self._timed(trace, rid, payload, matches), len(images)
         if self.service.batcher is not None:
@@ -257,11 +258,13 @@ class LookalikePredictor(kserve.Model):
         return self._timed(trace, rid, payload, matches), len(images)
 
     async def _from_cache(self, pair: ServingPair, keys: list[str], wanted: tuple, top_k: int, nprobe: int | None,
-                          filters: dict[str, str], fuse: np.ndarray | None = None) -> Matches | None:
+                          filters: dict[str, str], fuse: np.ndarray | None = None,
+                          with_embeddings: bool = False) -> Matches | None:
         """The answer of photos seen before: cached whole, or searched with their cached embeddings."""
         matches = self.cache.answer(pair, keys, wanted)
         if matches is not None:
-            matches.embeddings = self.cache.embeddings_of(pair, keys)  # for a crop to fuse with, when asked
+            if with_embeddings:  # a cached answer keeps no embeddings: an automatic crop fuses with these
+                matches.embeddings = self.cache.embeddings_of(pair, keys)
             return matches
         found = self.cache.embedding(pair, keys)
         if found is None:
