@@ -234,9 +234,7 @@ class ShardPredictor(kserve.Model):
             index = held[version]
             top_k = int_parameter(params, "top_k", 10, 1, MAX_TOP_K)
             nprobe = int_parameter(params, "nprobe", None, 1, MAX_NPROBE)
-            # `card` is a deep copy (a fifth of a shard's work per request): read it only to check filters
-            filters = (parse_filters(params, index.card.labels)
-                       if any(k == "filter" or k.startswith("filter_") for k in params) else {})
+            filters = parse_filters(params, index.labels)
             if any(v == PREDICTED for v in filters.values()):
                 raise BadInput("a shard searches concrete labels: the transformer resolves 'predicted' filters")
             q = tensor_as_numpy(single_input(payload, EMBEDDINGS, "FP32", f"query vectors [N,{index.dim}]"))

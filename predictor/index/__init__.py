@@ -103,6 +103,13 @@ class VectorIndex:
         return self._card.copy()
 
     @property
+    def labels(self) -> dict[str, list[str]]:
+        """The label vocabulary per task, as the card holds it (not a copy: read it, never change it); what
+        filters are checked against on every request, where a copy of the whole card would cost more than
+        a shard's search."""
+        return self._card.labels
+
+    @property
     def model_version(self) -> str:
         return self._card.model_version
 
