@@ -165,16 +165,16 @@ class ShardFanout:
         """Every group's answers from one shard version: the pinned one; asked once more at the newest
         version every answering shard holds when they answered from different ones (a shard restarted,
         or the pin was never set). Moves the pin forward once every shard holds a newer version."""
-        pin = self.pinned
-        per_group = await asyncio.gather(*(self._fan_out(vectors[rows], {**p, **_pin(pin)}, rid)
-                                           for rows, p in groups))
-        metas = [m for _, meta in per_group for m in meta if m]
+        async def ask(version: str | None) -> tuple[list, list[dict[str, Any]]]:
+            per_group = await asyncio.gather(*(self._fan_out(vectors[rows], {**p, **_pin(version)}, rid)
+                                               for rows, p in groups))
+            return per_group, [m for _, meta in per_group for m in meta if m]
+
+        per_group, metas = await ask(self.pinned)
         common = _newest_common(metas, model_version)
         answered = {m.get(SHARD_VERSION) for m in metas}
         if len(answered) > 1 and common is not None and answered != {common}:
-            per_group = await asyncio.gather(*(self._fan_out(vectors[rows], {**p, **_pin(common)}, rid)
-                                               for rows, p in groups))
-            metas = [m for _, meta in per_group for m in meta if m]
+            per_group, metas = await ask(common)
             common = _newest_common(metas, model_version)
         if common is not None and common != self.pinned:
             if self.pinned is not None:
