@@ -161,14 +161,14 @@ class ShardPredictor(kserve.Model):
         first load, the previous version (a rollout's `--previous_index_version`) is loaded before it, so
         a new pod answers what the old pods of other shards still answer while a swap rolls out."""
         if not self.held and self.previous_index_ref and not self.index_dir:
-            try:
-                self._load(self.previous_index_ref)
+            try:  # memory-mapped: the pod's memory is sized for one version in memory (docs/capacity.md)
+                self._load(self.previous_index_ref, mmap=True)
             except Exception as exc:  # noqa: BLE001 - the version to serve matters; the previous one helps
                 log.warning("shard %d could not load the previous version %s (serving only %s): %s",
                             self.shard, self.previous_index_ref, self.index_ref, exc)
         return self._load(self.index_ref)
 
-    def _load(self, index_ref: str) -> bool:
+    def _load(self, index_ref: str, mmap: bool | None = None) -> bool:
         with self._reload_lock:
             folder = self.index_dir
             model_version = None
@@ -184,7 +184,7 @@ class ShardPredictor(kserve.Model):
             if self._serve_held(key):
                 return self.ready
             index = load_shard(folder, self.shard, model_version=model_version, verified=not self.index_dir,
-                               mmap=self.mmap)
+                               mmap=self.mmap if mmap is None else mmap)
             held = {**self.held, key: index}  # a new dict, assigned at once: readers see old or new
             while len(held) > self.HELD:
                 held.pop(next(iter(held)))
