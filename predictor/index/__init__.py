@@ -318,13 +318,14 @@ class VectorIndex:
             if k > count:
                 raise BadIndexInput(f"top_k={k} is larger than the index, which holds {count} listings")
             sel, n_photos, n_listings = table.selector(allowed_ids, label_filter)
+            rows = None
             if table.one_photo_each:  # a photo search is a listing search
-                scores, ids = self._search_keys(q, k, probe, sel, n_photos)
+                scores, ids, rows = self._search_keys(q, k, probe, sel, n_photos)
             else:
-                scores, ids = top_listings(lambda qq, m: self._search_keys(qq, m, probe, sel, n_photos),
+                scores, ids = top_listings(lambda qq, m: self._search_keys(qq, m, probe, sel, n_photos)[:2],
                                            table.owners_of, q, k, photos=n_photos, listings=n_listings,
                                            per_listing=oversample(len(table), count, table.max_photos))
-            listing_ids, photo_ids = table.ids_of(ids)
+            listing_ids, photo_ids = table.ids_of(ids, rows)
         finally:
             self._lock.release_read()
         return SearchResult(listing_ids, scores, ids, probe, photo_ids)
@@ -340,31 +341,32 @@ class VectorIndex:
         return min(value, self.nlist)
 
     def _search_keys(self, q: np.ndarray, k: int, nprobe: int | None, sel, n_allowed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, FAISS ids) [N, k]; rows short of min(k, n_allowed) results are searched again with
-        4× the probes, up to all lists, so a filter never silently returns fewer than it could."""
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(scores, FAISS ids, their table rows or None) [N, k]; rows short of min(k, n_allowed) results are
+        searched again with 4× the probes, up to all lists, so a filter never silently returns fewer than it
+        could. The table rows come from the re-ranking, which looks them up anyway."""
         nq = len(q)
         if n_allowed == 0:
-            return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64)
-        scores, ids = self._faiss_search(q, k, nprobe, sel, n_allowed)
+            return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64), None
+        scores, ids, rows = self._faiss_search(q, k, nprobe, sel, n_allowed)
         need = min(k, n_allowed)
         # The common case: every row complete. FAISS and the re-ranking put a row's missing results (-1) last, so
         # one query is checked with one scalar read (a reduction's code is cold after the list scan: ~3 us).
         if ids.item(need - 1) >= 0 if nq == 1 else ids[:, :need].min() >= 0:
-            return scores, ids
+            return scores, ids, rows
         if self._ivf is not None:
             todo = np.flatnonzero((ids[:, :need] < 0).any(axis=1))
             probe = nprobe or 1
             while len(todo) and probe < self.nlist:
                 probe = min(self.nlist, probe * 4)
-                s2, i2 = self._faiss_search(q[todo], k, probe, sel, n_allowed)
+                s2, i2, _ = self._faiss_search(q[todo], k, probe, sel, n_allowed)
                 scores[todo], ids[todo] = s2, i2
                 todo = todo[(i2[:, :need] < 0).any(axis=1)]
         scores[ids < 0] = np.nan
-        return scores, ids
+        return scores, ids, None
 
     def _faiss_search(self, q: np.ndarray, k: int, nprobe: int | None, sel, n_allowed: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         import faiss
 
         refine = self._refine
@@ -391,8 +393,8 @@ class VectorIndex:
             ids = np.empty((n, k_base), np.int64)
             self._index.search_c(n, faiss.swig_ptr(q), k_base, faiss.swig_ptr(scores), faiss.swig_ptr(ids), params)
         if refine is not None:
-            scores, ids = refine.rerank(q, ids, self._table.rows_of, k)
-        return scores, ids
+            return refine.rerank(q, ids, self._table, k)
+        return scores, ids, None
 
     # ---- updates --------------------------------------------------------------------------------
     def add(self, vectors: np.ndarray, listing_ids: Sequence[str],

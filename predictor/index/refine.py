@@ -5,18 +5,23 @@ PQ search's short list.
 `k_factor`·top_k candidates, then re-scores those from this copy (8-bit scalar-quantized by default,
 D bytes per vector; fp16 or exact float32 on request) and keeps the best top_k. The step is ours
 rather than FAISS's IndexRefine so that it keeps working with 64-bit ids, removals and filters: the
-copy holds one code row per listing, in the listing table's row order, and follows its appends and
-deletions. Decoding is numpy, not FAISS's sa_decode, which opens an OpenMP region per call (milliseconds
-per query on a busy machine).
+copy holds one code row per photo, in the listing table's row order, and follows its appends and
+deletions. Re-scoring a short list is one compiled call (`lookalike.predictor.index.kernels`) for SQ8 and
+Flat copies, numpy for SQfp16; decoding is numpy, not FAISS's sa_decode, which opens an OpenMP region per
+call (milliseconds per query on a busy machine).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lookalike.predictor.index import kernels
 from lookalike.predictor.index.factory import ADD_CHUNK
+
+if TYPE_CHECKING:
+    from lookalike.predictor.index.table import ListingTable
 
 KINDS = ("SQ8", "SQfp16", "Flat")
 
@@ -49,18 +54,15 @@ def _decoder(codec: Any, kind: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda c: c.view(np.float32)
 
 
-def _scorer(codec: Any, kind: str, decode: Callable[[np.ndarray], np.ndarray]
-            ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """codes [M, code size], one query [D] -> inner products [M] of the decoded vectors with the query.
-
-    For SQ8 the decoding is folded into the query: q·(vmin + (c + 0.5)·vdiff) = c·(q·vdiff) + q·(vmin +
-    vdiff/2), one matrix-vector product on the codes instead of decoding M vectors first (a query's 400
-    candidates in ~40 us rather than ~200)."""
+def _affine(codec: Any, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, centre) with decoded = centre + code * scale, for the compiled re-ranking; None for SQfp16,
+    which numba cannot read (no float16), and which re-ranks in numpy."""
     if kind == "SQ8":
         vmin, vdiff = _sq8_range(codec)
-        centre = vmin + 0.5 * vdiff
-        return lambda c, q: c.astype(np.float32) @ (q * vdiff) + np.float32(q @ centre)
-    return lambda c, q: decode(c) @ q
+        return vdiff, (vmin + 0.5 * vdiff).astype(np.float32)
+    if kind == "Flat":
+        return np.ones(codec.d, np.float32), np.zeros(codec.d, np.float32)
+    return None
 
 
 class RefineCopy:
@@ -72,7 +74,7 @@ class RefineCopy:
         self.kind = kind
         self.k_factor = int(k_factor)
         self._decode = _decoder(codec, kind)
-        self._score = _scorer(codec, kind, self._decode)
+        self._affine = _affine(codec, kind)
 
     @classmethod
     def train(cls, kind: str, k_factor: int, xt: np.ndarray, x: np.ndarray) -> RefineCopy:
@@ -111,33 +113,26 @@ class RefineCopy:
         """Code rows -> float32 vectors."""
         return self._decode(codes)
 
-    def rerank(self, q: np.ndarray, cand: np.ndarray, rows_of: Callable[[np.ndarray], np.ndarray], k: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Re-score candidate ids [N, k'] (-1: none) from this copy; keep the best k. `rows_of` maps ids to
-        table rows."""
-        if len(cand) == 1 and cand.shape[1] >= k and cand.min() >= 0:  # one query, a full short list: the
-            found = self._score(np.take(self.codes, rows_of(cand[0]), axis=0), q[0])  # common case, fewest calls
-            best = np.argpartition(-found, k - 1)[:k] if k < len(found) else np.arange(len(found))
-            best = best[np.argsort(-found[best], kind="stable")]
-            return found[best][None, :].astype(np.float32, copy=False), cand[0, best][None, :]
-        valid = cand >= 0
+    def rerank(self, q: np.ndarray, cand: np.ndarray, table: ListingTable, k: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Re-score candidate photo keys [N, k'] (-1: none) from this copy and keep the best k: (scores, keys,
+        table rows) [N, k], best first; -inf / -1 / -1 where a query had fewer than k candidates. Ties keep the
+        short list's order."""
+        if self._affine is not None:  # SQ8 and Flat: one compiled call (see lookalike.predictor.index.kernels)
+            codes = self.codes if self.kind == "SQ8" else self.codes.view(np.float32)
+            return kernels.rerank(q, *self._affine, cand, table.lookup, codes, k)
+        rows = table.rows_of(cand)
         scores = np.full(cand.shape, -np.inf, np.float32)
-        if valid.any():
-            # one query at a time: its candidates' codes against its own vector (no [M, D] copy of the queries)
-            codes = np.take(self.codes, rows_of(cand[valid]), axis=0)
-            counts = valid.sum(axis=1)
-            found = np.empty(len(codes), np.float32)
-            start = 0
-            for i in np.flatnonzero(counts):
-                found[start:start + counts[i]] = self._score(codes[start:start + counts[i]], q[i])
-                start += counts[i]
-            scores[valid] = found
+        for i in range(len(cand)):
+            valid = rows[i] >= 0
+            scores[i, valid] = self._decode(np.take(self.codes, rows[i, valid], axis=0)) @ q[i]
         if cand.shape[1] < k:  # fewer candidates than k (tiny filtered sets): pad
-            pad = k - cand.shape[1]
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-            cand = np.pad(cand, ((0, 0), (0, pad)), constant_values=-1)
+            pad = ((0, 0), (0, k - cand.shape[1]))
+            scores = np.pad(scores, pad, constant_values=-np.inf)
+            cand, rows = np.pad(cand, pad, constant_values=-1), np.pad(rows, pad, constant_values=-1)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         top_s = np.take_along_axis(scores, order, axis=1)
-        top_i = np.take_along_axis(cand, order, axis=1)
-        top_i[~np.isfinite(top_s)] = -1
-        return top_s, top_i
+        missing = ~np.isfinite(top_s)
+        top_i, top_r = np.take_along_axis(cand, order, axis=1), np.take_along_axis(rows, order, axis=1)
+        top_i[missing], top_r[missing] = -1, -1
+        return top_s, top_i, top_r

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.predictor.index import kernels
 from lookalike.predictor.index.errors import BadIndexInput, CorruptIndex
 from lookalike.predictor.index.keys import (FIRST_PHOTO, check_photo_ids, listing_key, listing_keys, name_of, photo_key,
                                             photo_keys, preview)
@@ -40,8 +41,6 @@ IDS_FILE = "listing_ids.json"
 PHOTO_IDS_FILE = "photo_ids.json"
 MAX_CACHED_FILTERS = 64
 KEYS_PER_BUCKET = 2            # rows_of's buckets of the key space: about this many keys in each
-MAX_BUCKET_WINDOW = 64         # a fuller bucket (keys that are not hashes) falls back to binary search
-FEW_KEYS = 32                  # up to this many keys a lookup is a binary search (7 us for 10 keys at 1M, buckets 19)
 
 
 class ListingTable:
@@ -107,26 +106,21 @@ class ListingTable:
         return self._owners_sorted[pos] == owners
 
     def _index_buckets(self) -> None:
-        """Where each bucket of the key space starts in the sorted keys. Keys are uniform hashes, so their top
-        bits name a bucket of ~KEYS_PER_BUCKET keys: a lookup reads the bucket's start and one short window of
-        the sorted keys, two cache misses instead of the ~24 of a binary search over 10M keys (which cost a
-        re-ranked query 400 candidates x 24 misses, ~0.3 ms)."""
+        """Where each bucket of the key space starts in the sorted keys (`lookup`). Keys are uniform hashes, so
+        their top bits name a bucket of ~KEYS_PER_BUCKET keys: a lookup reads the bucket's start and searches
+        its few keys, two cache misses instead of the ~24 of a binary search over 10M keys (which cost a
+        re-ranked query 400 candidates x 24 misses, ~0.3 ms). Keys that are not hashes only make the
+        buckets' searches longer."""
         n = len(self._sorted)
         bits = max(1, min(62, int(np.ceil(np.log2(max(n, 2) / KEYS_PER_BUCKET)))))
-        self._shift = 63 - bits
-        starts = np.r_[np.searchsorted(self._sorted, np.arange(2 ** bits, dtype=np.int64) << self._shift), n]
-        self._starts = starts.astype(np.int32 if n < 2**31 else np.int64)  # ~2 bytes per photo
-        self._window = int(np.diff(self._starts).max()) if n else 0
+        shift = 63 - bits
+        starts = np.r_[np.searchsorted(self._sorted, np.arange(2 ** bits, dtype=np.int64) << shift), n]
+        # (bucket starts, sorted keys, sorter, shift): what `kernels.rows_of` and the re-ranking read
+        self.lookup: kernels.Lookup = (starts.astype(np.int64), self._sorted, self._sorter, shift)
 
     def rows_of(self, keys: np.ndarray) -> np.ndarray:
-        """Row numbers of photo keys known to be in the table."""
-        if (keys.size <= FEW_KEYS or not 0 < self._window <= MAX_BUCKET_WINDOW or keys.size == 0
-                or keys.min() < 0):  # a few keys (a query's top k): two numpy calls beat the buckets' nine
-            return self._sorter[self._sorted.searchsorted(keys)]  # the method: np.searchsorted adds a wrapper
-        lo = self._starts[keys >> self._shift]
-        # a window running past the last key repeats it, which no key in the table is greater than
-        at = np.minimum(lo[..., None] + np.arange(self._window), len(self._sorted) - 1)
-        return self._sorter[lo + (self._sorted[at] < keys[..., None]).sum(axis=-1)]
+        """Row numbers of photo keys (any shape), -1 for keys not in the table."""
+        return kernels.rows_of(keys, self.lookup)
 
     def rows_of_listings(self, owners: np.ndarray) -> np.ndarray:
         """Row numbers (sorted) of every photo of the listings with these keys."""
@@ -144,34 +138,16 @@ class ListingTable:
             out[valid] = self.owners[self.rows_of(keys[valid])]
         return out
 
-    def ids_of(self, keys: np.ndarray) -> tuple[list[list[str]], list[list[str]]]:
-        """[N, k] FAISS ids -> per row the listing ids and the photo ids, leaving out -1 (no result)."""
+    def ids_of(self, keys: np.ndarray, rows: np.ndarray | None = None) -> tuple[list[list[str]], list[list[str]]]:
+        """[N, k] FAISS ids -> per row the listing ids and the photo ids, leaving out -1 (no result). `rows`: the
+        keys' table rows when the search found them already (the re-ranking does), [N, k] with -1 alike."""
         lids, pids = self.listing_ids, self.photo_ids
-        if len(keys) == 1:
-            # One query, the common case, in the fewest numpy calls: each runs cold code and data after FAISS's
-            # list scan (~2-4 us apiece in a 0.2 ms query at 1M vectors), where Python's own min is hot.
-            row = keys[0]
-            if min(row.tolist(), default=0) < 0:
-                row = row[row >= 0]
-            rows = self._sorter[self._sorted.searchsorted(row)].tolist() if len(row) else []
-            return ([[lids[j] for j in rows]],
-                    [[FIRST_PHOTO] * len(rows) if self._first_photos_only else [pids[j] for j in rows]])
-        if keys.size and keys.min() >= 0:  # no gaps
-            rows = self.rows_of(keys).tolist()
-            listings = [[lids[j] for j in r] for r in rows]
-            if self._first_photos_only:
-                return listings, [[FIRST_PHOTO] * len(r) for r in rows]
-            return listings, [[pids[j] for j in r] for r in rows]
-        valid = keys >= 0
-        rows = np.zeros(keys.shape, np.int64)
-        if valid.any():
-            rows[valid] = self.rows_of(keys[valid])
-        out_l: list[list[str]] = []
-        out_p: list[list[str]] = []
-        for r, v in zip(rows, valid):
-            out_l.append([lids[j] for j in r[v]])
-            out_p.append([pids[j] for j in r[v]])
-        return out_l, out_p
+        # one compiled lookup and Python lists: after FAISS's list scan every numpy call runs cold (~2-4 us)
+        found = (self.rows_of(keys) if rows is None else rows).tolist()
+        listings = [[lids[j] for j in r if j >= 0] for r in found]
+        if self._first_photos_only:
+            return listings, [[FIRST_PHOTO] * len(r) for r in listings]
+        return listings, [[pids[j] for j in r if j >= 0] for r in found]
 
     def listing_ids_of(self, keys: np.ndarray) -> list[list[str]]:
         """[N, k] FAISS ids -> per row the listing ids, leaving out -1 (no result)."""

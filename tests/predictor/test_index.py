@@ -19,7 +19,7 @@ import pytest
 
 from lookalike.predictor.index import tuning as tuning
 from lookalike.predictor.index import (PQ_FACTORY, BadIndexInput, CorruptIndex, IndexMismatch, VectorIndex, gpu_count,
-                                       listing_key)
+                                       listing_key, listing_keys)
 from lookalike.core.artifacts import index_repo
 from lookalike.core.errors import InputError, UnavailableError
 from lookalike.core.index_card import IndexCard, IndexCardError
@@ -87,23 +87,26 @@ def test_listing_key_is_stable_non_negative_63_bit():
     assert len(keys) == 5000 and all(0 <= k < 2**63 for k in keys)
 
 
-def test_rows_of_finds_keys_through_buckets_and_falls_back_for_keys_that_are_not_hashes():
+def test_rows_of_finds_keys_through_buckets_for_hashes_and_for_keys_that_are_not_hashes():
     """The table maps FAISS ids to rows through buckets of the (hashed, uniform) key space; keys bunched in one
-    bucket take the binary search instead. Both give the same rows."""
-    from lookalike.predictor.index.table import MAX_BUCKET_WINDOW, ListingTable
+    bucket are found all the same, and a key not in the table (or -1, "no result") maps to -1."""
+    from lookalike.predictor.index.table import ListingTable
 
     rng = np.random.default_rng(3)
-    for keys in (np.unique(rng.integers(0, 2**63 - 1, 50_000, dtype=np.int64)),   # hashes: buckets
-                 np.arange(5_000, dtype=np.int64) * 7):                             # bunched: binary search
+    for keys in (np.unique(rng.integers(0, 2**63 - 1, 50_000, dtype=np.int64)),   # hashes: ~2 keys a bucket
+                 np.arange(5_000, dtype=np.int64) * 7):                             # bunched: one bucket
         rng.shuffle(keys)
         table = ListingTable()
         table.keys, table.owners = keys, keys.copy()
         table._reindex()
-        assert (table._window <= MAX_BUCKET_WINDOW) == (keys.max() > 2**40)
         rows = rng.integers(0, len(keys), (7, 40))
         np.testing.assert_array_equal(table.rows_of(keys[rows]), rows)
         np.testing.assert_array_equal(table.rows_of(keys[rows[0]]), rows[0])
         np.testing.assert_array_equal(table.rows_of(keys[[0, len(keys) - 1]]), [0, len(keys) - 1])
+        absent = np.setdiff1d(np.array([3, 2**62 + 11, 2**63 - 1], np.int64), keys)
+        np.testing.assert_array_equal(table.rows_of(np.r_[absent, -1, keys[5]]), [-1] * (len(absent) + 1) + [5])
+    empty = ListingTable()
+    np.testing.assert_array_equal(empty.rows_of(np.array([5, -1], np.int64)), [-1, -1])
 
 
 def test_nlist_rule_and_training_floor():
@@ -264,6 +267,38 @@ def test_ivf_pq_with_re_ranking(data, tmp_path):
     loaded = VectorIndex.load(idx.save(tmp_path / "pq"), model_version=MODEL)
     again = loaded.search(data[:20], 10)
     assert again.listing_ids == idx.search(data[:20], 10).listing_ids
+
+
+@pytest.mark.parametrize("kind", ["SQ8", "SQfp16", "Flat"])
+def test_re_ranking_keeps_the_best_candidates_by_their_decoded_codes(data, kind):
+    """The re-ranking (compiled for SQ8 and Flat copies, numpy for SQfp16) keeps the k candidates whose decoded
+    codes have the largest inner product with the query, best first, with their table rows; -1 candidates
+    are skipped and a query with fewer than k candidates is padded with -1 / -inf."""
+    from lookalike.predictor.index.refine import RefineCopy
+    from lookalike.predictor.index.table import ListingTable
+
+    table = ListingTable()
+    keys = listing_keys(ids_for(N))
+    table.keys, table.owners = keys, keys.copy()
+    table._reindex()
+    copy = RefineCopy.train(kind, 10, data[:1000], data)
+    rng = np.random.default_rng(5)
+    queries = data[rng.choice(N, 4, replace=False)] + 0.01
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    cand = keys[rng.choice(N, (4, 30), replace=False)]
+    cand[1, [3, 7]] = -1
+    scores, found, rows = copy.rerank(queries, cand, table, 10)
+    decoded = copy.decode(copy.codes)
+    for i in range(4):
+        given = cand[i][cand[i] >= 0]
+        exact = decoded[table.rows_of(given)] @ queries[i]
+        best = np.argsort(-exact, kind="stable")[:10]
+        np.testing.assert_array_equal(found[i], given[best])
+        np.testing.assert_array_equal(rows[i], table.rows_of(given[best]))
+        np.testing.assert_allclose(scores[i], exact[best], rtol=1e-5, atol=1e-5)
+    scores, found, rows = copy.rerank(queries[:1], cand[:1, :4], table, 10)
+    assert (found[0, 4:] == -1).all() and (rows[0, 4:] == -1).all() and np.isneginf(scores[0, 4:]).all()
+    assert sorted(found[0, :4]) == sorted(cand[0, :4])
 
 
 # ---- filters -------------------------------------------------------------------------------------
