@@ -45,6 +45,7 @@ import numpy as np
 
 from lookalike.predictor.index import drift as index_drift
 from lookalike.predictor.index import tuning as tuning
+from lookalike.predictor.index import kernels
 from lookalike.predictor.index.build import QUERY_DEPTHS, graph_of, graph_widened, now, train_index
 from lookalike.predictor.index.checks import check_int, check_vectors
 from lookalike.predictor.index.errors import BadIndexInput, CorruptIndex, IndexMismatch, VectorIndexError
@@ -90,6 +91,7 @@ class VectorIndex:
         self._use_gpu = want_gpu(use_gpu)
         self._gpu = make_replica(index) if self._use_gpu else None
         self._stored = StoredVectors(index, self._ivf, refine)
+        kernels.warm_up()  # compiled once per process, here rather than in a client's first query
 
     # ---- properties -----------------------------------------------------------------------------
     @property

@@ -50,8 +50,8 @@ DEFAULT_FACTORY = "IVF{nlist},Flat"
 PQ_FACTORY = "IVF{nlist},PQ{m}x4fsr,Refine(SQ8)"
 EXACT_FACTORY = "Flat"
 # Re-ranked short list: REFINE_K_FACTOR·top_k PQ candidates to start with, doubled by the nprobe tuning up to
-# MAX_REFINE_K_FACTOR where the target recall needs it. Each candidate costs a query an id lookup and a
-# re-scoring (200 of them were a large part of a 0.67 ms query at 10M); the D/2 codes hold 0.96 of the
+# MAX_REFINE_K_FACTOR where the target recall needs it. Each candidate costs a query a key lookup and a
+# re-scoring (~0.4 us at 10M, mostly memory latency: see kernels.py); the D/2 codes hold 0.96 of the
 # true top 10 in a short list of 10·top_k on the 1M yardstick.
 REFINE_K_FACTOR = 10
 MAX_REFINE_K_FACTOR = 40

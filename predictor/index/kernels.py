@@ -137,3 +137,21 @@ def rerank(q: np.ndarray, scale: np.ndarray, centre: np.ndarray, cand: np.ndarra
     line = max(1, 64 // codes.itemsize)  # elements per cache line
     _rerank(q, scale, centre, cand, *lookup, codes, line, out_s, out_k, out_r)
     return out_s, out_k, out_r
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Compile (or load from the disk cache) every kernel for the types searches use, so that a predictor's
+    first query does not pay ~2 s of compiling. Cheap after the first call in a process."""
+    global _warm
+    if _warm:
+        return
+    lookup: Lookup = (np.array([0, 1, 2], np.int64), np.array([1, 2**62], np.int64), np.array([0, 1], np.int64), 62)
+    keys = np.array([[1, 2**62]], np.int64)
+    rows_of(keys, lookup)
+    q = np.ones((1, 4), np.float32) / 2
+    for codes in (np.zeros((2, 4), np.uint8), np.zeros((2, 4), np.float32)):  # SQ8 and Flat copies
+        rerank(q, np.ones(4, np.float32), np.zeros(4, np.float32), keys, lookup, codes, 1)
+    _warm = True

@@ -158,3 +158,46 @@ def test_replace_changes_only_the_listings_shards_and_refuses_unknown_ones_first
     sharded.record_catalogs(["s3://b/new.jsonl"], shards=changed)
     assert sharded.card["catalogs"][-1] == "s3://b/new.jsonl"
     assert [("s3://b/new.jsonl" in (p.card.catalogs or [])) for p in sharded.shards] == [s in changed for s in range(4)]
+
+
+def test_lookalike_shard_splits_the_index_its_alias_names_under_that_alias_lease(catalog, store):
+    """`lookalike shard --alias A` publishes a split of the index alias A names, under A's lease as the pipelines
+    do: a split of an older index (which would bring back a takedown) is refused with nothing moved, and a run
+    holding the lease (a pipeline publishing) is waited for, so the split is of the index it published."""
+    import threading
+    import time
+
+    from lookalike.cli.commands.shard import split_and_publish
+    from lookalike.core.artifacts import index_repo
+    from lookalike.core.errors import InputError
+
+    model = "20261124T010203Z-cccccc"
+    ids = [f"item-{i:04d}" for i in range(1000)]
+    index = VectorIndex.build(catalog[0][:1000], ids, model_version=model, factory="IVF16,Flat", seed=0,
+                              tune_queries=100)
+    first = index.publish(store, alias="production")
+    sharded_alias = sharded_index_repo(store, model)
+    version, split, _ = split_and_publish(store, model, 2, None, "production")
+    assert split.version == first and sharded_alias.resolve("production") == version
+
+    index.remove(["item-0007"])  # a takedown, published as the update pipeline does
+    second = index.publish(store, alias="production")
+    with pytest.raises(InputError, match=f"names index {second}, not {first}"):
+        split_and_publish(store, model, 2, first, "production")
+    assert sharded_alias.resolve("production") == version  # nothing moved
+
+    lease = index_repo(store, model).lease("production").acquire()
+    released = threading.Event()
+
+    def publish_then_release() -> None:
+        time.sleep(1.5)
+        released.set()
+        lease.release()
+
+    holder = threading.Thread(target=publish_then_release)
+    holder.start()
+    again, split, sharded = split_and_publish(store, model, 2, None, "production")
+    holder.join()
+    assert released.is_set()  # it waited for the lease
+    assert split.version == second and "item-0007" not in split and "item-0008" in split
+    assert sharded_alias.resolve("production") == again and sum(sharded.card["shard_counts"]) == 999
