@@ -24,6 +24,9 @@ Timings stop after a few seconds per method (exact search is slow by design) and
 of three rounds, as the machine may be busy with other work. One `ann:` line per index kind, IVF-Flat's
 first (unless --skip-flat), the compact index's last:
 `ann: recall@10=<r> speedup_vs_exact=<s>x (single query, <kind>, N=<n>) bytes_per_vector=<b>`.
+
+Why this file is long: every ratio it prints is against the exact search timed in the same run on the same
+vectors, so the data, the timing rules, each index kind and the peers live in one script.
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ shard   input  embeddings FP32 [N, D]
 
 A shard holds two versions while a swap is under way (`ShardPredictor.HELD`): it loads the new one when
 its aliases move (`--refresh_seconds`) or on `POST /v2/repository/models/NAME/load`, and the transformer
-moves every request to it once all shards hold it.
+moves every request to it once all shards hold it. Only the newest is in memory: the one before is mapped
+from its files (first before the new one loads), so a pod sized for one version holds both.
 
 Both load from the store (model by version or alias; the shard from
 indexes-sharded/<model_version>/<index_version>/, fetched whole and verified against its one MANIFEST) or
@@ -35,6 +36,7 @@ import logging
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -146,6 +148,7 @@ class ShardPredictor(kserve.Model):
         self.previous_index_ref = previous_index_ref if previous_index_ref not in (None, "", "none") else None
         self.mmap, self.max_queries, self.refresh_seconds = mmap, max_queries, refresh_seconds
         self.held: dict[str, Any] = {}  # shard_version "model/index" -> VectorIndex, oldest first
+        self._folders: dict[str, str] = {}  # shard_version -> the local folder it was loaded from
         self.shards = 0
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
@@ -183,15 +186,32 @@ class ShardPredictor(kserve.Model):
             key = shard_version(card["model_version"], str(card.get("index_version") or "unversioned"))
             if self._serve_held(key):
                 return self.ready
+            self._demote_held()  # before the new version loads: a pod holds one version in memory at a time
             index = load_shard(folder, self.shard, model_version=model_version, verified=not self.index_dir,
                                mmap=self.mmap if mmap is None else mmap)
             held = {**self.held, key: index}  # a new dict, assigned at once: readers see old or new
             while len(held) > self.HELD:
                 held.pop(next(iter(held)))
+            self._folders = {k: v for k, v in {**self._folders, key: str(folder)}.items() if k in held}
             self.held, self.shards = held, int(card["shards"])
             log.info("shard %d holds %s", self.shard, ", ".join(held))
             self.ready = True
             return True
+
+    def _demote_held(self) -> None:
+        """Map the versions held in memory from their files instead, so that loading the next version never
+        holds two in memory: a pod's memory is sized for one (docs/capacity.md). A mapped version answers the
+        same; its lists are paged in from local disk as queries touch them."""
+        for key, index in list(self.held.items()):
+            if index.mapped or key not in self._folders:
+                continue
+            try:
+                mapped = load_shard(Path(self._folders[key]), self.shard, verified=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 - keep the copy in memory rather than lose the version
+                log.warning("shard %d could not map %s from its files (kept in memory): %s", self.shard, key, exc)
+                continue
+            self.held = {k: (mapped if k == key else v) for k, v in self.held.items()}  # same order, at once
+            log.info("shard %d maps %s from its files", self.shard, key)
 
     def _serve_held(self, key: str) -> bool:
         """True when `key` is held already; it becomes the newest (a rollback to the version before)."""

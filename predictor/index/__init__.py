@@ -77,7 +77,7 @@ class VectorIndex:
     """A FAISS index over one model's catalog embeddings, with its listing table and index card."""
 
     def __init__(self, index: Any, table: ListingTable, card: IndexCard, refine: RefineCopy | None = None,
-                 use_gpu: bool | None = None) -> None:
+                 use_gpu: bool | None = None, mapped: bool = False) -> None:
         import faiss
 
         self._index = index
@@ -91,6 +91,7 @@ class VectorIndex:
         self._use_gpu = want_gpu(use_gpu)
         self._gpu = make_replica(index) if self._use_gpu else None
         self._stored = StoredVectors(index, self._ivf, refine)
+        self.mapped = mapped  # the inverted lists are memory-mapped from the index file (`load(mmap=True)`)
         kernels.warm_up()  # compiled once per process, here rather than in a client's first query
 
     # ---- properties -----------------------------------------------------------------------------
@@ -511,7 +512,7 @@ class VectorIndex:
         """
         parts: IndexFolder = read_folder(directory, model_version=model_version, dim=dim, verified=verified,
                                          mmap=mmap)
-        return cls(parts.index, parts.table, parts.card, parts.refine, use_gpu=use_gpu)
+        return cls(parts.index, parts.table, parts.card, parts.refine, use_gpu=use_gpu, mapped=mmap)
 
     def publish(self, store: Any, *, alias: str | None = None) -> str:
         """Publish as a new version under indexes/<model_version>/ (never editing one); return it.

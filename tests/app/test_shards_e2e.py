@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from lookalike.core.artifacts import sharded_index_repo
@@ -182,5 +183,15 @@ def test_a_new_shard_pod_holds_the_previous_version_too(stacks, pair, monkeypatc
     pod = ShardPredictor("lookalike", 1, index_ref=newer, previous_index_ref=before)
     assert pod.load() and list(pod.held) == [f"{model_version}/{before}", f"{model_version}/{newer}"]
     assert pod.index is pod.held[f"{model_version}/{newer}"]
+    assert pod.held[f"{model_version}/{before}"].mapped and not pod.index.mapped  # one version in memory
+    queries = np.stack([pod.index.vector_of(pod.index._table.listing_ids[i])[0] for i in (0, 7)])
+    answer = pod.index.search(queries, 5).listing_ids
+    # a swap in place (the alias moved, or the reload route): the version served until now is mapped from
+    # its files before the next one loads, and answers as it did
+    third = ShardedIndex.from_index(full, 2).publish(store)
+    pod.index_ref = third
+    assert pod.load() and list(pod.held) == [f"{model_version}/{newer}", f"{model_version}/{third}"]
+    assert pod.held[f"{model_version}/{newer}"].mapped and not pod.index.mapped
+    assert pod.held[f"{model_version}/{newer}"].search(queries, 5).listing_ids == answer
     lone = ShardPredictor("lookalike", 0, index_ref=newer, previous_index_ref="20200101T000000000Z-000000")
     assert lone.load() and list(lone.held) == [f"{model_version}/{newer}"]
