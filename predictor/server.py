@@ -234,16 +234,17 @@ class LookalikePredictor(kserve.Model):
             raise TooLarge(f"{len(images)} images in one request; the limit is {self.settings.max_images}")
         if fuse is not None and len(fuse) != len(images):
             raise BadInput(f"input {FUSE!r} holds {len(fuse)} embeddings for {len(images)} images")
-        if fuse is not None:  # a fused answer never shares a cache entry with the crop searched alone
-            wanted = (*wanted, FUSE)
         # Content keys name the photos only when the pixels were preprocessed for the model served here.
         keys = None
         if params.get(KEYS_PARAMETER) and str(params.get(PREPROCESSED_FOR) or "") == pair.model_version:
             keys = self._keys(str(params[KEYS_PARAMETER]).split(","))
             if len(keys) != len(images):
                 raise BadInput(f"parameter {KEYS_PARAMETER!r} names {len(keys)} photos for {len(images)} images")
+        # A crop's keys (the transformer's) name one fused search: the photo's bytes fix the crop and the whole
+        # photo's embedding it is fused with. So its answer and its cached vector (the fused one) are kept
+        # under those keys as any other, and a repeat's probe, which sends no `fuse`, finds them.
         if keys and self.cache.enabled:
-            matches = await self._from_cache(pair, keys, wanted, top_k, nprobe, filters, fuse,
+            matches = await self._from_cache(pair, keys, wanted, top_k, nprobe, filters,
                                              with_embeddings=bool(params.get(WITH_EMBEDDINGS)))
             if matches is not None:
                 return self._timed(trace, rid, payload, matches), len(images)
@@ -258,9 +259,9 @@ class LookalikePredictor(kserve.Model):
         return self._timed(trace, rid, payload, matches), len(images)
 
     async def _from_cache(self, pair: ServingPair, keys: list[str], wanted: tuple, top_k: int, nprobe: int | None,
-                          filters: dict[str, str], fuse: np.ndarray | None = None,
-                          with_embeddings: bool = False) -> Matches | None:
-        """The answer of photos seen before: cached whole, or searched with their cached embeddings."""
+                          filters: dict[str, str], with_embeddings: bool = False) -> Matches | None:
+        """The answer of photos seen before: cached whole, or searched with their cached vectors (for a crop,
+        the fused ones it was searched with: searched as they are, never fused again)."""
         matches = self.cache.answer(pair, keys, wanted)
         if matches is not None:
             if with_embeddings:  # a cached answer keeps no embeddings: an automatic crop fuses with these
@@ -271,7 +272,7 @@ class LookalikePredictor(kserve.Model):
             return None
         emb, probs, boxes = found
         matches = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-            search_pair, pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters, timings={}, fuse=fuse))
+            search_pair, pair, emb, probs, top_k=top_k, nprobe=nprobe, filters=filters, timings={}))
         matches.boxes = boxes  # the locator's boxes, kept with the embeddings
         self.cache.keep(pair, keys, wanted, matches)
         return matches

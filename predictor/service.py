@@ -232,7 +232,8 @@ def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.n
                 nprobe: int | None, filters: dict[str, str], timings: dict[str, float],
                 objectness: np.ndarray | None = None, fuse: np.ndarray | None = None) -> Matches:
     """Search with `embeddings`, or, given `fuse` (the whole photos' embeddings of an automatic crop), with
-    both fused (`fuse_embeddings`); the answer keeps `embeddings` themselves, which the cache stores."""
+    both fused (`fuse_embeddings`). The answer keeps the vectors it searched with (the fused ones when fused),
+    which the predictor's cache stores: searching them again gives this very answer."""
     labels, best = _predicted(pair.heads, probs)
     query = embeddings if fuse is None else fuse_embeddings(fuse, embeddings)
     start = time.perf_counter()
@@ -257,7 +258,7 @@ def search_pair(pair: ServingPair, embeddings: np.ndarray, probs: dict[str, np.n
     for i, (row, srow) in enumerate(zip(ids, scores)):
         score_arr[i, :len(row)] = np.asarray(srow, np.float32)[:len(row)]
     return Matches(ids, score_arr, labels, best, pair.model_version, pair.index_version, timings, photos,
-                   boxes_table(objectness), embeddings, probs)
+                   boxes_table(objectness), query, probs)
 
 
 # ---- micro-batching ------------------------------------------------------------------------------

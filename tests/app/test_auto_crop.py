@@ -246,13 +246,28 @@ def _answer_hits(served) -> float:
                and 'result="hit"' in line and 'unit="predictor"' in line)
 
 
+def _commented(jpeg: bytes, text: str) -> bytes:
+    """The same JPEG with a comment segment after its start marker: the same pixels, bytes never sent before."""
+    comment = text.encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
+
+
 def test_a_repeated_photo_is_answered_from_the_cache_with_the_same_crop(served):
-    photo, first = next((photo, doc) for _, photo, _ in _scenes(served)
-                        for doc in [_ask(served, photo)[1]] if doc["box"]["searched"] == "crop")
+    """A cropped photo's first answer (its crop searched fused with the whole photo) is what every repeat gets,
+    from the predictor's answer cache at the first repeat already: the repeat's probe sends no `fuse`, and the
+    crop's key names that one fused search."""
+    for n, (_, scene, _) in enumerate(_scenes(served)):
+        photo = _commented(scene, f"never sent before {n}")
+        _, first, _ = _ask(served, photo)
+        if first["box"]["searched"] == "crop":
+            break
+    else:
+        pytest.fail("the locator cropped none of the scenes")
     hits = _answer_hits(served)
     _, again, _ = _ask(served, photo)
     assert _answer_hits(served) > hits  # the predictor answered from its cache
     assert again["box"] == first["box"]  # the box searched the first time, remembered with the key
-    assert [m["listing_id"] for m in again["matches"]] == [m["listing_id"] for m in first["matches"]]
+    assert [(m["listing_id"], m["score"]) for m in again["matches"]] == \
+        [(m["listing_id"], m["score"]) for m in first["matches"]]
     _, whole, _ = _ask(served, photo, crop="off")  # another question: never the crop's cached answer
     assert whole["box"]["searched"] == "whole"
