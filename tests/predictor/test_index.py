@@ -301,6 +301,16 @@ def test_re_ranking_keeps_the_best_candidates_by_their_decoded_codes(data, kind)
     assert sorted(found[0, :4]) == sorted(cand[0, :4])
 
 
+def test_the_compiled_kernels_are_ready_once_an_index_exists(built):
+    """Making an index compiles the search's kernels (or loads them from numba's disk cache), so a predictor's
+    first query does not pay seconds of compiling: the key lookup and both re-ranking variants (8-bit and
+    float32 codes) are compiled by then."""
+    from lookalike.predictor.index import kernels
+
+    assert len(kernels._find_rows.signatures) >= 1
+    assert {str(sig[8]) for sig in kernels._rerank.signatures} >= {"array(uint8, 2d, C)", "array(float32, 2d, C)"}
+
+
 # ---- filters -------------------------------------------------------------------------------------
 
 def test_label_filter_returns_full_top_k(built, data):
