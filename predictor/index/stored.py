@@ -53,7 +53,7 @@ class StoredVectors:
             row = rows[0]
         else:
             key = np.array([photo_key(listing_id, photo_id)], np.int64)
-            row = int(table.rows_of(key)[0]) if table.contains(key)[0] else -1
+            row = int(table.rows_of(key)[0])  # -1 when the photo is not in the table
             if row < 0 or (table.listing_ids[row], table.photo_ids[row]) != (listing_id, photo_id):
                 raise UnknownListing(f"listing {preview([listing_id])} has no photo {preview([photo_id])} in the "
                                      f"served index")

@@ -93,10 +93,7 @@ class ListingTable:
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """Boolean mask: which of `keys` (photo keys) are in the table."""
-        if len(self._sorted) == 0:
-            return np.zeros(len(keys), bool)
-        pos = np.searchsorted(self._sorted, keys).clip(0, len(self._sorted) - 1)
-        return self._sorted[pos] == keys
+        return self.rows_of(keys) >= 0
 
     def has_listings(self, owners: np.ndarray) -> np.ndarray:
         """Boolean mask: which listing keys have at least one photo in the table."""
@@ -221,11 +218,10 @@ class ListingTable:
         """Keys for new photos; refuses photos already present and (astronomically rare) key collisions."""
         photo_ids = photo_ids if photo_ids is not None else [FIRST_PHOTO] * len(listing_ids)
         keys = photo_keys(listing_ids, photo_ids)
-        present = self.contains(keys)
-        if present.any():
-            at = np.flatnonzero(present)
-            rows = self.rows_of(keys[at])
-            clash = [name_of(listing_ids[i], photo_ids[i]) for i, r in zip(at, rows)
+        rows = self.rows_of(keys)
+        if (rows >= 0).any():
+            at = np.flatnonzero(rows >= 0)
+            clash = [name_of(listing_ids[i], photo_ids[i]) for i, r in zip(at, rows[at])
                      if (self.listing_ids[int(r)], self.photo_ids[int(r)]) != (listing_ids[i], photo_ids[i])]
             if clash:
                 raise BadIndexInput(f"photos {preview(clash)} collide with other photos' 63-bit keys; rename them")
@@ -259,10 +255,8 @@ class ListingTable:
         """(keys, rows) of single photos that must be present; refuses unknown ones."""
         ids, photos = check_photo_ids(listing_ids, photo_ids, len(list(listing_ids)))
         keys = photo_keys(ids, photos)
-        present = self.contains(keys)
-        rows = np.zeros(len(keys), np.int64)
-        rows[present] = self.rows_of(keys[present])
-        unknown = [name_of(ids[i], photos[i]) for i in range(len(ids)) if not present[i]
+        rows = self.rows_of(keys)
+        unknown = [name_of(ids[i], photos[i]) for i in range(len(ids)) if rows[i] < 0
                    or (self.listing_ids[int(rows[i])], self.photo_ids[int(rows[i])]) != (ids[i], photos[i])]
         if unknown:
             raise BadIndexInput(f"photos not in the index: {preview(unknown)}; nothing was changed")
