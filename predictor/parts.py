@@ -45,7 +45,7 @@ import kserve
 from kserve import model_server
 from kserve.protocol.infer_type import InferRequest, InferResponse
 from lookalike.core.artifacts import sharded_index_repo
-from lookalike.core.boxes import BOXES, boxes_table
+from lookalike.core.boxes import BOXES, EMBEDDINGS, boxes_table
 from lookalike.core.model_card import ModelCard
 from lookalike.core.s3 import connect
 from lookalike.predictor.embedder import Embedder
@@ -59,7 +59,6 @@ from lookalike.serving.shard_merge import SHARD_VERSION, SHARD_VERSIONS, shard_v
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS = "embeddings"
 IMAGE_DTYPES = ("FP32", "FP16")
 
 

@@ -31,14 +31,13 @@ import numpy as np
 
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, to_http_parameters
-from lookalike.core.boxes import WITH_EMBEDDINGS, fuse_embeddings
+from lookalike.core.boxes import EMBEDDINGS, WITH_EMBEDDINGS, fuse_embeddings
 from lookalike.serving.errors import Timeout, Unavailable, V2Error, status_for
 from lookalike.serving.protocol import REQUEST_ID_HEADER, output
 from lookalike.serving.shard_merge import SHARD_VERSION, SHARD_VERSIONS, ShardAnswer, merge_answers
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS = "embeddings"
 PREDICTED = "predicted"
 SHARD_PARAMETERS = ("top_k", "nprobe")
 MISSING = "shards_missing"  # response parameter: the shards whose part of the answer is missing, "1,3"
