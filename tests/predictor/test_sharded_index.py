@@ -177,7 +177,7 @@ def test_lookalike_shard_splits_the_index_its_alias_names_under_that_alias_lease
                               tune_queries=100)
     first = index.publish(store, alias="production")
     sharded_alias = sharded_index_repo(store, model)
-    version, split, _ = split_and_publish(store, model, 2, None, "production")
+    version, split = split_and_publish(store, model, 2, None, "production")
     assert split.version == first and sharded_alias.resolve("production") == version
 
     index.remove(["item-0007"])  # a takedown, published as the update pipeline does
@@ -196,8 +196,10 @@ def test_lookalike_shard_splits_the_index_its_alias_names_under_that_alias_lease
 
     holder = threading.Thread(target=publish_then_release)
     holder.start()
-    again, split, sharded = split_and_publish(store, model, 2, None, "production")
+    again, split = split_and_publish(store, model, 2, None, "production")
     holder.join()
     assert released.is_set()  # it waited for the lease
     assert split.version == second and "item-0007" not in split and "item-0008" in split
-    assert sharded_alias.resolve("production") == again and sum(sharded.card["shard_counts"]) == 999
+    assert sharded_alias.resolve("production") == again
+    published = ShardedIndex.load(ShardedIndex.fetch_folder(store, model, again), model_version=model, verified=True)
+    assert sum(published.card["shard_counts"]) == 999 and published.card["parent_version"] == second

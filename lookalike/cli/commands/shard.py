@@ -26,23 +26,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def split_and_publish(store: Any, model_version: str, shards: int, index_ref: str | None, alias: str
-                      ) -> tuple[str, Any, Any]:
-    """Split an index version into `shards` and publish them as one sharded version, moving `alias` to it:
-    (sharded version, the split index, the ShardedIndex).
+                      ) -> tuple[str, Any]:
+    """Split an index version into `shards` and publish them as one sharded version, moving `alias` to it, as
+    the pipelines' publish step does (`publish_sharded`, which logs what it published): (sharded version,
+    the split index).
 
     Moving an alias happens under the index alias's lease, as the pipelines publish an index and its sharded
     version, and only for the index that alias names: a split of an older index, or one that a pipeline run
     published over meanwhile, would bring back listings taken down since."""
     from lookalike.core.artifacts import index_repo
     from lookalike.core.errors import InputError
+    from lookalike.pipelines.steps.sharded import publish_sharded
     from lookalike.predictor.index import VectorIndex
-    from lookalike.predictor.index.shards import ShardedIndex, check_shards
+    from lookalike.predictor.index.shards import check_shards
 
     count = check_shards(shards)
     if not alias:
         full = VectorIndex.fetch(store, model_version, ref=index_ref or "latest")
-        sharded = ShardedIndex.from_index(full, count)
-        return sharded.publish(store), full, sharded
+        return publish_sharded(store, full, "", count, None, None), full
     repo = index_repo(store, model_version)
     with repo.lease(alias):
         named = repo.alias_target(alias)
@@ -53,8 +54,7 @@ def split_and_publish(store: Any, model_version: str, shards: int, index_ref: st
                              f"listings taken down since. Split {named} (leave out --index-version), or publish "
                              f"under another --alias")
         full = VectorIndex.fetch(store, model_version, ref=wanted)
-        sharded = ShardedIndex.from_index(full, count)
-        return sharded.publish(store, alias=alias), full, sharded
+        return publish_sharded(store, full, alias, count, None, None), full
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -62,9 +62,5 @@ def _shard(args: argparse.Namespace) -> int:
     from lookalike.predictor.service import resolve_model
 
     store = connect()
-    model_version = resolve_model(store, args.model_version)
-    version, full, sharded = split_and_publish(store, model_version, args.shards, args.index_version, args.alias)
-    print(f"published sharded index {version} of model {model_version}: {args.shards} shards of "
-          f"{sharded.card['shard_counts']} photos, from index {full.version}"
-          + (f"; alias {args.alias}" if args.alias else ""))
+    split_and_publish(store, resolve_model(store, args.model_version), args.shards, args.index_version, args.alias)
     return 0
