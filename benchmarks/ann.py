@@ -364,8 +364,9 @@ def bench_flat(base, listing_ids, queries, gt, key_to_row, table, exact_single, 
 # ---- main -----------------------------------------------------------------------------------------
 
 def compact_index(args, base: np.ndarray, listing_ids: list[str]):
-    """(the compact index, its build seconds): loaded from --compact-index when that folder holds one built on
-    these vectors (same count, dimension and listing ids), else built, and saved there when asked."""
+    """(the compact index, its build seconds): loaded from --compact-index when that folder holds a compact index
+    of this dimension with as many vectors and this run's listing ids (the last one checked), else built, and
+    saved there when asked. The folder is trusted to hold these vectors: name one per --vectors base."""
     from lookalike.predictor.index import PQ_FACTORY, REFINE_K_FACTOR, VectorIndex, VectorIndexError
 
     folder = Path(args.compact_index) if args.compact_index else None
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                              "lookalike.predictor.index.factory.REFINE_K_FACTOR)")
     parser.add_argument("--compact-index", metavar="DIR",
                         help="load the compact index from DIR when it holds one built on these vectors, else build it "
-                             "and save it there: a 10M build (about half an hour on 2 cores) is paid once, and "
+                             "and save it there: a 10M build (about 15 minutes of 2 cores) is paid once, and "
                              "later runs time the search alone (build_s is then the saved build's)")
     parser.add_argument("--single-threads", type=int, default=1,
                         help="FAISS threads for one-query-at-a-time timings (default 1: one query per core, as a "
